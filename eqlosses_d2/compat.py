@@ -1,0 +1,247 @@
+"""
+Every difference between the Detectron2 lines we support, and every shim for
+today's libraries, in one place.
+
+Supported: official Detectron2 main (built from its repository, with or without
+its C++/CUDA extension) and Detectron2 v0.6 as installed from PyPI's
+``pb1-detectron2==0.6`` source without the extension. Both report version "0.6",
+so everything here detects *features*, never version strings.
+
+What is handled (each function says how it detects the need):
+
+- ``detectron2._C`` missing (no C++ extension): v0.6 imports it eagerly in
+  ``detectron2.layers``. We bind a placeholder as the package attribute (not in
+  ``sys.modules``, so ``import detectron2._C`` still fails and Detectron2's
+  ``collect_env`` reports the extension as missing). Any use of an op it would
+  provide (rotated boxes, deformable convolution, rotated RoIAlign, rotated NMS,
+  the C++ COCO evaluator) raises :class:`MissingExtensionError` with one clear line.
+- Pillow >= 10 removed ``Image.LINEAR`` (v0.6 uses it as a default argument).
+- numpy >= 1.24 removed ``np.int`` (v0.6's class histogram uses it).
+- setuptools >= 82 has no ``pkg_resources`` (``detectron2.model_zoo`` imports it,
+  v0.6 and main): :func:`import_detectron2_model_zoo` provides the one function it
+  uses, for that import only.
+- torch >= 2.6 loads with ``weights_only=True`` by default: :func:`torch_load`
+  tries the safe loader first.
+
+:func:`apply_detectron2_patches` must run before ``detectron2.layers`` or
+``detectron2.data.transforms`` is imported; ``import eqlosses_d2`` does that.
+"""
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+
+__all__ = [
+    "MissingExtensionError",
+    "apply_detectron2_patches",
+    "has_detectron2_extension",
+    "import_detectron2_model_zoo",
+    "torch_load",
+]
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = (
+    "install Detectron2 from its repository with its C++/CUDA ops (README: 'Install with CUDA ops')"
+)
+
+
+class MissingExtensionError(RuntimeError):
+    """An operation needs Detectron2's C++ extension, which this install lacks."""
+
+
+class _MissingExtension(types.ModuleType):
+    """Stands in for ``detectron2._C``; any op looked up on it raises one clear error."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingExtensionError(
+            f"detectron2._C.{name} is unavailable: this Detectron2 was installed without its "
+            f"C++ extension, which rotated boxes, deformable convolution and the C++ COCO "
+            f"evaluator need; {_INSTALL_HINT}"
+        )
+
+
+def has_detectron2_extension() -> bool:
+    """True when Detectron2's compiled ops (``detectron2._C``) can be imported."""
+    import detectron2
+
+    attr = getattr(detectron2, "_C", None)
+    if isinstance(attr, _MissingExtension):
+        return False
+    try:
+        return importlib.util.find_spec("detectron2._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _patch_missing_extension():
+    import detectron2
+
+    if has_detectron2_extension():
+        return False
+    detectron2._C = _MissingExtension("detectron2._C")
+    return True
+
+
+def _patch_rotated_nms():
+    """v0.6 and main call ``torch.ops.detectron2.nms_rotated``, which only the extension
+    registers; without it, say so in one line instead of 'no such operator'."""
+    import detectron2.layers as layers
+    from detectron2.layers import nms as nms_module
+
+    def nms_rotated(boxes, scores, iou_threshold):
+        raise MissingExtensionError(f"nms_rotated is unavailable without detectron2._C; {_INSTALL_HINT}")
+
+    nms_module.nms_rotated = nms_rotated
+    layers.nms_rotated = nms_rotated
+
+
+def _patch_pillow():
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+        return True
+    return False
+
+
+def _class_histogram_needs_patch(fn) -> bool:
+    if hasattr(np, "int"):
+        return False
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return "np.int)" in source or "np.int," in source
+
+
+def _print_instances_class_histogram(dataset_dicts, class_names):
+    """Log a table of instance counts per class (Detectron2's function without ``np.int``)."""
+    from tabulate import tabulate
+    from termcolor import colored
+
+    from detectron2.utils.logger import log_first_n
+
+    num_classes = len(class_names)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for record in dataset_dicts:
+        for anno in record["annotations"]:
+            if not anno.get("iscrowd", 0):
+                counts[anno["category_id"]] += 1
+    max_name_len = 13
+
+    def short(name):
+        return name if len(name) <= max_name_len else name[: max_name_len - 2] + ".."
+
+    rows = [(short(name), int(n)) for name, n in zip(class_names, counts)]
+    columns = 3
+    flat = [item for row in rows for item in row]
+    flat += [None] * ((2 * columns - len(flat) % (2 * columns)) % (2 * columns))
+    if num_classes > 1:
+        flat += ["total", int(counts.sum())]
+    table_rows = [flat[i : i + 2 * columns] for i in range(0, len(flat), 2 * columns)]
+    table = tabulate(
+        table_rows,
+        headers=["category", "#instances"] * columns,
+        tablefmt="pipe",
+        numalign="left",
+        stralign="center",
+    )
+    log_first_n(
+        logging.INFO,
+        f"Distribution of instances among all {num_classes} categories:\n" + colored(table, "cyan"),
+        key="message",
+    )
+
+
+def _patch_class_histogram():
+    from detectron2.data import build
+
+    if _class_histogram_needs_patch(build.print_instances_class_histogram):
+        build.print_instances_class_histogram = _print_instances_class_histogram
+        return True
+    return False
+
+
+_APPLIED = None
+
+
+def apply_detectron2_patches():
+    """Idempotently apply the shims this Detectron2 needs; returns the names applied."""
+    global _APPLIED
+    if _APPLIED is not None:
+        return _APPLIED
+    applied = []
+    if _patch_missing_extension():
+        applied.append("missing-extension")
+        _patch_rotated_nms()
+    if _patch_pillow():
+        applied.append("pillow-linear")
+    if _patch_class_histogram():
+        applied.append("numpy-int-histogram")
+    _APPLIED = tuple(applied)
+    if applied:
+        logger.debug("eqlosses_d2.compat applied: %s", ", ".join(applied))
+    return _APPLIED
+
+
+class _PkgResourcesShim(types.ModuleType):
+    """The one ``pkg_resources`` function ``detectron2.model_zoo`` calls."""
+
+    @staticmethod
+    def resource_filename(package, resource):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"package {package!r} not found")
+        return os.path.join(list(spec.submodule_search_locations)[0], resource)
+
+
+def import_detectron2_model_zoo():
+    """Import ``detectron2.model_zoo``, also where setuptools no longer ships ``pkg_resources``."""
+    if "detectron2.model_zoo" in sys.modules:
+        return sys.modules["detectron2.model_zoo"]
+    try:
+        import pkg_resources  # noqa: F401
+
+        return importlib.import_module("detectron2.model_zoo")
+    except ImportError:
+        pass
+    sys.modules["pkg_resources"] = _PkgResourcesShim("pkg_resources")
+    try:
+        return importlib.import_module("detectron2.model_zoo")
+    finally:
+        # the shim is only for that import: the module keeps its own reference
+        del sys.modules["pkg_resources"]
+
+
+def torch_load(f, map_location="cpu", trusted=False):
+    """
+    ``torch.load`` with the safest loader that works: ``weights_only=True`` first (the
+    default of torch >= 2.6, and what plain tensor checkpoints need), full unpickling
+    only when ``trusted`` is True (a file this project wrote or verified).
+    """
+    import torch
+
+    params = inspect.signature(torch.load).parameters
+    if "weights_only" not in params:  # torch < 1.13
+        return torch.load(f, map_location=map_location)
+    seek = getattr(f, "seek", None)
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trusted:
+            raise pickle.UnpicklingError(
+                f"{getattr(f, 'name', f)}: refusing to unpickle arbitrary objects from an untrusted "
+                f"checkpoint ({str(e).splitlines()[0]})"
+            ) from None
+    if seek is not None:
+        seek(0)
+    return torch.load(f, map_location=map_location, weights_only=False)

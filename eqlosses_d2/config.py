@@ -1,0 +1,97 @@
+"""
+Config keys of eqlosses_d2, under the package's own nodes, and their validation.
+
+Every key has a default and a one-line comment. No leaf name that upstream
+Detectron2 defines is reused (Detectron2 main added ``ROI_BOX_HEAD.USE_FED_LOSS``
+and ``USE_SIGMOID_CE``; our keys live under ``MODEL.EQLOSSES`` instead).
+"""
+import os
+
+from detectron2.config import CfgNode as CN
+
+__all__ = [
+    "ConfigError",
+    "add_eqlosses_config",
+    "class_stats_dataset",
+    "merge_config_file",
+    "merge_config_list",
+    "validate_num_classes",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported in one line that names the key, file or value."""
+
+
+def add_eqlosses_config(cfg):
+    """Add every eqlosses_d2 key, with its default, to a Detectron2 config (in place)."""
+    _C = cfg
+    _C.MODEL.EQLOSSES = CN()
+    # Dataset whose per-class statistics (image/instance counts, r/c/f groups) are stored
+    # in the model's buffers when training starts; "" means DATASETS.TRAIN[0].
+    _C.MODEL.EQLOSSES.CLASS_STATS_DATASET = ""
+    # Fail at the start of training if the class-statistics dataset has none (True), or
+    # train with empty statistics, which only methods that need none tolerate (False).
+    _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
+
+    _C.TEST.EQLOSSES = CN()
+    # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.
+    _C.TEST.EQLOSSES.PRINT_TABLE = True
+    return cfg
+
+
+def merge_config_file(cfg, config_file):
+    """``cfg.merge_from_file`` with one-line errors naming the file and the key at fault."""
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file not found: {config_file}")
+    try:
+        cfg.merge_from_file(config_file)
+    except KeyError as e:
+        # yacs: "Non-existent config key: MODEL.FOO"
+        raise ConfigError(f"{config_file}: {e.args[0] if e.args else e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{config_file}: {str(e).splitlines()[0]}") from None
+
+
+def merge_config_list(cfg, opts):
+    """``cfg.merge_from_list`` with one-line errors naming the key at fault."""
+    try:
+        cfg.merge_from_list(opts)
+    except KeyError as e:
+        raise ConfigError(f"command line: {e.args[0] if e.args else e}") from None
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"command line: {str(e).splitlines()[0] if str(e) else opts}") from None
+
+
+def class_stats_dataset(cfg):
+    """The name of the dataset whose class statistics a model trained with ``cfg`` stores."""
+    name = cfg.MODEL.EQLOSSES.CLASS_STATS_DATASET
+    if name:
+        return name
+    if len(cfg.DATASETS.TRAIN) == 0:
+        raise ConfigError("DATASETS.TRAIN is empty and MODEL.EQLOSSES.CLASS_STATS_DATASET is unset")
+    return cfg.DATASETS.TRAIN[0]
+
+
+def validate_num_classes(cfg, dataset_names):
+    """Every dataset's class count must equal the model's NUM_CLASSES."""
+    from detectron2.data import MetadataCatalog
+
+    keys = []
+    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+        keys.append("MODEL.RETINANET.NUM_CLASSES")
+    else:
+        keys.append("MODEL.ROI_HEADS.NUM_CLASSES")
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is None:
+            continue
+        for key in keys:
+            node = cfg
+            for part in key.split(".")[:-1]:
+                node = node[part]
+            value = node[key.split(".")[-1]]
+            if value != len(classes):
+                raise ConfigError(
+                    f"{key}={value} does not match dataset '{name}', which has {len(classes)} classes"
+                )

@@ -1,0 +1,17 @@
+from .class_stats import ClassStatistics, compute_class_statistics, load_class_statistics
+from .datasets import DatasetError, get_class_statistics, prepare_dataset, register_synthetic_lvis
+from .synthetic import QUICKSTART_SPEC, TINY_SPEC, SyntheticLVISSpec, ensure_synthetic_lvis
+
+__all__ = [
+    "ClassStatistics",
+    "compute_class_statistics",
+    "load_class_statistics",
+    "DatasetError",
+    "get_class_statistics",
+    "prepare_dataset",
+    "register_synthetic_lvis",
+    "QUICKSTART_SPEC",
+    "TINY_SPEC",
+    "SyntheticLVISSpec",
+    "ensure_synthetic_lvis",
+]

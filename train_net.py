@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""
+Train and evaluate long-tailed detectors with eqlosses_d2.
+
+    python train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_synthetic.yaml
+    python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+    python train_net.py --config-file CONFIG --num-gpus 8 [--resume]
+
+Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT``.
+"""
+import logging
+import os
+import sys
+
+import eqlosses_d2  # noqa: F401  # compat shims and registration; before other detectron2 imports
+import detectron2.utils.comm as comm
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, prepare_dataset
+from eqlosses_d2.checkpoint import AtomicCheckpointer
+from eqlosses_d2.compat import has_detectron2_extension
+from eqlosses_d2.config import (
+    ConfigError,
+    class_stats_dataset,
+    merge_config_file,
+    merge_config_list,
+    validate_num_classes,
+)
+from eqlosses_d2.data import DatasetError
+from eqlosses_d2.evaluation import LVISEvaluator
+from eqlosses_d2.evaluation.table import format_ap_table
+
+logger = logging.getLogger("eqlosses_d2")
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_model(cls, cfg, with_class_stats=True):
+        """
+        The model, with the training set's per-class statistics in its buffers. For
+        ``--eval-only`` (``with_class_stats=False``) they come from the checkpoint instead.
+        """
+        model = super().build_model(cfg)
+        stats_module = find_class_stats(model)
+        if with_class_stats and stats_module is not None:
+            name = class_stats_dataset(cfg)
+            try:
+                stats = get_class_statistics(name)
+            except (DatasetError, FileNotFoundError, ValueError) as e:
+                if cfg.MODEL.EQLOSSES.REQUIRE_CLASS_STATS:
+                    raise DatasetError(f"MODEL.EQLOSSES.CLASS_STATS_DATASET: {e}") from None
+                logger.warning("Training without per-class statistics: %s", e)
+            else:
+                stats_module.set_from(stats, name)
+        return model
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if evaluator_type == "lvis":
+            return LVISEvaluator(
+                dataset_name,
+                output_dir=output_folder,
+                max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+            )
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())
+        raise DatasetError(f"dataset '{dataset_name}': no evaluator for evaluator_type={evaluator_type!r}")
+
+    def build_hooks(self):
+        # DefaultTrainer created a plain DetectionCheckpointer just before calling us; use
+        # one that writes checkpoints atomically, with the same checkpointables.
+        self.checkpointer = AtomicCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+        )
+        return super().build_hooks()
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process() and cfg.TEST.EQLOSSES.PRINT_TABLE and results:
+            name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) == 1 else None
+            print("\n" + format_ap_table(results, name), flush=True)
+        return results
+
+
+def setup_cfg(args):
+    """The frozen config of a run: defaults, package keys, file, command line; checked."""
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    merge_config_file(cfg, args.config_file)
+    merge_config_list(cfg, args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def prepare_datasets(cfg, eval_only=False):
+    """Generate/check every dataset the run uses and validate NUM_CLASSES against them."""
+    names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
+    for name in names:
+        prepare_dataset(name)
+    validate_num_classes(cfg, names)
+
+
+def setup(args):
+    cfg = setup_cfg(args)
+    default_setup(cfg, args)
+    prepare_datasets(cfg, eval_only=args.eval_only)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg, with_class_stats=False)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def check_args(args):
+    """Fail in the launching process, in one line, before any worker starts."""
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        weights = cfg.MODEL.WEIGHTS
+        if not weights:
+            raise ConfigError("--eval-only needs MODEL.WEIGHTS")
+        if "://" not in weights and not os.path.isfile(weights):
+            raise ConfigError(f"MODEL.WEIGHTS: checkpoint not found: {weights}")
+    # generate the synthetic data once here, not in every worker at the same time
+    prepare_datasets(cfg, eval_only=args.eval_only)
+
+
+def cli(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        print(f"train_net.py: error: {e}", file=sys.stderr)
+        return 2
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
