@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+import torch
+
 import eqlosses_d2  # noqa: F401  # compat shims and registration; before other detectron2 imports
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
@@ -94,6 +96,9 @@ def setup_cfg(args):
     add_eqlosses_config(cfg)
     merge_config_file(cfg, args.config_file)
     merge_config_list(cfg, args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but no CUDA device is available: using cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 

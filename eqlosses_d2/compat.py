@@ -95,7 +95,9 @@ def _patch_rotated_nms():
     """v0.6 and main call ``torch.ops.detectron2.nms_rotated``, which only the extension
     registers; without it, say so in one line instead of 'no such operator'."""
     import detectron2.layers as layers
-    from detectron2.layers import nms as nms_module
+
+    # not `from detectron2.layers import nms`: that name is torchvision's nms function
+    nms_module = importlib.import_module("detectron2.layers.nms")
 
     def nms_rotated(boxes, scores, iou_threshold):
         raise MissingExtensionError(f"nms_rotated is unavailable without detectron2._C; {_INSTALL_HINT}")

@@ -23,13 +23,23 @@ import subprocess
 import sys
 import tempfile
 
+BUILD_REVISION = 2  # bump when _BUILD_SHIM changes
+
 _BUILD_SHIM = r"""
-import sys, runpy, setuptools
+import glob, os, sys, runpy, setuptools
 _setup = setuptools.setup
 def _pure_python_setup(**kw):
     kw["name"] = "detectron2"
     kw["ext_modules"] = []
     kw.pop("cmdclass", None)
+    # setup.py globs the model-zoo configs from a top-level configs/ that the sdist lacks;
+    # they are already under detectron2/model_zoo/configs there
+    zoo = os.path.join("detectron2", "model_zoo")
+    kw.setdefault("package_data", {})["detectron2.model_zoo"] = [
+        os.path.relpath(p, zoo)
+        for p in glob.glob(os.path.join(zoo, "configs", "**", "*"), recursive=True)
+        if p.endswith((".yaml", ".py"))
+    ]
     extras = kw.get("extras_require", {})
     # the 'all' extra names a direct URL, which pip refuses on install
     extras.pop("all", None)
@@ -64,8 +74,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cache", required=True, help="directory that keeps the built wheel")
     args = parser.parse_args()
-    os.makedirs(args.cache, exist_ok=True)
-    wheels = glob.glob(os.path.join(args.cache, "detectron2-0.6-*.whl"))
+    # a new build recipe gets a new cache directory
+    cache = os.path.join(args.cache, f"detectron2-0.6-pure-python-r{BUILD_REVISION}")
+    os.makedirs(cache, exist_ok=True)
+    wheels = glob.glob(os.path.join(cache, "detectron2-0.6-*.whl"))
     if not wheels:
         with tempfile.TemporaryDirectory(prefix="d2v06-") as workdir:
             src = _download_source(workdir)
@@ -76,7 +88,7 @@ def main():
             if len(built) != 1:
                 raise SystemExit(f"install_detectron2_v06: expected one wheel in {out}, got {built}")
             # move into the cache only once complete
-            tmp_target = os.path.join(args.cache, os.path.basename(built[0]) + ".part")
+            tmp_target = os.path.join(cache, os.path.basename(built[0]) + ".part")
             shutil.copy(built[0], tmp_target)
             os.replace(tmp_target, tmp_target[: -len(".part")])
             wheels = [tmp_target[: -len(".part")]]

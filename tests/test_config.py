@@ -1,0 +1,89 @@
+"""Config keys, every shipped config file, and one-line errors for bad config input."""
+import glob
+import os
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from eqlosses_d2 import add_eqlosses_config, find_class_stats
+from eqlosses_d2.config import ConfigError, merge_config_file, merge_config_list
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(
+    f
+    for f in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    if not os.path.basename(f).startswith("Base-")
+)
+
+
+def _cfg():
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    return cfg
+
+
+def test_keys_have_defaults():
+    cfg = _cfg()
+    assert cfg.MODEL.EQLOSSES.CLASS_STATS_DATASET == ""
+    assert cfg.MODEL.EQLOSSES.REQUIRE_CLASS_STATS is True
+    assert cfg.TEST.EQLOSSES.PRINT_TABLE is True
+
+
+def test_no_upstream_leaf_names_reused():
+    # Detectron2 main added ROI_BOX_HEAD.USE_FED_LOSS / USE_SIGMOID_CE; we add nothing there
+    plain = get_cfg()
+    ours = _cfg()
+    assert set(ours.MODEL.ROI_BOX_HEAD.keys()) == set(plain.MODEL.ROI_BOX_HEAD.keys())
+    assert set(ours.MODEL.ROI_HEADS.keys()) == set(plain.MODEL.ROI_HEADS.keys())
+
+
+def test_there_are_configs():
+    names = [os.path.relpath(f, os.path.join(ROOT, "configs")) for f in CONFIG_FILES]
+    assert "quickstart/mask_rcnn_R18_FPN_synthetic.yaml" in names
+    assert "LVISv1-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml" in names
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda f: os.path.relpath(f, ROOT))
+def test_config_merges_and_builds(config_file):
+    cfg = _cfg()
+    merge_config_file(cfg, config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    stats = find_class_stats(model)
+    assert stats is not None and stats.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert "roi_heads.class_stats.image_count" in model.state_dict()
+    if "LVISv1" in config_file:
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
+        assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
+        assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
+        assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+        assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(1e-3)
+    # a forward pass in eval mode on a small image works
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.zeros(3, 64, 64), "height": 64, "width": 64}])
+    assert "instances" in out[0]
+
+
+def test_unknown_key_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  EQLOSSES:\n    NOT_A_KEY: 1\n")
+    with pytest.raises(ConfigError) as e:
+        merge_config_file(_cfg(), str(bad))
+    msg = str(e.value)
+    assert "\n" not in msg and "MODEL.EQLOSSES.NOT_A_KEY" in msg and str(bad) in msg
+
+
+def test_unknown_key_on_command_line_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        merge_config_list(_cfg(), ["SOLVER.NOT_A_KEY", "1"])
+    assert "\n" not in str(e.value) and "SOLVER.NOT_A_KEY" in str(e.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        merge_config_file(_cfg(), str(tmp_path / "nope.yaml"))
