@@ -105,7 +105,7 @@ def setup_cfg(args):
 
 def prepare_datasets(cfg, eval_only=False):
     """Generate/check every dataset the run uses and validate NUM_CLASSES against them."""
-    names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
+    names = ([] if eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     for name in names:
         prepare_dataset(name)
     validate_num_classes(cfg, names)
@@ -129,7 +129,9 @@ def main(args):
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns them only with TEST.EXPECTED_RESULTS set
+    return getattr(trainer, "_last_eval_results", None)
 
 
 def check_args(args):

@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw
 
 from eqlosses_d2.data import synthetic as syn
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY, QUICK = syn.TINY_SPEC, syn.QUICKSTART_SPEC
 RANGES = {"r": (1, 10), "c": (11, 100), "f": (101, 10 ** 9)}
 

@@ -33,7 +33,12 @@ if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
   log "installing torch 2.14.1 / torchvision 0.29.1"
   pip_install torch==2.14.1 torchvision==0.29.1
 fi
+# pip >= 25.3 always builds through PEP 517 (older ones fall back to `setup.py develop`
+# for projects without pyproject.toml, such as Detectron2, which recent setuptools turns
+# into an isolated build without torch);
 # wheel+setuptools build Detectron2 and this package
+"$PY" -c "import sys, pip; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (25, 3))" 2>/dev/null \
+  || pip_install -U "pip>=25.3"
 "$PY" -c "import wheel, setuptools" 2>/dev/null || pip_install wheel setuptools
 
 if ! "$PY" -c "import detectron2" 2>/dev/null; then

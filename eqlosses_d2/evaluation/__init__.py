@@ -1,0 +1,23 @@
+"""Evaluation: LVIS AP with lvis-api's semantics (computed with hotcoco), and the AP table."""
+from .lvis_evaluation import (
+    LVIS_METRICS,
+    LVISEvalResult,
+    LVISEvaluator,
+    LVISGroundTruth,
+    evaluate_lvis,
+    evaluate_lvis_detailed,
+    per_category_records,
+)
+from .table import AP_COLUMNS, format_ap_table
+
+__all__ = [
+    "AP_COLUMNS",
+    "LVIS_METRICS",
+    "LVISEvalResult",
+    "LVISEvaluator",
+    "LVISGroundTruth",
+    "evaluate_lvis",
+    "evaluate_lvis_detailed",
+    "format_ap_table",
+    "per_category_records",
+]
