@@ -33,6 +33,17 @@ def add_eqlosses_config(cfg):
     # Fail at the start of training if the class-statistics dataset has none (True), or
     # train with empty statistics, which only methods that need none tolerate (False).
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
+    # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
+    # "softmax" (Detectron2's default) or "sigmoid"; each method's hyper-parameters live
+    # in its own node below.
+    _C.MODEL.EQLOSSES.LOSS = "softmax"
+    # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
+    # 0: Detectron2's linear classifier.
+    _C.MODEL.EQLOSSES.COSINE_SCALE = 0.0
+
+    _C.MODEL.EQLOSSES.SIGMOID = CN()
+    # Prior probability pi of the classifier bias init, b = -log((1 - pi) / pi).
+    _C.MODEL.EQLOSSES.SIGMOID.PRIOR_PROB = 0.001
 
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.

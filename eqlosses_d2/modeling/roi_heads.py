@@ -1,21 +1,69 @@
 """
-RoI heads of eqlosses_d2: Detectron2's own heads, subclassed, plus the training
-set's per-class statistics (:class:`ClassStatsBuffers`) that the long-tail losses
-and the post-hoc calibration read, so a checkpoint carries them.
-"""
-from detectron2.config import configurable
-from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. Each
 
+- swaps its box predictor(s) for :class:`LongTailOutputLayers` by overriding the
+  classmethod ``_init_box_head`` (the house pattern; no Detectron2 code is copied), so the
+  classification loss and inference activation are chosen by ``MODEL.EQLOSSES.LOSS``;
+- owns the training set's per-class statistics (:class:`ClassStatsBuffers`,
+  ``self.class_stats``), which the losses and the calibration read and a checkpoint carries.
+"""
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, StandardROIHeads
+
+from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
 
-__all__ = ["LongTailStandardROIHeads"]
+__all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads"]
+
+
+def _box_predictors(heads):
+    """The standard head's predictor, or the cascade head's (an nn.ModuleList)."""
+    predictor = heads.box_predictor
+    return list(predictor) if isinstance(predictor, nn.ModuleList) else [predictor]
+
+
+class _ClassStatsMixin:
+    def _attach_class_stats(self):
+        self.class_stats = ClassStatsBuffers(self.num_classes)
+        for predictor in _box_predictors(self):
+            predictor.link_class_stats(self.class_stats)
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailStandardROIHeads(StandardROIHeads):
-    """:class:`StandardROIHeads` with per-class statistics in buffers (``self.class_stats``)."""
+class LongTailStandardROIHeads(_ClassStatsMixin, StandardROIHeads):
+    """:class:`StandardROIHeads` with the configured loss and per-class statistics."""
 
     @configurable
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.class_stats = ClassStatsBuffers(self.num_classes)
+        self._attach_class_stats()
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictor"] = LongTailOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
+
+@ROI_HEADS_REGISTRY.register()
+class LongTailCascadeROIHeads(_ClassStatsMixin, CascadeROIHeads):
+    """:class:`CascadeROIHeads` (three stages) with the configured loss in every stage.
+
+    Inference averages the stages' ``predict_probs``, which is each method's own
+    activation, so the averaged scores are probabilities of the same kind."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._attach_class_stats()
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictors"] = [
+            LongTailOutputLayers(cfg, head.output_shape, box2box_transform=stock.box2box_transform)
+            for head, stock in zip(ret["box_heads"], ret["box_predictors"])
+        ]
+        return ret

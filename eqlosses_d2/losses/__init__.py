@@ -1,0 +1,20 @@
+"""
+Classification losses of the RoI box predictor: pure PyTorch, one file per method,
+registered by name (``MODEL.EQLOSSES.LOSS``). See :mod:`.base` for the interface.
+"""
+from .base import ClassificationLoss, all_reduce_sum, check_finite_logits
+from .registry import LOSS_REGISTRY, build_loss, loss_hparams_from_cfg, register_loss
+
+# registration: one module per method
+from . import softmax as _softmax  # noqa: F401
+from . import sigmoid as _sigmoid  # noqa: F401
+
+__all__ = [
+    "ClassificationLoss",
+    "LOSS_REGISTRY",
+    "all_reduce_sum",
+    "build_loss",
+    "check_finite_logits",
+    "loss_hparams_from_cfg",
+    "register_loss",
+]

@@ -1,0 +1,29 @@
+"""
+Softmax cross-entropy: the baseline (Detectron2's default box classifier).
+
+C + 1 logits, the last one background; ``L = CE(z, y)`` averaged over the N sampled
+RoIs; inference ``p = softmax(z)``. No state.
+"""
+import torch
+from torch.nn import functional as F
+
+from .base import ClassificationLoss, empty_loss
+from .registry import register_loss
+
+__all__ = ["SoftmaxCrossEntropy"]
+
+
+@register_loss
+class SoftmaxCrossEntropy(ClassificationLoss):
+    name = "softmax"
+    config_node = None
+    extra_logits = 1
+
+    def forward(self, logits, labels, **context):
+        self._check(logits, labels)
+        if logits.numel() == 0:
+            return {"loss_cls": empty_loss(logits)}
+        return {"loss_cls": F.cross_entropy(logits.float(), labels, reduction="mean")}
+
+    def predict_probs(self, logits):
+        return F.softmax(logits.float(), dim=-1)

@@ -1,0 +1,122 @@
+"""
+The box predictor: the one place where Detectron2 and the losses meet.
+
+:class:`LongTailOutputLayers` is Detectron2's ``FastRCNNOutputLayers`` with
+
+- a classifier sized for the configured loss (``MODEL.EQLOSSES.LOSS``: C + 1 logits for
+  softmax, C for sigmoid-family losses, C + 2 for Seesaw, ...), optionally a cosine
+  classifier (``MODEL.EQLOSSES.COSINE_SCALE`` > 0: ``s · x/‖x‖ · W/‖W‖``, as Seesaw's
+  and GOL's LVIS recipes use), its bias initialised as the loss asks;
+- the classification loss computed by the loss module, the box regression loss by
+  Detectron2's own ``box_reg_loss``;
+- ``predict_probs`` from the loss's own activation, so inference (and the cascade head's
+  averaged stage scores) sees each method's probabilities.
+
+The per-class statistics the losses read are the RoI head's ``ClassStatsBuffers``,
+linked in by the head (not a submodule here, so a checkpoint stores them once).
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling.roi_heads import FastRCNNOutputLayers
+from detectron2.utils.events import get_event_storage
+
+from ..losses import build_loss, loss_hparams_from_cfg
+from ..losses.registry import LOSS_REGISTRY
+
+__all__ = ["LongTailOutputLayers", "CosineClassifier"]
+
+
+class CosineClassifier(nn.Module):
+    """``scale · <x/‖x‖, w_j/‖w_j‖>`` (+ bias, zero unless the loss asks otherwise)."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x):
+        x = F.normalize(x, dim=1, eps=1e-6)
+        w = F.normalize(self.weight, dim=1, eps=1e-6)
+        return self.scale * F.linear(x, w) + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
+class LongTailOutputLayers(FastRCNNOutputLayers):
+    @configurable
+    def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, **kwargs):
+        super().__init__(input_shape, **kwargs)
+        self.cls_loss = cls_loss
+        in_features = self.cls_score.in_features
+        if cosine_scale > 0:
+            self.cls_score = CosineClassifier(in_features, cls_loss.num_logits, cosine_scale)
+        elif self.cls_score.out_features != cls_loss.num_logits:
+            self.cls_score = nn.Linear(in_features, cls_loss.num_logits)
+            nn.init.normal_(self.cls_score.weight, std=0.01)
+            nn.init.constant_(self.cls_score.bias, 0.0)
+        bias = cls_loss.classifier_bias_init()
+        if bias is not None:
+            with torch.no_grad():
+                self.cls_score.bias.copy_(bias)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        name = cfg.MODEL.EQLOSSES.LOSS
+        if name not in LOSS_REGISTRY:
+            # raised by build_loss with the list of known names
+            build_loss(name, ret["num_classes"])
+        ret["cls_loss"] = build_loss(
+            name,
+            ret["num_classes"],
+            **loss_hparams_from_cfg(LOSS_REGISTRY[name], cfg.MODEL.EQLOSSES),
+        )
+        ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
+        return ret
+
+    def link_class_stats(self, class_stats):
+        object.__setattr__(self.cls_loss, "class_stats", class_stats)
+
+    def losses(self, predictions, proposals):
+        scores, proposal_deltas = predictions
+        gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else torch.empty(
+            0, dtype=torch.long, device=scores.device
+        )
+        if len(proposals):
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            # all-background images have no gt_boxes; their boxes are not used by box_reg_loss
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0
+            )
+        else:
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
+        losses = dict(self.cls_loss(scores, gt_classes))
+        self._log_scalars(gt_classes)
+        losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def _log_scalars(self, gt_classes):
+        try:
+            storage = get_event_storage()
+        except (AssertionError, IndexError):  # outside a trainer (tests)
+            return
+        if gt_classes.numel():
+            fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+            storage.put_scalar("fast_rcnn/fg_fraction", fg.sum().item() / gt_classes.numel())
+        for key, value in self.cls_loss.scalars().items():
+            storage.put_scalar(f"{self.cls_loss.name}/{key}", value)
+
+    def predict_probs(self, predictions, proposals):
+        scores, _ = predictions
+        num_inst_per_image = [len(p) for p in proposals]
+        probs = self.cls_loss.predict_probs(scores)
+        return probs.split(num_inst_per_image, dim=0)
