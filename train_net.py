@@ -22,7 +22,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator, verify_results
 from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, prepare_dataset
 from eqlosses_d2.checkpoint import AtomicCheckpointer
-from eqlosses_d2.compat import has_detectron2_extension
+from eqlosses_d2.compat import TrainerStateMixin, has_detectron2_extension
 from eqlosses_d2.config import (
     ConfigError,
     class_stats_dataset,
@@ -33,11 +33,12 @@ from eqlosses_d2.config import (
 from eqlosses_d2.data import DatasetError
 from eqlosses_d2.evaluation import LVISEvaluator
 from eqlosses_d2.evaluation.table import format_ap_table
+from eqlosses_d2.resume import RandomStates, build_resumable_train_loader, seek_train_loader
 
 logger = logging.getLogger("eqlosses_d2")
 
 
-class Trainer(DefaultTrainer):
+class Trainer(TrainerStateMixin, DefaultTrainer):
     @classmethod
     def build_model(cls, cfg, with_class_stats=True):
         """
@@ -73,13 +74,26 @@ class Trainer(DefaultTrainer):
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())
         raise DatasetError(f"dataset '{dataset_name}': no evaluator for evaluator_type={evaluator_type!r}")
 
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_resumable_train_loader(cfg)
+
     def build_hooks(self):
         # DefaultTrainer created a plain DetectionCheckpointer just before calling us; use
-        # one that writes checkpoints atomically, with the same checkpointables.
+        # one that writes checkpoints atomically, with the same checkpointables plus the
+        # RNG states (for an exact --resume).
         self.checkpointer = AtomicCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, rng=RandomStates(), **self.checkpointer.checkpointables
         )
         return super().build_hooks()
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            # continue the sample stream where the interrupted run stopped
+            per_rank_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            if not seek_train_loader(self._trainer, self.start_iter, per_rank_batch):
+                logger.warning("The train loader is not resumable: the sample stream restarts")
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

@@ -22,6 +22,10 @@ What is handled (each function says how it detects the need):
   uses, for that import only.
 - torch >= 2.6 loads with ``weights_only=True`` by default: :func:`torch_load`
   tries the safe loader first.
+- ``SimpleTrainer`` creates its data-loader iterator eagerly in v0.6 and lazily in main:
+  :func:`replace_data_loader`.
+- v0.6's ``DefaultTrainer`` does not checkpoint the optimizer (main does, as
+  ``_trainer``): :class:`TrainerStateMixin` adds it, so ``--resume`` keeps SGD momentum.
 
 :func:`apply_detectron2_patches` must run before ``detectron2.layers`` or
 ``detectron2.data.transforms`` is imported; ``import eqlosses_d2`` does that.
@@ -39,9 +43,12 @@ import numpy as np
 
 __all__ = [
     "MissingExtensionError",
+    "TrainerStateMixin",
     "apply_detectron2_patches",
+    "default_trainer_saves_optimizer",
     "has_detectron2_extension",
     "import_detectron2_model_zoo",
+    "replace_data_loader",
     "torch_load",
 ]
 
@@ -247,3 +254,43 @@ def torch_load(f, map_location="cpu", trusted=False):
     if seek is not None:
         seek(0)
     return torch.load(f, map_location=map_location, weights_only=False)
+
+
+def replace_data_loader(simple_trainer, data_loader, iterator=None):
+    """Give Detectron2's ``SimpleTrainer`` a (new or re-positioned) data loader and an
+    iterator over it (default: a fresh one, created now). v0.6 keeps the iterator in
+    ``_data_loader_iter`` (made in ``__init__``); main in ``_data_loader_iter_obj`` (made
+    lazily on first use)."""
+    simple_trainer.data_loader = data_loader
+    if iterator is None:
+        iterator = iter(data_loader)
+    if hasattr(simple_trainer, "_data_loader_iter_obj"):  # main
+        simple_trainer._data_loader_iter_obj = iterator
+    else:  # v0.6 (the old iterator and its workers are dropped)
+        simple_trainer._data_loader_iter = iterator
+
+
+def default_trainer_saves_optimizer() -> bool:
+    """Whether ``DefaultTrainer.state_dict`` includes the inner trainer's state (optimizer,
+    AMP grad scaler). Main does; v0.6 does not, so its ``--resume`` restarts SGD momentum."""
+    from detectron2.engine import DefaultTrainer
+    from detectron2.engine.train_loop import TrainerBase
+
+    return DefaultTrainer.state_dict is not TrainerBase.state_dict
+
+
+class TrainerStateMixin:
+    """For ``DefaultTrainer`` subclasses: checkpoint the optimizer (and grad scaler) state
+    on Detectron2 lines whose ``DefaultTrainer`` does not, under main's key ``_trainer``,
+    so checkpoints are interchangeable between the two lines."""
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not default_trainer_saves_optimizer() and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])

@@ -1,0 +1,64 @@
+"""
+EQL: Equalization Loss (Tan et al., "Equalization Loss for Long-Tailed Object
+Recognition", CVPR 2020).
+
+Sigmoid BCE over the C foreground classes in which the negative terms of tail classes
+are dropped for foreground RoIs:
+
+    w_ij = 1 - E(r_i) · T_λ(f_j) · (1 - y_ij),    L = Σ_ij w_ij · BCE(z_ij, y_ij) / N
+
+E(r_i) = 1 for a foreground RoI (0 for background, which keeps all its negatives);
+T_λ(f_j) = 1 when the class's image frequency f_j = image_count_j / images with at
+least one annotation is below λ. Inference ``p_j = σ(z_j)``.
+
+Defaults: λ (``tail_threshold``) = 0.0011, the LVIS v1 value (815 tail classes: all 337
+rare, all 461 common, 17 frequent); use 0.00177 on LVIS v0.5. Classifier bias from the
+prior π = 0.001 (``prior_prob``), as the authors' sigmoid heads. No adaptive state.
+
+Differences from the authors' code (tztztztztz/eqlv2, ``mmdet/models/losses/eql.py``):
+the frequencies come from the model's class-statistics buffers (the training set's
+annotation file, saved in checkpoints) instead of a category table compiled into the
+code; the hyper-parameter is called ``tail_threshold`` rather than ``lambda_``.
+"""
+import torch
+from torch.nn import functional as F
+
+from .base import empty_loss, tail_class_mask
+from .registry import register_loss
+from .sigmoid import SigmoidCrossEntropy, one_hot_foreground
+
+__all__ = ["EqualizationLoss"]
+
+
+@register_loss
+class EqualizationLoss(SigmoidCrossEntropy):
+    name = "eql"
+    config_node = "EQL"
+    extra_logits = 0
+
+    def __init__(self, num_classes, class_stats=None, tail_threshold=0.0011, prior_prob=0.001):
+        super().__init__(num_classes, class_stats, prior_prob=prior_prob)
+        if tail_threshold < 0:
+            raise ValueError(f"EQL.TAIL_THRESHOLD must be >= 0, got {tail_threshold}")
+        self.tail_threshold = tail_threshold
+
+    def tail_classes(self) -> torch.Tensor:
+        """(C,) bool T_λ: classes with image frequency below ``tail_threshold``."""
+        return tail_class_mask(self.require_class_stats(), self.tail_threshold)
+
+    def forward(self, logits, labels, **context):
+        self._check(logits, labels)
+        tail = self.tail_classes()  # first, so that missing statistics fail at once
+        if logits.shape[0] == 0:
+            return {"loss_cls": empty_loss(logits)}
+        logits = logits.float()
+        target = one_hot_foreground(labels, self.num_classes)
+        foreground = (labels < self.num_classes).float()
+        tail = tail.to(device=logits.device, dtype=torch.float32)
+        # 1 - E(r_i) T_λ(f_j) (1 - y_ij): zero for the tail negatives of foreground RoIs
+        weight = 1.0 - foreground[:, None] * tail[None, :] * (1.0 - target)
+        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+        return {"loss_cls": loss / logits.shape[0]}
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, tail_threshold={self.tail_threshold}, prior_prob={self.prior_prob}"

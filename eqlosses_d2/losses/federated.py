@@ -1,0 +1,114 @@
+"""
+Federated loss (Zhou et al., "Probabilistic two-stage detection", CenterNet2), as in
+Detectron2 main (``FastRCNNOutputLayers.get_fed_loss_classes`` and
+``sigmoid_cross_entropy_loss``, weights from ``get_fed_loss_cls_weights``).
+
+Sigmoid BCE restricted, per batch, to a class set S:
+``L = Σ_i Σ_{j ∈ S} BCE(z_ij, y_ij) / N``. S holds the labels present among the sampled
+RoIs, *the background index C included when a background RoI is present*, plus classes
+drawn without replacement with probability ∝ ``image_count ** freq_weight_power`` until
+``|S| = num_fed_classes``; the background index then takes one of the places, so 49
+foreground classes are used with the default 50 (exactly as Detectron2 main).
+Inference ``p_j = σ(z_j)``. No state; the weights are static (from the class statistics).
+The classifier bias starts at 0, as in Detectron2 main.
+
+Defaults (Detectron2 main's ``ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES`` and
+``FED_LOSS_FREQ_WEIGHT_POWER``): num_fed_classes = 50, freq_weight_power = 0.5.
+
+Differences from Detectron2 main:
+
+- C logits, not C + 1: main's sigmoid CE allocates a background logit and drops it
+  (``pred_class_logits[:, :-1]``); it gets no gradient and its column is never read by
+  ``fast_rcnn_inference``. The loss value and the gradient of the C class logits are
+  the same as main's given the same C logits and the same torch random state (the
+  draw is the same ``torch.multinomial`` call on the same weights); the background
+  column of :meth:`predict_probs` is ``1 - max_j p_j`` as for the other sigmoid losses.
+- the sum runs over the columns of S only (N × |S| terms instead of N × C masked ones):
+  the same value up to float rounding, much cheaper.
+- when fewer classes have a positive weight than places are left (classes never seen,
+  ``image_count`` = 0, or fewer than 50 classes), all positive-weight classes are taken
+  and nothing is drawn. Main's ``torch.multinomial`` would then fill the places with
+  arbitrary zero-weight indices (on CPU) or fail (CUDA); never-seen classes are never
+  drawn here. With LVIS (every class has images, C ≫ 50) this path is never taken.
+- the class weights come from the model's class statistics (``image_count``), not from
+  the ``class_image_count`` metadata of ``DATASETS.TRAIN``; the counts are the same.
+"""
+import torch
+from torch.nn import functional as F
+
+from .base import ClassificationLoss, empty_loss
+from .registry import register_loss
+from .sigmoid import with_background_column
+
+__all__ = ["FederatedLoss", "federated_classes"]
+
+
+def federated_classes(labels: torch.Tensor, num_fed_classes: int, num_classes: int, class_weight: torch.Tensor):
+    """
+    The class set S of one batch: the unique labels (the background index ``num_classes``
+    included when present), then negatives drawn without replacement with probability
+    ∝ ``class_weight`` (C,) until ``|S| = num_fed_classes``. Returns a 1-D int64 tensor
+    (unique labels sorted first, then the drawn classes in draw order).
+    """
+    unique_labels = torch.unique(labels)
+    num_missing = num_fed_classes - len(unique_labels)
+    if num_missing <= 0:
+        return unique_labels
+    prob = unique_labels.new_zeros(num_classes + 1, dtype=torch.float32)
+    prob[:num_classes] = class_weight.to(device=prob.device, dtype=torch.float32)
+    prob[unique_labels] = 0
+    num_candidates = int((prob > 0).sum())
+    if num_candidates <= num_missing:
+        sampled = torch.nonzero(prob > 0, as_tuple=True)[0]
+    else:
+        sampled = torch.multinomial(prob, num_missing, replacement=False)
+    return torch.cat([unique_labels, sampled])
+
+
+@register_loss
+class FederatedLoss(ClassificationLoss):
+    name = "federated"
+    config_node = "FEDERATED"
+    extra_logits = 0
+
+    def __init__(self, num_classes, class_stats=None, num_fed_classes=50, freq_weight_power=0.5):
+        super().__init__(num_classes, class_stats)
+        if num_fed_classes < 1:
+            raise ValueError(f"federated: NUM_FED_CLASSES must be >= 1, got {num_fed_classes}")
+        self.num_fed_classes = int(num_fed_classes)
+        self.freq_weight_power = float(freq_weight_power)
+        self._last_num_fg_classes = None
+
+    def class_weight(self) -> torch.Tensor:
+        """(C,) float32 sampling weights ``image_count ** freq_weight_power``."""
+        stats = self.require_class_stats()
+        return stats.image_count.float() ** self.freq_weight_power
+
+    def forward(self, logits, labels, **context):
+        self._check(logits, labels)
+        weight = self.class_weight()
+        self._last_num_fg_classes = None
+        if logits.shape[0] == 0:
+            return {"loss_cls": empty_loss(logits)}
+        num_rois, num_classes = logits.shape
+        fed_classes = federated_classes(labels, self.num_fed_classes, num_classes, weight)
+        fed_classes = fed_classes[fed_classes < num_classes]  # the background index takes a place, no column
+        self._last_num_fg_classes = fed_classes.numel()
+        fed_logits = logits.float().index_select(1, fed_classes)
+        target = (labels[:, None] == fed_classes[None, :]).float()
+        loss = F.binary_cross_entropy_with_logits(fed_logits, target, reduction="sum") / num_rois
+        return {"loss_cls": loss}
+
+    def predict_probs(self, logits):
+        return with_background_column(torch.sigmoid(logits.float()))
+
+    def scalars(self):
+        if self._last_num_fg_classes is None:
+            return {}
+        return {"num_classes_in_loss": float(self._last_num_fg_classes)}
+
+    def extra_repr(self):
+        return (
+            f"num_classes={self.num_classes}, num_fed_classes={self.num_fed_classes}, "
+            f"freq_weight_power={self.freq_weight_power}"
+        )

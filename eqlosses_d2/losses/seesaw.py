@@ -1,0 +1,156 @@
+"""
+Seesaw loss (Wang et al., "Seesaw Loss for Long-Tailed Instance Segmentation", CVPR 2021).
+
+C + 2 logits per RoI, in mmdetection's order: the C class logits, then the two objectness
+logits ``[foreground, background]``.
+
+- Class branch, foreground RoIs only: ``CE(z̃, y)`` with ``z̃_j = z_j + log S_yj`` for j ≠ y,
+  ``S_yj = M_yj · C_yj``;
+  mitigation ``M_yj = (N_j / N_y)^p`` if ``N_j < N_y`` else 1, N the cumulative counts of
+  sampled foreground RoI labels (clamped at 1), updated with this batch's labels *before*
+  the loss; compensation ``C_yj = (σ_j / σ_y)^q`` if ``σ_j > σ_y`` else 1, σ the softmax of
+  the class logits (detached), σ_y clamped at ``eps``.
+- Objectness branch, all RoIs: 2-way softmax CE, foreground vs background.
+- Both terms are summed over their RoIs and divided by N, the number of sampled RoIs
+  (mmdetection's ``avg_factor``), and multiplied by ``loss_weight``.
+- Inference: ``p_j = softmax(z_cls)_j · softmax(z_obj)_fg``; background column
+  ``softmax(z_obj)_bg``.
+
+Returned losses: ``loss_cls`` (class branch; Detectron2's ``loss_weight["loss_cls"]``
+applies to it) and ``loss_cls_objectness`` (objectness branch).
+
+Defaults (mmdetection's ``SeesawLoss`` and its LVIS configs): p = 0.8, q = 2.0,
+eps = 1e-2, loss_weight = 1.0 (one weight for both terms, as mmdetection). The LVIS
+recipes also use a cosine classifier of scale 20 (``MODEL.EQLOSSES.COSINE_SCALE``) and
+optionally a normalized mask predictor.
+
+Differences from the authors' code (mmdetection ``SeesawLoss``):
+
+- the per-batch label counts are all-reduced over processes before they are
+  accumulated, so every process holds the same global counts (mmdetection keeps them
+  per GPU, never synchronized); the counts live in the float64 buffer
+  ``cumulative_count`` (C,), saved in checkpoints and restored on resume;
+- the factors are applied in log space, ``log S = p·min(log N_j − log N_y, 0) +
+  q·max(log σ_j − max(log σ_y, log eps), 0)``, which equals mmdetection's
+  ``log(M·C)`` without building the C × C ratio matrix;
+- the counts are updated on every process even when it has no RoI (a zero contribution),
+  so the all-reduce never deadlocks.
+"""
+import math
+
+import torch
+from torch.nn import functional as F
+
+from .base import ClassificationLoss, all_reduce_sum, empty_loss
+from .registry import register_loss
+
+__all__ = ["SeesawLoss", "seesaw_log_factors"]
+
+_GROUP_NAMES = ("r", "c", "f")
+
+
+def seesaw_log_factors(class_logits, labels, cumulative_count, p: float, q: float, eps: float):
+    """
+    Log mitigation and log compensation factors, each (n, C), for foreground RoIs with
+    class logits ``class_logits`` (n, C) and labels in [0, C). Both are 0 at j = y.
+    Computed without gradient (the factors are constants for the loss).
+    """
+    with torch.no_grad():
+        log_count = cumulative_count.clamp(min=1).log().to(torch.float32)
+        log_mitigation = (log_count[None, :] - log_count[labels][:, None]).clamp_(max=0.0).mul_(p)
+        log_scores = F.log_softmax(class_logits.detach().float(), dim=1)
+        log_self = log_scores.gather(1, labels[:, None]).clamp_(min=math.log(eps))
+        log_compensation = log_scores.sub_(log_self).clamp_(min=0.0).mul_(q)
+    return log_mitigation, log_compensation
+
+
+@register_loss
+class SeesawLoss(ClassificationLoss):
+    name = "seesaw"
+    config_node = "SEESAW"
+    extra_logits = 2
+
+    def __init__(self, num_classes, class_stats=None, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
+        super().__init__(num_classes, class_stats)
+        if p < 0 or q < 0:
+            raise ValueError(f"seesaw: P and Q must be >= 0, got p={p}, q={q}")
+        if not 0 < eps <= 1:
+            raise ValueError(f"seesaw: EPS must be in (0, 1], got {eps}")
+        self.p = float(p)
+        self.q = float(q)
+        self.eps = float(eps)
+        self.loss_weight = float(loss_weight)
+        # N_j: sampled foreground RoIs of class j since the start of training, over all processes
+        self.register_buffer("cumulative_count", torch.zeros(num_classes, dtype=torch.float64))
+        self._last = None  # detached per-RoI factor means of the last batch, for scalars()
+
+    @torch.no_grad()
+    def accumulate(self, fg_labels: torch.Tensor):
+        """Add this batch's foreground label counts (summed over processes) to N."""
+        batch_count = torch.bincount(fg_labels, minlength=self.num_classes).to(self.cumulative_count)
+        self.cumulative_count += all_reduce_sum(batch_count)
+
+    def forward(self, logits, labels, **context):
+        self._check(logits, labels)
+        num_classes = self.num_classes
+        fg = labels < num_classes
+        fg_labels = labels[fg]
+        # before the loss, and on every process (the all-reduce is collective)
+        self.accumulate(fg_labels)
+        self._last = None
+        if logits.shape[0] == 0:
+            return {"loss_cls": empty_loss(logits), "loss_cls_objectness": empty_loss(logits)}
+
+        logits = logits.float()
+        num_rois = logits.shape[0]
+        class_logits, objectness_logits = logits[:, :num_classes], logits[:, num_classes:]
+        # objectness target: 0 = foreground, 1 = background (mmdetection's order)
+        loss_objectness = F.cross_entropy(objectness_logits, (~fg).long(), reduction="sum") / num_rois
+
+        if fg_labels.numel() == 0:
+            loss_cls = class_logits.sum() * 0.0
+        else:
+            fg_logits = class_logits[fg]
+            log_mitigation, log_compensation = seesaw_log_factors(
+                fg_logits, fg_labels, self.cumulative_count, self.p, self.q, self.eps
+            )
+            with torch.no_grad():
+                self._last = (fg_labels, self._mean_off_target(log_mitigation), self._mean_off_target(log_compensation))
+                log_adjust = log_mitigation.add_(log_compensation)
+            loss_cls = F.cross_entropy(fg_logits + log_adjust, fg_labels, reduction="sum") / num_rois
+        return {
+            "loss_cls": self.loss_weight * loss_cls,
+            "loss_cls_objectness": self.loss_weight * loss_objectness,
+        }
+
+    def _mean_off_target(self, log_factor):
+        # mean of the factor over j != y (the factor is exactly 1 at j = y)
+        if self.num_classes < 2:
+            return log_factor.new_ones(log_factor.shape[0])
+        return (log_factor.exp().sum(dim=1) - 1.0) / (self.num_classes - 1)
+
+    def predict_probs(self, logits):
+        logits = logits.float()
+        class_probs = F.softmax(logits[:, : self.num_classes], dim=1)
+        objectness = F.softmax(logits[:, self.num_classes :], dim=1)
+        return torch.cat([class_probs * objectness[:, :1], objectness[:, 1:]], dim=1)
+
+    def scalars(self):
+        """Mean mitigation / compensation factor over the off-target classes of the last
+        batch's foreground RoIs; per r/c/f group of the RoI's class when class stats are set."""
+        if self._last is None:
+            return {}
+        labels, mitigation, compensation = self._last
+        out = {"mitigation_mean": mitigation.mean().item(), "compensation_mean": compensation.mean().item()}
+        stats = self.class_stats
+        if stats is not None and bool(getattr(stats, "is_set", True)):
+            groups = stats.frequency_group.to(labels.device)[labels]
+            for index, group in enumerate(_GROUP_NAMES):
+                in_group = groups == index
+                if bool(in_group.any()):
+                    out[f"mitigation_mean_{group}"] = mitigation[in_group].mean().item()
+                    out[f"compensation_mean_{group}"] = compensation[in_group].mean().item()
+        return out
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, loss_weight={self.loss_weight}"
