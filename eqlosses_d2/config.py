@@ -34,8 +34,8 @@ def add_eqlosses_config(cfg):
     # train with empty statistics, which only methods that need none tolerate (False).
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
     # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
-    # "softmax" (Detectron2's default) or "sigmoid"; each method's hyper-parameters live
-    # in its own node below.
+    # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", ...; each
+    # method's hyper-parameters live in its own node below.
     _C.MODEL.EQLOSSES.LOSS = "softmax"
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
     # 0: Detectron2's linear classifier.
@@ -44,6 +44,35 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.SIGMOID = CN()
     # Prior probability pi of the classifier bias init, b = -log((1 - pi) / pi).
     _C.MODEL.EQLOSSES.SIGMOID.PRIOR_PROB = 0.001
+
+    _C.MODEL.EQLOSSES.EQL = CN()
+    # λ: classes with image frequency below it lose their negatives on foreground RoIs
+    # (LVIS v1 0.0011, v0.5 0.00177).
+    _C.MODEL.EQLOSSES.EQL.TAIL_THRESHOLD = 0.0011
+    # Prior π of the classifier bias init, b = -log((1 - π) / π).
+    _C.MODEL.EQLOSSES.EQL.PRIOR_PROB = 0.001
+
+    _C.MODEL.EQLOSSES.EQLV2 = CN()
+    # γ of the weight mapping f(g) = 1 / (1 + exp(-γ (g - μ))).
+    _C.MODEL.EQLOSSES.EQLV2.GAMMA = 12.0
+    # μ of the weight mapping f.
+    _C.MODEL.EQLOSSES.EQLV2.MU = 0.8
+    # α of the positive weight q = 1 + α (1 - r).
+    _C.MODEL.EQLOSSES.EQLV2.ALPHA = 4.0
+    # Inference p_j = σ(z_j)·(1 - σ(z_bg)) (True) or σ(z_j) (False).
+    _C.MODEL.EQLOSSES.EQLV2.TEST_WITH_OBJ = True
+    # Prior π of the bias init of all C + 1 channels, objectness included (authors' head).
+    _C.MODEL.EQLOSSES.EQLV2.PRIOR_PROB = 0.001
+
+    _C.MODEL.EQLOSSES.SOFTMAX_EQL = CN()
+    # τ: margin τ·log(max(G_j, ε) / max(G_y, ε)), or the prior's exponent.
+    _C.MODEL.EQLOSSES.SOFTMAX_EQL.TAU = 1.0
+    # ε: lower clamp of the accumulated gradients G (and the prior's denominator).
+    _C.MODEL.EQLOSSES.SOFTMAX_EQL.EPS = 1e-4
+    # G from "pos" (label = j), "neg" (label ≠ j) or "pos_and_neg" gradients.
+    _C.MODEL.EQLOSSES.SOFTMAX_EQL.INDICATOR = "pos"
+    # "margin" (pairwise, on foreground RoIs; default) or "prior" (z_j + log((G_j/ΣG)^τ + 1e-9)).
+    _C.MODEL.EQLOSSES.SOFTMAX_EQL.FORM = "margin"
 
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.

@@ -8,6 +8,9 @@ from .registry import LOSS_REGISTRY, build_loss, loss_hparams_from_cfg, register
 # registration: one module per method
 from . import softmax as _softmax  # noqa: F401
 from . import sigmoid as _sigmoid  # noqa: F401
+from . import eql as _eql  # noqa: F401
+from . import eqlv2 as _eqlv2  # noqa: F401
+from . import softmax_eql as _softmax_eql  # noqa: F401
 
 __all__ = [
     "ClassificationLoss",

@@ -128,7 +128,7 @@ class EqualizationLossV2(ClassificationLoss):
                 self.gradient_stats.update(zeros, zeros)
             return {"loss_cls": empty_loss(logits)}
         neg_weight, pos_weight = self.class_weights()  # statistics up to the previous iteration
-        logits = logits.float()
+        logits, labels = logits.float(), labels.long()
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss, pos_grad, neg_grad = _WeightedSigmoidBCE.apply(
                 logits, labels, neg_weight.to(logits.device), pos_weight.to(logits.device)

@@ -12,7 +12,7 @@ and read them back as the ratio ``g_j = pos_grad_j / (neg_grad_j + 1e-10)`` (EQL
 or directly (Softmax-EQL's indicators). Each loss computes its per-batch contribution
 analytically (no backward hook), so the statistics work under mixed precision too.
 
-State semantics (docs/METHODS.md, "Normalization and update order"):
+State semantics (the method specification, METHODS.md, "Normalization and update order"):
 
 - the buffers are registered, so they are saved in checkpoints and restored on resume;
 - the per-batch contribution (C,) of every process is summed with :func:`all_reduce_sum`

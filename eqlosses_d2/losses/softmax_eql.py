@@ -25,8 +25,7 @@ softmax CE).
 Detection adaptation (ours; the authors released Softmax-EQL for image classification):
 C + 1 logits, background last. Only foreground RoIs are shifted, and only their C
 foreground logits; the background logit is never shifted, and background RoIs are plain
-CE. So the margin re-balances foreground classes against each other while the
-foreground-vs-background decision stays that of softmax CE. ``G`` has C entries (no
+CE: the margins act between foreground classes only. ``G`` has C entries (no
 background entry). In the "prior" form the target logit is shifted too, by log π_y ≤ 0,
 so a foreground RoI must also beat the unshifted background by −log π_y: a stronger
 push for tail classes (and, with no statistics yet, a uniform −log 1e-9 ≈ 20.7 on every
@@ -151,7 +150,7 @@ class SoftmaxEqualizationLoss(ClassificationLoss):
                 self.gradient_stats.update(zeros, zeros)
             return {"loss_cls": empty_loss(logits)}
         shift = self.logit_shifts().to(logits.device)  # statistics up to the previous iteration
-        logits = logits.float()
+        logits, labels = logits.float(), labels.long()
         foreground = labels < self.num_classes
         logit_shift = torch.cat([shift, shift.new_zeros(1)])
         if self.form == "margin":
