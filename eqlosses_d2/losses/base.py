@@ -71,6 +71,8 @@ class ClassificationLoss(nn.Module):
     extra_logits = 1
     #: the name the loss registry knows it by
     name = "base"
+    #: "softmax" or "sigmoid": the plain loss this one is measured against (benchmarks)
+    family = "softmax"
 
     def __init__(self, num_classes: int, class_stats=None):
         super().__init__()

@@ -91,6 +91,7 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
 @register_loss
 class EqualizationLossV2(ClassificationLoss):
     name = "eqlv2"
+    family = "sigmoid"
     config_node = "EQLV2"
     extra_logits = 1
 

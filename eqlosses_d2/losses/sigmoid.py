@@ -42,6 +42,7 @@ def with_background_column(fg_probs: torch.Tensor) -> torch.Tensor:
 @register_loss
 class SigmoidCrossEntropy(ClassificationLoss):
     name = "sigmoid"
+    family = "sigmoid"
     config_node = "SIGMOID"
     extra_logits = 0
 

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""
+Speed of the classification losses and of a training iteration with each of them.
+
+1. Loss forward+backward at N RoIs x C classes (default the LVIS scale, 8192 x 1203) against
+   the plain counterpart on the same input: softmax CE (F.cross_entropy) for losses with a
+   background logit, sigmoid BCE (F.binary_cross_entropy_with_logits) for the others.
+   Target: <= 1.5x.
+2. One training iteration of the quickstart Mask R-CNN with each loss against the softmax
+   baseline (same data, same seed). Target: <= 1.05x.
+
+    python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--iters 0]
+
+Prints Markdown tables; times are medians over repeats, interleaved so that machine
+load affects all rows alike.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import eqlosses_d2  # noqa: E402,F401
+from eqlosses_d2.data.class_stats import ClassStatistics  # noqa: E402
+from eqlosses_d2.losses import LOSS_REGISTRY, build_loss  # noqa: E402
+from eqlosses_d2.modeling.class_stats import ClassStatsBuffers  # noqa: E402
+
+
+def lvis_like_stats(num_classes, generator):
+    """Image counts with LVIS v1's shape (a long tail from 1 to ~50k images)."""
+    ranks = torch.arange(1, num_classes + 1, dtype=torch.float64)
+    counts = (50000.0 / ranks**1.3).clamp(min=1).round().long()
+    counts = counts[torch.randperm(num_classes, generator=generator)]
+    frequency = ["r" if n <= 10 else "c" if n <= 100 else "f" for n in counts.tolist()]
+    stats = ClassStatistics(
+        category_ids=list(range(1, num_classes + 1)),
+        class_names=[str(i) for i in range(num_classes)],
+        image_count=counts.numpy(),
+        instance_count=(counts * 3).numpy(),
+        frequency=frequency,
+        num_images=100170,
+        num_images_with_annotations=99388,
+    )
+    return ClassStatsBuffers(num_classes).set_from(stats)
+
+
+def time_fn(fn, repeats):
+    fn()  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_losses(num_rois, num_classes, repeats):
+    g = torch.Generator().manual_seed(0)
+    stats = lvis_like_stats(num_classes, g)
+    labels = torch.randint(0, num_classes, (num_rois,), generator=g)
+    labels[torch.rand(num_rois, generator=g) < 0.75] = num_classes  # 25% foreground, as Detectron2 samples
+    rows = []
+    plain = {}
+    for extra in (0, 1):
+        logits = torch.randn(num_rois, num_classes + extra, generator=g)
+        if extra:
+            def run(logits=logits):
+                x = logits.clone().requires_grad_()
+                F.cross_entropy(x, labels).backward()
+            plain["softmax CE"] = run
+        else:
+            target = torch.zeros(num_rois, num_classes + 1)
+            target[torch.arange(num_rois), labels] = 1
+            target = target[:, :num_classes]
+
+            def run(logits=logits, target=target):
+                x = logits.clone().requires_grad_()
+                (F.binary_cross_entropy_with_logits(x, target, reduction="sum") / num_rois).backward()
+            plain["sigmoid BCE"] = run
+    for name in sorted(LOSS_REGISTRY):
+        loss = build_loss(name, num_classes, class_stats=stats)
+        logits = torch.randn(num_rois, loss.num_logits, generator=g)
+
+        def run(loss=loss, logits=logits):
+            x = logits.clone().requires_grad_()
+            sum(loss(x, labels).values()).backward()
+        baseline = "softmax CE" if loss.family == "softmax" else "sigmoid BCE"
+        rows.append((name, baseline, run))
+    # interleave repeats
+    samples = {key: [] for key in list(plain) + [r[0] for r in rows]}
+    for key, fn in list(plain.items()) + [(r[0], r[2]) for r in rows]:
+        fn()
+    for _ in range(repeats):
+        for key, fn in list(plain.items()) + [(r[0], r[2]) for r in rows]:
+            start = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes (CPU, {torch.get_num_threads()} threads)\n")
+    print("| loss | ms | plain counterpart | ms | ratio |")
+    print("|---|---|---|---|---|")
+    for name, baseline, _ in rows:
+        print(f"| {name} | {med[name]:.1f} | {baseline} | {med[baseline]:.1f} | {med[name] / med[baseline]:.2f}x |")
+
+
+def bench_iterations(iters, repeats):
+    import train_net  # noqa: F401  (registration, Trainer)
+    from detectron2.config import get_cfg
+    from detectron2.engine import SimpleTrainer
+    from detectron2.solver import build_optimizer
+    from eqlosses_d2 import add_eqlosses_config
+    from eqlosses_d2.data import prepare_dataset
+
+    prepare_dataset("synthetic_lvis_v1_train")
+    results = {}
+    names = sorted(LOSS_REGISTRY)
+    batches = None
+    for name in ["softmax"] + [n for n in names if n != "softmax"]:
+        cfg = get_cfg()
+        add_eqlosses_config(cfg)
+        cfg.merge_from_file(os.path.join(os.path.dirname(train_net.__file__), "configs", "quickstart",
+                                         "mask_rcnn_R18_FPN_synthetic.yaml"))
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.EQLOSSES.LOSS = name
+        cfg.DATALOADER.NUM_WORKERS = 0
+        torch.manual_seed(0)
+        model = train_net.Trainer.build_model(cfg)
+        if batches is None:
+            loader = iter(train_net.Trainer.build_train_loader(cfg))
+            batches = [next(loader) for _ in range(iters)]
+        optimizer = build_optimizer(cfg, model)
+        trainer = SimpleTrainer(model, iter(batches * (repeats + 2)), optimizer)
+        from detectron2.utils.events import EventStorage
+
+        times = []
+        with EventStorage(0):
+            trainer.iter = 0
+            trainer.run_step()  # warm up
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(iters):
+                    trainer.run_step()
+                times.append((time.perf_counter() - start) / iters)
+        results[name] = statistics.median(times)
+    base = results["softmax"]
+    print(f"\n### One training iteration, quickstart Mask R-CNN R-18-FPN, batch {cfg.SOLVER.IMS_PER_BATCH}, 128 px (CPU)\n")
+    print("| loss | s / iteration | vs softmax |")
+    print("|---|---|---|")
+    for name, t in results.items():
+        print(f"| {name} | {t:.3f} | {t / base:.3f}x |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--rois", type=int, default=8192)
+    parser.add_argument("--classes", type=int, default=1203)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=0, help="training iterations per repeat (0: skip)")
+    args = parser.parse_args()
+    bench_losses(args.rois, args.classes, args.repeats)
+    if args.iters:
+        bench_iterations(args.iters, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
