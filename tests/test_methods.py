@@ -1,6 +1,7 @@
 """Every registered classification loss: its config node mirrors its constructor, and it
 trains (a few iterations) and evaluates end to end in the standard and cascade heads."""
 import inspect
+import json
 import math
 
 import pytest
@@ -56,3 +57,8 @@ def test_trains_and_evaluates(name, head, tiny_dataset, tmp_path):
         assert math.isnan(results[task]["AP"]) or 0.0 <= results[task]["AP"] <= 100.0
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     assert bool(state["roi_heads.class_stats.is_set"])
+    # the method's own scalars reach the event storage (TensorBoard / metrics.json)
+    with open(tmp_path / "metrics.json") as f:
+        logged = set().union(*(json.loads(line) for line in f if line.strip()))
+    watched = {f"{name}/{key}" for key in LOSS_REGISTRY[name](6).scalars()}
+    assert watched <= logged, watched - logged
