@@ -34,8 +34,9 @@ def add_eqlosses_config(cfg):
     # train with empty statistics, which only methods that need none tolerate (False).
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
     # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
-    # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", ...; each
-    # method's hyper-parameters live in its own node below.
+    # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw",
+    # "federated", "gumbel", "gumbel_droploss", "iif"; each method's hyper-parameters live
+    # in its own node below.
     _C.MODEL.EQLOSSES.LOSS = "softmax"
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
     # 0: Detectron2's linear classifier.
@@ -73,6 +74,35 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.SOFTMAX_EQL.INDICATOR = "pos"
     # "margin" (pairwise, on foreground RoIs; default) or "prior" (z_j + log((G_j/ΣG)^τ + 1e-9)).
     _C.MODEL.EQLOSSES.SOFTMAX_EQL.FORM = "margin"
+
+    _C.MODEL.EQLOSSES.SEESAW = CN()
+    # Mitigation (N_j / N_y)^p for N_j < N_y (N: cumulative positive RoI counts).
+    _C.MODEL.EQLOSSES.SEESAW.P = 0.8
+    # Compensation (σ_j / σ_y)^q for σ_j > σ_y.
+    _C.MODEL.EQLOSSES.SEESAW.Q = 2.0
+    # Lower clamp of σ_y in the compensation.
+    _C.MODEL.EQLOSSES.SEESAW.EPS = 0.01
+    # Weight of both terms (loss_cls and loss_cls_objectness), as mmdet's.
+    _C.MODEL.EQLOSSES.SEESAW.LOSS_WEIGHT = 1.0
+
+    _C.MODEL.EQLOSSES.FEDERATED = CN()
+    # |S|: classes in the loss per batch, the background index counted when present (as Detectron2 main).
+    _C.MODEL.EQLOSSES.FEDERATED.NUM_FED_CLASSES = 50
+    # Extra classes are drawn with probability ∝ image_count ** power.
+    _C.MODEL.EQLOSSES.FEDERATED.FREQ_WEIGHT_POWER = 0.5
+    # Classifier bias init -log((1 - π) / π) (CenterNet2's 0.01); 0.5 gives main's zero bias.
+    _C.MODEL.EQLOSSES.FEDERATED.PRIOR_PROB = 0.01
+
+    _C.MODEL.EQLOSSES.GUMBEL = CN()
+    # Classifier bias of all channels ("gumbel" and "gumbel_droploss").
+    _C.MODEL.EQLOSSES.GUMBEL.BIAS_INIT = -2.0
+    # DropLoss λ (LVIS v1 0.0011, v0.5 0.00177); "gumbel_droploss" only.
+    _C.MODEL.EQLOSSES.GUMBEL.TAIL_THRESHOLD = 0.0011
+
+    _C.MODEL.EQLOSSES.IIF = CN()
+    # raw | smooth | prob | normit | gombit | base2 | base10, each also as <variant>_obj
+    # (instance counts instead of image counts).
+    _C.MODEL.EQLOSSES.IIF.VARIANT = "raw"
 
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.

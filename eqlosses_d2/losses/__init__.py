@@ -11,6 +11,10 @@ from . import sigmoid as _sigmoid  # noqa: F401
 from . import eql as _eql  # noqa: F401
 from . import eqlv2 as _eqlv2  # noqa: F401
 from . import softmax_eql as _softmax_eql  # noqa: F401
+from . import seesaw as _seesaw  # noqa: F401
+from . import federated as _federated  # noqa: F401
+from . import gumbel as _gumbel  # noqa: F401
+from . import iif as _iif  # noqa: F401
 
 __all__ = [
     "ClassificationLoss",

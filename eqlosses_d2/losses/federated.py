@@ -10,10 +10,13 @@ drawn without replacement with probability ∝ ``image_count ** freq_weight_powe
 ``|S| = num_fed_classes``; the background index then takes one of the places, so 49
 foreground classes are used with the default 50 (exactly as Detectron2 main).
 Inference ``p_j = σ(z_j)``. No state; the weights are static (from the class statistics).
-The classifier bias starts at 0, as in Detectron2 main.
 
 Defaults (Detectron2 main's ``ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES`` and
-``FED_LOSS_FREQ_WEIGHT_POWER``): num_fed_classes = 50, freq_weight_power = 0.5.
+``FED_LOSS_FREQ_WEIGHT_POWER``): num_fed_classes = 50, freq_weight_power = 0.5;
+prior_prob = 0.01, the classifier bias ``−log((1 − π)/π)`` of the authors' CenterNet2
+head (``ROI_BOX_HEAD.PRIOR_PROB``). Detectron2 main leaves that bias at 0
+(prior_prob = 0.5 reproduces it); on the tiny synthetic schedule a zero bias pushed
+every class logit to about −40 within 8 iterations, so the authors' init is the default.
 
 Differences from Detectron2 main:
 
@@ -25,11 +28,12 @@ Differences from Detectron2 main:
   column of :meth:`predict_probs` is ``1 - max_j p_j`` as for the other sigmoid losses.
 - the sum runs over the columns of S only (N × |S| terms instead of N × C masked ones):
   the same value up to float rounding, much cheaper.
-- when fewer classes have a positive weight than places are left (classes never seen,
-  ``image_count`` = 0, or fewer than 50 classes), all positive-weight classes are taken
-  and nothing is drawn. Main's ``torch.multinomial`` would then fill the places with
-  arbitrary zero-weight indices (on CPU) or fail (CUDA); never-seen classes are never
-  drawn here. With LVIS (every class has images, C ≫ 50) this path is never taken.
+- when fewer classes have a positive weight than places are left (fewer than 50
+  classes, or classes never seen, ``image_count`` = 0), all positive-weight classes are
+  taken and nothing is drawn. Main's ``torch.multinomial`` then fills the remaining
+  places with zero-weight indices (what torch does on CPU): present classes or the
+  background index, which change nothing, but also never-seen classes, which S here
+  never holds. With LVIS v1 (every class has images, C ≫ 50) the two never differ.
 - the class weights come from the model's class statistics (``image_count``), not from
   the ``class_image_count`` metadata of ``DATASETS.TRAIN``; the counts are the same.
 """
@@ -38,7 +42,7 @@ from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss
 from .registry import register_loss
-from .sigmoid import with_background_column
+from .sigmoid import prior_bias, with_background_column
 
 __all__ = ["FederatedLoss", "federated_classes"]
 
@@ -70,14 +74,20 @@ class FederatedLoss(ClassificationLoss):
     name = "federated"
     config_node = "FEDERATED"
     extra_logits = 0
+    family = "sigmoid"
 
-    def __init__(self, num_classes, class_stats=None, num_fed_classes=50, freq_weight_power=0.5):
+    def __init__(self, num_classes, class_stats=None, num_fed_classes=50, freq_weight_power=0.5, prior_prob=0.01):
         super().__init__(num_classes, class_stats)
         if num_fed_classes < 1:
             raise ValueError(f"federated: NUM_FED_CLASSES must be >= 1, got {num_fed_classes}")
         self.num_fed_classes = int(num_fed_classes)
         self.freq_weight_power = float(freq_weight_power)
+        self.prior_prob = float(prior_prob)
+        prior_bias(1, self.prior_prob)  # validates it
         self._last_num_fg_classes = None
+
+    def classifier_bias_init(self):
+        return prior_bias(self.num_logits, self.prior_prob)
 
     def class_weight(self) -> torch.Tensor:
         """(C,) float32 sampling weights ``image_count ** freq_weight_power``."""
@@ -110,5 +120,5 @@ class FederatedLoss(ClassificationLoss):
     def extra_repr(self):
         return (
             f"num_classes={self.num_classes}, num_fed_classes={self.num_fed_classes}, "
-            f"freq_weight_power={self.freq_weight_power}"
+            f"freq_weight_power={self.freq_weight_power}, prior_prob={self.prior_prob}"
         )

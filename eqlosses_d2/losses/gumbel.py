@@ -72,18 +72,20 @@ class _GumbelBCESum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, pos_rows, pos_cols, drop):
         # two (N, K) buffers, everything else in place (on CPU the allocations cost as
-        # much as the arithmetic)
+        # much as the arithmetic); every quantity in a form accurate to float32 rounding
         e = logits.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
         e_pos = e[pos_rows, pos_cols]
-        q = torch.neg(e).expm1_().neg_()  # q = 1 − p = −expm1(−e), accurate for small e
-        grad = e.div_(q)
-        grad.addcmul_(grad, q, value=-1.0)  # e/q − e = e·p/q: the negative terms' gradient
-        log_q = q.log_()
+        # q = 1 − p = −expm1(−e), accurate for small e
+        log_q = torch.neg(e).expm1_().neg_().log_()
         if drop is not None:
             log_q.masked_fill_(drop, 0.0)
-            grad.masked_fill_(drop, 0.0)
         # every term counted as a negative, then the positives corrected: −log q → e
         total = log_q.sum().neg_() + (e_pos + log_q[pos_rows, pos_cols]).sum()
+        # the negative terms' gradient e·p/q = e/(exp(e) − 1), in log_q's buffer, then
+        # the positive terms' −e
+        grad = e.div_(torch.expm1(e, out=log_q))
+        if drop is not None:
+            grad.masked_fill_(drop, 0.0)
         grad[pos_rows, pos_cols] = e_pos.neg_()
         # the clamp: no gradient outside (LOGIT_MIN, LOGIT_MAX)
         torch.ops.aten.hardtanh_backward.grad_input(grad, logits, LOGIT_MIN, LOGIT_MAX, grad_input=grad)
@@ -114,6 +116,7 @@ def gumbel_bce_sum(logits: torch.Tensor, labels: torch.Tensor, drop=None) -> tor
 
 class _GumbelBase(ClassificationLoss):
     config_node = "GUMBEL"
+    family = "sigmoid"
 
     def __init__(self, num_classes, class_stats=None, bias_init=-2.0, tail_threshold=0.0011):
         super().__init__(num_classes, class_stats)
@@ -168,11 +171,13 @@ class GumbelDropLoss(_GumbelBase):
         else:  # the authors' ρ is NaN here and u > NaN is false: nothing dropped
             tail_fraction = torch.ones((), device=labels.device)
         self._last = tail_fraction
-        drop = tail[None, :].expand(labels.shape[0], num_classes).clone()
-        num_bg, num_tail = int((~fg).sum()), int(tail.sum())
-        if num_bg and num_tail:
-            bg_tail = (~fg)[:, None] & tail[None, :]
-            drop.masked_scatter_(bg_tail, torch.rand(num_bg, num_tail, device=labels.device) > tail_fraction)
+        drop = tail[None, :].expand(labels.shape[0], num_classes).clone()  # the foreground RoIs' rows
+        bg_rows = torch.nonzero(~fg, as_tuple=True)[0]
+        num_tail = int(tail.sum())
+        if bg_rows.numel() and num_tail:
+            dropped = torch.rand(bg_rows.numel(), num_tail, device=labels.device) > tail_fraction
+            bg_drop = torch.zeros(bg_rows.numel(), num_classes, dtype=torch.bool, device=labels.device)
+            drop.index_copy_(0, bg_rows, bg_drop.masked_scatter_(tail[None, :], dropped))
         return drop
 
     def forward(self, logits, labels, **context):

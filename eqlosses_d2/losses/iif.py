@@ -33,8 +33,12 @@ negative weights to classes in more than half (1 − 1/e for gombit) of the imag
 the formulas do.
 
 Differences from the authors' code: the weights are computed from the class
-statistics (in float64) instead of read from a csv file; ``iif_weights`` is the pure
-function (reused by post-hoc calibration).
+statistics (in float64, then used in float32) instead of read from a csv file, and
+follow the model's statistics (a checkpoint carries them, so inference needs no json);
+``iif_weights`` is the pure function (reused by post-hoc calibration). The loss and its
+analytic gradient ``w ⊙ (softmax(w ⊙ z) − y) / N`` come from one autograd function
+(same values as autograd through the product and the CE, one pass fewer). M ≥ 2 is
+assumed.
 """
 import torch
 from torch.nn import functional as F
@@ -77,6 +81,29 @@ def iif_weights(counts, total, variant: str = "raw") -> torch.Tensor:
     return -torch.log(-torch.log1p(-frequency))  # gombit
 
 
+class _ScaledSoftmaxCrossEntropy(torch.autograd.Function):
+    """``Σ_i CE(w ⊙ z_i, y_i)`` with its analytic gradient ``w ⊙ (softmax(w ⊙ z) − onehot(y))``
+    computed in place (one pass fewer than autograd through the product and the CE)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights):
+        log_p = F.log_softmax(logits * weights, dim=1)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        total = -log_p[rows, labels].sum()
+        grad = log_p.exp_()
+        grad[rows, labels] -= 1.0
+        ctx.grad = grad.mul_(weights)  # an intermediate: handed to autograd (not copied) in backward
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = getattr(ctx, "grad", None)
+        if grad is None:
+            raise RuntimeError("IIF loss: backward through the same graph twice is not supported")
+        del ctx.grad
+        return grad.mul_(grad_output), None, None
+
+
 @register_loss
 class IIFLoss(ClassificationLoss):
     name = "iif"
@@ -105,7 +132,8 @@ class IIFLoss(ClassificationLoss):
         weights = self.logit_weights().to(logits.device)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        return {"loss_cls": F.cross_entropy(logits.float() * weights, labels, reduction="mean")}
+        loss = _ScaledSoftmaxCrossEntropy.apply(logits.float(), labels, weights)
+        return {"loss_cls": loss / logits.shape[0]}
 
     def predict_probs(self, logits):
         return F.softmax(logits.float() * self.logit_weights().to(logits.device), dim=-1)

@@ -34,7 +34,11 @@ Differences from the authors' code (mmdetection ``SeesawLoss``):
   q·max(log σ_j − max(log σ_y, log eps), 0)``, which equals mmdetection's
   ``log(M·C)`` without building the C × C ratio matrix;
 - the counts are updated on every process even when it has no RoI (a zero contribution),
-  so the all-reduce never deadlocks.
+  so the all-reduce never deadlocks;
+- the two cross-entropies and their gradients are computed by one autograd function
+  that writes the analytic gradient (softmax − one-hot) straight into the (N, C + 2)
+  logit gradient: the same values, without autograd's full-size buffers for slicing
+  and row selection.
 """
 import math
 
@@ -49,19 +53,74 @@ __all__ = ["SeesawLoss", "seesaw_log_factors"]
 _GROUP_NAMES = ("r", "c", "f")
 
 
+def _seesaw_log_terms(class_logits, labels, cumulative_count, p: float, eps: float):
+    """
+    The factors' logs in compact form (no gradient): the log mitigation of each class
+    present, (U, C), with each row's index into it, and the compensation's log ratio
+    ``max(log σ_j − max(log σ_y, log eps), 0)`` per row, (n, C), not yet times q.
+    """
+    log_count = cumulative_count.clamp(min=1).log().to(torch.float32)
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    log_mitigation = (log_count[None, :] - log_count[classes][:, None]).clamp_(max=0.0).mul_(p)
+    log_scores = F.log_softmax(class_logits.detach().float(), dim=1)
+    log_self = log_scores.gather(1, labels[:, None]).clamp_(min=math.log(eps))
+    return log_mitigation, inverse, log_scores.sub_(log_self).clamp_(min=0.0)
+
+
+@torch.no_grad()
 def seesaw_log_factors(class_logits, labels, cumulative_count, p: float, q: float, eps: float):
     """
     Log mitigation and log compensation factors, each (n, C), for foreground RoIs with
     class logits ``class_logits`` (n, C) and labels in [0, C). Both are 0 at j = y.
     Computed without gradient (the factors are constants for the loss).
     """
-    with torch.no_grad():
-        log_count = cumulative_count.clamp(min=1).log().to(torch.float32)
-        log_mitigation = (log_count[None, :] - log_count[labels][:, None]).clamp_(max=0.0).mul_(p)
-        log_scores = F.log_softmax(class_logits.detach().float(), dim=1)
-        log_self = log_scores.gather(1, labels[:, None]).clamp_(min=math.log(eps))
-        log_compensation = log_scores.sub_(log_self).clamp_(min=0.0).mul_(q)
-    return log_mitigation, log_compensation
+    log_mitigation, inverse, log_ratio = _seesaw_log_terms(class_logits, labels, cumulative_count, p, eps)
+    return log_mitigation[inverse], log_ratio.mul_(q)
+
+
+class _SeesawCrossEntropy(torch.autograd.Function):
+    """
+    The two Seesaw cross-entropy sums, ``Σ_fg CE(z̃, y)`` and ``Σ_all CE(z_obj, t)``,
+    with their analytic gradients written straight into one (N, C + 2) gradient (autograd
+    through slicing and row selection would allocate and add several full-size ones).
+    ``adjusted`` is z̃ = z + log S for the foreground rows (a constant shift of z: the
+    gradient with respect to z is the one with respect to z̃).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, fg_rows, fg_labels, adjusted, objectness_target):
+        num_classes = logits.shape[1] - 2
+        log_p_objectness = F.log_softmax(logits[:, num_classes:], dim=1)
+        loss_objectness = -log_p_objectness.gather(1, objectness_target[:, None]).sum()
+        grad_objectness = log_p_objectness.exp_()
+        grad_objectness[torch.arange(logits.shape[0], device=logits.device), objectness_target] -= 1.0
+        if fg_rows.numel():
+            log_p = F.log_softmax(adjusted, dim=1)
+            loss_cls = -log_p.gather(1, fg_labels[:, None]).sum()
+            grad_cls = log_p.exp_()
+            grad_cls[torch.arange(fg_rows.numel(), device=logits.device), fg_labels] -= 1.0
+        else:
+            loss_cls = logits.new_zeros(())
+            grad_cls = None
+        # intermediates, scaled in place and released in backward
+        ctx.grads = (grad_cls, grad_objectness)
+        ctx.fg_rows = fg_rows
+        ctx.shape = logits.shape
+        return loss_cls, loss_objectness
+
+    @staticmethod
+    def backward(ctx, grad_loss_cls, grad_loss_objectness):
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError("Seesaw loss: backward through the same graph twice is not supported")
+        del ctx.grads
+        grad_cls, grad_objectness = grads
+        num_classes = ctx.shape[1] - 2
+        grad = grad_objectness.new_zeros(ctx.shape)
+        grad[:, num_classes:] = grad_objectness.mul_(grad_loss_objectness)
+        if grad_cls is not None:
+            grad[:, :num_classes].index_copy_(0, ctx.fg_rows, grad_cls.mul_(grad_loss_cls))
+        return grad, None, None, None, None
 
 
 @register_loss
@@ -103,31 +162,32 @@ class SeesawLoss(ClassificationLoss):
 
         logits = logits.float()
         num_rois = logits.shape[0]
-        class_logits, objectness_logits = logits[:, :num_classes], logits[:, num_classes:]
+        fg_rows = torch.nonzero(fg, as_tuple=True)[0]
+        with torch.no_grad():
+            adjusted = logits[:, :num_classes].index_select(0, fg_rows)
+            if fg_rows.numel():
+                log_mitigation, inverse, log_ratio = _seesaw_log_terms(
+                    adjusted, fg_labels, self.cumulative_count, self.p, self.eps
+                )
+                # z̃ = z + log M + log C (in place, on the gathered foreground rows)
+                adjusted.add_(log_ratio, alpha=self.q).add_(log_mitigation.index_select(0, inverse))
+                self._last = (
+                    fg_labels,
+                    self._mean_off_target(log_mitigation.exp_())[inverse],
+                    self._mean_off_target(log_ratio.mul_(self.q).exp_()),
+                )
         # objectness target: 0 = foreground, 1 = background (mmdetection's order)
-        loss_objectness = F.cross_entropy(objectness_logits, (~fg).long(), reduction="sum") / num_rois
-
-        if fg_labels.numel() == 0:
-            loss_cls = class_logits.sum() * 0.0
-        else:
-            fg_logits = class_logits[fg]
-            log_mitigation, log_compensation = seesaw_log_factors(
-                fg_logits, fg_labels, self.cumulative_count, self.p, self.q, self.eps
-            )
-            with torch.no_grad():
-                self._last = (fg_labels, self._mean_off_target(log_mitigation), self._mean_off_target(log_compensation))
-                log_adjust = log_mitigation.add_(log_compensation)
-            loss_cls = F.cross_entropy(fg_logits + log_adjust, fg_labels, reduction="sum") / num_rois
+        loss_cls, loss_objectness = _SeesawCrossEntropy.apply(logits, fg_rows, fg_labels, adjusted, (~fg).long())
         return {
-            "loss_cls": self.loss_weight * loss_cls,
-            "loss_cls_objectness": self.loss_weight * loss_objectness,
+            "loss_cls": loss_cls * (self.loss_weight / num_rois),
+            "loss_cls_objectness": loss_objectness * (self.loss_weight / num_rois),
         }
 
-    def _mean_off_target(self, log_factor):
-        # mean of the factor over j != y (the factor is exactly 1 at j = y)
+    def _mean_off_target(self, factor):
+        # mean of a factor over j != y (it is exactly 1 at j = y)
         if self.num_classes < 2:
-            return log_factor.new_ones(log_factor.shape[0])
-        return (log_factor.exp().sum(dim=1) - 1.0) / (self.num_classes - 1)
+            return factor.new_ones(factor.shape[0])
+        return (factor.sum(dim=1) - 1.0) / (self.num_classes - 1)
 
     def predict_probs(self, logits):
         logits = logits.float()
