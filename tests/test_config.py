@@ -8,7 +8,10 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from eqlosses_d2 import add_eqlosses_config, find_class_stats
+import numpy as np
+
+from eqlosses_d2 import ClassStatistics, add_eqlosses_config, find_class_stats
+from eqlosses_d2.data.class_stats import frequency_group
 from eqlosses_d2.config import ConfigError, merge_config_file, merge_config_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,12 +59,23 @@ def test_config_merges_and_builds(config_file):
     stats = find_class_stats(model)
     assert stats is not None and stats.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
     assert "roi_heads.class_stats.image_count" in model.state_dict()
+    # some methods (IIF) need counts at inference: give it a long tail 1..C
+    num = stats.num_classes
+    stats.set_from(ClassStatistics(
+        category_ids=list(range(1, num + 1)), class_names=[str(i) for i in range(num)],
+        image_count=np.arange(1, num + 1), instance_count=np.arange(1, num + 1) * 2,
+        frequency=[frequency_group(n) for n in range(1, num + 1)], num_images=num + 5,
+        num_images_with_annotations=num,
+    ))
     if "LVISv1" in config_file:
         assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
         assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
-        assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
+        # the papers' random-sampler recipes say so; everything else keeps the base's RFS 0.001
+        assert cfg.DATALOADER.SAMPLER_TRAIN in ("RepeatFactorTrainingSampler", "TrainingSampler")
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(1e-3)
+        if os.path.basename(config_file).startswith("mask_rcnn_R_50"):
+            assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"
     # a forward pass in eval mode on a small image works
     model.eval()
     with torch.no_grad():

@@ -25,7 +25,11 @@ def _box_predictors(heads):
 
 
 class _ClassStatsMixin:
-    def _attach_class_stats(self):
+    """Owns the per-class statistics and links them into the box predictor(s)."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.class_stats = ClassStatsBuffers(self.num_classes)
         for predictor in _box_predictors(self):
             predictor.link_class_stats(self.class_stats)
@@ -34,11 +38,6 @@ class _ClassStatsMixin:
 @ROI_HEADS_REGISTRY.register()
 class LongTailStandardROIHeads(_ClassStatsMixin, StandardROIHeads):
     """:class:`StandardROIHeads` with the configured loss and per-class statistics."""
-
-    @configurable
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._attach_class_stats()
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -53,11 +52,6 @@ class LongTailCascadeROIHeads(_ClassStatsMixin, CascadeROIHeads):
 
     Inference averages the stages' ``predict_probs``, which is each method's own
     activation, so the averaged scores are probabilities of the same kind."""
-
-    @configurable
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._attach_class_stats()
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
