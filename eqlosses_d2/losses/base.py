@@ -34,6 +34,7 @@ __all__ = [
     "check_finite_logits",
     "empty_loss",
     "tail_class_mask",
+    "take_stashed_grad",
 ]
 
 
@@ -54,6 +55,16 @@ def check_finite_logits(logits: torch.Tensor, who: str):
             f"{who}: {bad} of {logits.numel()} classification logits are NaN or inf "
             f"(diverged training? try a lower SOLVER.BASE_LR or SOLVER.CLIP_GRADIENTS)"
         )
+
+
+def take_stashed_grad(ctx, who: str) -> torch.Tensor:
+    """For autograd Functions that compute their gradient in ``forward`` and stash it on
+    ``ctx.grad`` (no copy): hand it over once, and refuse a second backward clearly."""
+    grad = getattr(ctx, "grad", None)
+    if grad is None:
+        raise RuntimeError(f"{who}: backward through the same graph twice is not supported")
+    del ctx.grad
+    return grad
 
 
 def tail_class_mask(class_stats, lam: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ Differences from the authors' code:
 """
 import torch
 
-from .base import ClassificationLoss, empty_loss, tail_class_mask
+from .base import ClassificationLoss, empty_loss, tail_class_mask, take_stashed_grad
 from .registry import register_loss
 from .sigmoid import with_background_column
 
@@ -94,11 +94,7 @@ class _GumbelBCESum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = getattr(ctx, "grad", None)
-        if grad is None:
-            raise RuntimeError("Gumbel BCE: backward through the same graph twice is not supported")
-        del ctx.grad
-        return grad.mul_(grad_output), None, None, None
+        return take_stashed_grad(ctx, "Gumbel BCE").mul_(grad_output), None, None, None
 
 
 def gumbel_bce_sum(logits: torch.Tensor, labels: torch.Tensor, drop=None) -> torch.Tensor:

@@ -43,7 +43,7 @@ assumed.
 import torch
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, empty_loss
+from .base import ClassificationLoss, empty_loss, take_stashed_grad
 from .registry import register_loss
 
 __all__ = ["IIFLoss", "IIF_VARIANTS", "iif_weights"]
@@ -97,11 +97,7 @@ class _ScaledSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad = getattr(ctx, "grad", None)
-        if grad is None:
-            raise RuntimeError("IIF loss: backward through the same graph twice is not supported")
-        del ctx.grad
-        return grad.mul_(grad_output), None, None
+        return take_stashed_grad(ctx, "IIF loss").mul_(grad_output), None, None
 
 
 @register_loss
