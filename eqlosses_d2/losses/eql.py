@@ -52,12 +52,21 @@ class EqualizationLoss(SigmoidCrossEntropy):
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
         logits = logits.float()
-        target = one_hot_foreground(labels, self.num_classes)
-        foreground = (labels < self.num_classes).float()
-        tail = tail.to(device=logits.device, dtype=torch.float32)
-        # 1 - E(r_i) T_λ(f_j) (1 - y_ij): zero for the tail negatives of foreground RoIs
-        weight = 1.0 - foreground[:, None] * tail[None, :] * (1.0 - target)
-        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+        tail = tail.to(device=logits.device)
+        # w_ij = 1 - E(r_i) T_λ(f_j) (1 - y_ij) is 0 exactly for the tail negatives of
+        # foreground RoIs, so the weighted sum splits into three plain BCE sums (no N x C
+        # weight or target matrix): background RoIs, all their classes with target 0;
+        # foreground RoIs over the non-tail classes; and their tail label terms.
+        foreground = labels < self.num_classes
+        loss = F.softplus(logits[~foreground]).sum()
+        fg_logits, fg_labels = logits[foreground], labels[foreground]
+        if fg_labels.numel():
+            head = ~tail
+            target = one_hot_foreground(fg_labels, self.num_classes)[:, head]
+            loss = loss + F.binary_cross_entropy_with_logits(fg_logits[:, head], target, reduction="sum")
+            tail_label = tail[fg_labels]
+            rows = tail_label.nonzero(as_tuple=True)[0]
+            loss = loss + F.softplus(-fg_logits[rows, fg_labels[rows]]).sum()
         return {"loss_cls": loss / logits.shape[0]}
 
     def extra_repr(self):
