@@ -3,7 +3,7 @@ Classification losses of the RoI box predictor: pure PyTorch, one file per metho
 registered by name (``MODEL.EQLOSSES.LOSS``). See :mod:`.base` for the interface.
 """
 from .base import ClassificationLoss, all_reduce_sum, check_finite_logits
-from .registry import LOSS_REGISTRY, build_loss, loss_hparams_from_cfg, register_loss
+from .registry import LOSS_REGISTRY, build_loss, build_loss_from_cfg, loss_hparams_from_cfg, register_loss
 
 # registration: one module per method
 from . import softmax as _softmax  # noqa: F401
@@ -21,6 +21,7 @@ __all__ = [
     "LOSS_REGISTRY",
     "all_reduce_sum",
     "build_loss",
+    "build_loss_from_cfg",
     "check_finite_logits",
     "loss_hparams_from_cfg",
     "register_loss",

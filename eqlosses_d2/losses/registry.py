@@ -5,7 +5,7 @@ node's keys are its constructor's keyword arguments in upper case.
 """
 from typing import Dict, Type
 
-__all__ = ["LOSS_REGISTRY", "register_loss", "build_loss", "loss_hparams_from_cfg"]
+__all__ = ["LOSS_REGISTRY", "register_loss", "build_loss", "build_loss_from_cfg", "loss_hparams_from_cfg"]
 
 LOSS_REGISTRY: Dict[str, Type] = {}
 
@@ -25,9 +25,19 @@ def loss_hparams_from_cfg(cls, eqlosses_cfg) -> dict:
     return {key.lower(): value for key, value in eqlosses_cfg[node].items()}
 
 
-def build_loss(name: str, num_classes: int, class_stats=None, **hparams):
+def _loss_class(name: str):
     if name not in LOSS_REGISTRY:
         raise KeyError(
             f"MODEL.EQLOSSES.LOSS: unknown loss '{name}' (known: {', '.join(sorted(LOSS_REGISTRY))})"
         )
-    return LOSS_REGISTRY[name](num_classes, class_stats=class_stats, **hparams)
+    return LOSS_REGISTRY[name]
+
+
+def build_loss(name: str, num_classes: int, class_stats=None, **hparams):
+    return _loss_class(name)(num_classes, class_stats=class_stats, **hparams)
+
+
+def build_loss_from_cfg(eqlosses_cfg, num_classes: int, class_stats=None):
+    """The loss ``MODEL.EQLOSSES.LOSS`` names, with the hyper-parameters of its node."""
+    cls = _loss_class(eqlosses_cfg.LOSS)
+    return cls(num_classes, class_stats=class_stats, **loss_hparams_from_cfg(cls, eqlosses_cfg))

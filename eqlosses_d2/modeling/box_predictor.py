@@ -24,8 +24,7 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.utils.events import get_event_storage
 
-from ..losses import build_loss, loss_hparams_from_cfg
-from ..losses.registry import LOSS_REGISTRY
+from ..losses import build_loss_from_cfg
 
 __all__ = ["LongTailOutputLayers", "CosineClassifier"]
 
@@ -71,15 +70,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        name = cfg.MODEL.EQLOSSES.LOSS
-        if name not in LOSS_REGISTRY:
-            # raised by build_loss with the list of known names
-            build_loss(name, ret["num_classes"])
-        ret["cls_loss"] = build_loss(
-            name,
-            ret["num_classes"],
-            **loss_hparams_from_cfg(LOSS_REGISTRY[name], cfg.MODEL.EQLOSSES),
-        )
+        ret["cls_loss"] = build_loss_from_cfg(cfg.MODEL.EQLOSSES, ret["num_classes"])
         ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
         return ret
 
