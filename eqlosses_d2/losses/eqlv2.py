@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss
-from .gradient_stats import GradientStats, frequency_group_means
+from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
 from .registry import register_loss
 from .sigmoid import prior_bias
 
@@ -70,9 +70,8 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
 
         prob = torch.sigmoid(logits, out=buffer)
         prob_y = prob.gather(1, rows).squeeze(1)
-        prob_y_per_class = torch.zeros_like(neg_weight).index_add_(0, labels, prob_y)
-        pos_grad = torch.zeros_like(neg_weight).index_add_(0, labels, pos_w * (1.0 - prob_y))
-        neg_grad = neg_weight * (prob.sum(dim=0) - prob_y_per_class)
+        pos_grad, off_label = label_and_off_label_sums(prob, labels, prob_y, pos_w * (1.0 - prob_y))
+        neg_grad = neg_weight * off_label
 
         # gradient of the normalized loss: r_j σ / N off the label, q_y (σ - 1) / N on it
         grad = prob.mul_(neg_weight / num_rois)

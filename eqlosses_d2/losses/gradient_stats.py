@@ -43,7 +43,7 @@ from torch import nn
 
 from .base import all_reduce_sum
 
-__all__ = ["GradientStats", "frequency_group_means", "FREQUENCY_GROUP_NAMES"]
+__all__ = ["GradientStats", "frequency_group_means", "label_and_off_label_sums", "FREQUENCY_GROUP_NAMES"]
 
 #: names of the LVIS frequency groups, in the order of ``class_stats.frequency_group``
 FREQUENCY_GROUP_NAMES = ("r", "c", "f")
@@ -94,6 +94,19 @@ class GradientStats(nn.Module):
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, initial_ratio={self.initial_ratio}"
+
+
+def label_and_off_label_sums(prob, labels, prob_y, per_row):
+    """
+    Per-class sums for the fused gradient-statistics computations, from an (N, K) matrix
+    ``prob``, labels in [0, K) and ``prob_y = prob[i, y_i]``: ``Σ_{i: y_i = j} per_row_i``
+    (the positives' share) and ``Σ_{i: y_i ≠ j} prob_ij`` (the negatives'), without a
+    one-hot matrix.
+    """
+    zeros = torch.zeros(prob.shape[1], dtype=prob.dtype, device=prob.device)
+    on_label = zeros.clone().index_add_(0, labels, per_row)
+    off_label = prob.sum(dim=0) - zeros.index_add_(0, labels, prob_y)
+    return on_label, off_label
 
 
 def frequency_group_means(values: torch.Tensor, class_stats, prefix: str) -> Dict[str, float]:

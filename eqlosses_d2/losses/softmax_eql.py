@@ -47,7 +47,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .base import ClassificationLoss, empty_loss, softmax_with_background_last
-from .gradient_stats import GradientStats, frequency_group_means
+from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
 from .registry import register_loss
 
 __all__ = ["SoftmaxEqualizationLoss"]
@@ -83,9 +83,9 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
         prob /= normalizer[:, None]
 
         prob_y = prob.gather(1, rows).squeeze(1)
-        prob_y_per_class = torch.zeros_like(logit_shift).index_add_(0, labels, prob_y)
-        pos_grad = torch.zeros_like(logit_shift).index_add_(0, labels, 1.0 - prob_y) / num_rois
-        neg_grad = (prob.sum(dim=0) - prob_y_per_class) / num_rois
+        pos_grad, off_label = label_and_off_label_sums(prob, labels, prob_y, 1.0 - prob_y)
+        pos_grad /= num_rois
+        neg_grad = off_label / num_rois
 
         grad = prob  # (softmax(z') - onehot), divided by N in backward
         grad.scatter_(1, rows, (prob_y - 1.0)[:, None])
