@@ -41,6 +41,9 @@ def add_eqlosses_config(cfg):
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
     # 0: Detectron2's linear classifier.
     _C.MODEL.EQLOSSES.COSINE_SCALE = 0.0
+    # > 0: normalized mask predictor, s * cos(x, w_k) + b_k per pixel, with this scale s
+    # (Seesaw's and GOL's LVIS recipes: 20); 0: Detectron2's 1x1 convolution.
+    _C.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE = 0.0
 
     _C.MODEL.EQLOSSES.SIGMOID = CN()
     # Prior probability pi of the classifier bias init, b = -log((1 - pi) / pi).

@@ -4,6 +4,8 @@ RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. E
 - swaps its box predictor(s) for :class:`LongTailOutputLayers` by overriding the
   classmethod ``_init_box_head`` (the house pattern; no Detectron2 code is copied), so the
   classification loss and inference activation are chosen by ``MODEL.EQLOSSES.LOSS``;
+- optionally normalizes its mask predictor (``MODEL.EQLOSSES.MASK_PREDICTOR_SCALE``, by
+  overriding ``_init_mask_head``);
 - owns the training set's per-class statistics (:class:`ClassStatsBuffers`,
   ``self.class_stats``), which the losses and the calibration read and a checkpoint carries.
 """
@@ -14,6 +16,7 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, S
 
 from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
+from .mask_predictor import normalize_mask_predictor
 
 __all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads"]
 
@@ -24,8 +27,9 @@ def _box_predictors(heads):
     return list(predictor) if isinstance(predictor, nn.ModuleList) else [predictor]
 
 
-class _ClassStatsMixin:
-    """Owns the per-class statistics and links them into the box predictor(s)."""
+class _LongTailHeadsMixin:
+    """What both heads add: the per-class statistics, linked into the box predictor(s),
+    and the optional normalized mask predictor."""
 
     @configurable
     def __init__(self, **kwargs):
@@ -34,9 +38,17 @@ class _ClassStatsMixin:
         for predictor in _box_predictors(self):
             predictor.link_class_stats(self.class_stats)
 
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        ret = super()._init_mask_head(cfg, input_shape)
+        scale = cfg.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE
+        if scale > 0 and ret.get("mask_head") is not None:
+            normalize_mask_predictor(ret["mask_head"], scale)
+        return ret
+
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailStandardROIHeads(_ClassStatsMixin, StandardROIHeads):
+class LongTailStandardROIHeads(_LongTailHeadsMixin, StandardROIHeads):
     """:class:`StandardROIHeads` with the configured loss and per-class statistics."""
 
     @classmethod
@@ -47,7 +59,7 @@ class LongTailStandardROIHeads(_ClassStatsMixin, StandardROIHeads):
 
 
 @ROI_HEADS_REGISTRY.register()
-class LongTailCascadeROIHeads(_ClassStatsMixin, CascadeROIHeads):
+class LongTailCascadeROIHeads(_LongTailHeadsMixin, CascadeROIHeads):
     """:class:`CascadeROIHeads` (three stages) with the configured loss in every stage.
 
     Inference averages the stages' ``predict_probs``, which is each method's own
