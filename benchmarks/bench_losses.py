@@ -113,14 +113,15 @@ def bench_iterations(iters, repeats):
     from detectron2.config import get_cfg
     from detectron2.engine import SimpleTrainer
     from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
     from eqlosses_d2 import add_eqlosses_config
     from eqlosses_d2.data import prepare_dataset
 
     prepare_dataset("synthetic_lvis_v1_train")
-    results = {}
-    names = sorted(LOSS_REGISTRY)
+    names = ["softmax"] + [n for n in sorted(LOSS_REGISTRY) if n != "softmax"]
+    trainers = {}
     batches = None
-    for name in ["softmax"] + [n for n in names if n != "softmax"]:
+    for name in names:
         cfg = get_cfg()
         add_eqlosses_config(cfg)
         cfg.merge_from_file(os.path.join(os.path.dirname(train_net.__file__), "configs", "quickstart",
@@ -133,20 +134,21 @@ def bench_iterations(iters, repeats):
         if batches is None:
             loader = iter(train_net.Trainer.build_train_loader(cfg))
             batches = [next(loader) for _ in range(iters)]
-        optimizer = build_optimizer(cfg, model)
-        trainer = SimpleTrainer(model, iter(batches * (repeats + 2)), optimizer)
-        from detectron2.utils.events import EventStorage
-
-        times = []
-        with EventStorage(0):
+        trainers[name] = SimpleTrainer(model, iter(batches * (repeats + 2)), build_optimizer(cfg, model))
+    # every loss sees the same batches; repeats are interleaved across losses so that
+    # machine load affects all rows alike
+    samples = {name: [] for name in names}
+    with EventStorage(0):
+        for trainer in trainers.values():
             trainer.iter = 0
             trainer.run_step()  # warm up
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for name, trainer in trainers.items():
                 start = time.perf_counter()
                 for _ in range(iters):
                     trainer.run_step()
-                times.append((time.perf_counter() - start) / iters)
-        results[name] = statistics.median(times)
+                samples[name].append((time.perf_counter() - start) / iters)
+    results = {name: statistics.median(times) for name, times in samples.items()}
     base = results["softmax"]
     print(f"\n### One training iteration, quickstart Mask R-CNN R-18-FPN, batch {cfg.SOLVER.IMS_PER_BATCH}, 128 px (CPU)\n")
     print("| loss | s / iteration | vs softmax |")
