@@ -6,7 +6,8 @@ Train and evaluate long-tailed detectors with eqlosses_d2.
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file CONFIG --num-gpus 8 [--resume]
 
-Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT``.
+Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT``. Without a
+GPU, ``--num-gpus N`` runs N CPU processes joined by gloo.
 """
 import logging
 import os
@@ -18,11 +19,11 @@ import eqlosses_d2  # noqa: F401  # compat shims and registration; before other 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, prepare_dataset
 from eqlosses_d2.checkpoint import AtomicCheckpointer
-from eqlosses_d2.compat import TrainerStateMixin, has_detectron2_extension
+from eqlosses_d2.compat import TrainerStateMixin, has_detectron2_extension, launch
 from eqlosses_d2.config import (
     ConfigError,
     class_stats_dataset,

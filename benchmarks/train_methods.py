@@ -10,8 +10,9 @@ the LVIS AP table.
 Each run is a separate ``train_net.py`` process writing into
 ``<output-dir>/<head>/<loss>/``; its AP and timings go to ``result.json`` there when it has
 evaluated. Runs with a ``result.json`` are not repeated, so the script can be stopped and
-started again; the table covers every run that has one. Trailing ``opts`` (KEY VALUE
-pairs) go to every run, e.g. ``SOLVER.MAX_ITER 100`` for a quick look.
+started again; the table covers every run that has one. Every run uses ``SEED 0`` (the
+same initial weights and sample order for every loss); trailing ``opts`` (KEY VALUE
+pairs) go to every run after it, e.g. ``SEED 1`` or ``SOLVER.MAX_ITER 100``.
 """
 import argparse
 import json
@@ -121,7 +122,7 @@ def main():
                     continue
                 os.makedirs(out_dir, exist_ok=True)
                 cmd = [sys.executable, os.path.abspath(__file__), "--run", configs[loss], out_dir]
-                cmd += HEADS[head] + args.opts
+                cmd += ["SEED", "0"] + HEADS[head] + args.opts
                 print(f"[train_methods] {head} / {loss}", flush=True)
                 with open(os.path.join(out_dir, "stdout.log"), "w") as log:
                     if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:

@@ -26,6 +26,11 @@ What is handled (each function says how it detects the need):
   :func:`replace_data_loader`.
 - v0.6's ``DefaultTrainer`` does not checkpoint the optimizer (main does, as
   ``_trainer``): :class:`TrainerStateMixin` adds it, so ``--resume`` keeps SGD momentum.
+- Several processes without a GPU: v0.6's ``launch`` asserts CUDA and NCCL, main's spawns
+  gloo workers, and both lines' ``create_ddp_model`` pass ``device_ids=[local_rank]``,
+  which PyTorch refuses for a CPU module. :func:`launch` runs CPU jobs itself (gloo, the
+  local process group made the way this Detectron2 provides) and builds CPU DDP models
+  without ``device_ids``; with a GPU, or one process, it is Detectron2's ``launch``.
 
 :func:`apply_detectron2_patches` must run before ``detectron2.layers`` or
 ``detectron2.data.transforms`` is imported; ``import eqlosses_d2`` does that.
@@ -48,6 +53,7 @@ __all__ = [
     "default_trainer_saves_optimizer",
     "has_detectron2_extension",
     "import_detectron2_model_zoo",
+    "launch",
     "replace_data_loader",
     "torch_load",
 ]
@@ -294,3 +300,96 @@ class TrainerStateMixin:
         super().load_state_dict(state_dict)
         if not default_trainer_saves_optimizer() and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _create_local_process_group(num_workers_per_machine: int):
+    """Give ``detectron2.utils.comm`` its per-machine process group: main has a function
+    for it; v0.6 keeps a module global that its ``launch`` sets."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if hasattr(comm, "create_local_process_group"):  # main
+        comm.create_local_process_group(num_workers_per_machine)
+        return
+    machine_rank = dist.get_rank() // num_workers_per_machine
+    for i in range(dist.get_world_size() // num_workers_per_machine):
+        # every process creates every group (new_group is collective)
+        group = dist.new_group(list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def _patch_cpu_ddp():
+    """Make ``detectron2.engine.defaults.create_ddp_model`` (what ``DefaultTrainer`` calls)
+    leave ``device_ids`` unset for a model on the CPU."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+    if getattr(original, "_eqlosses_cpu_aware", False):
+        return
+
+    def create_ddp_model(model, **kwargs):
+        if "device_ids" not in kwargs and all(p.device.type == "cpu" for p in model.parameters()):
+            kwargs["device_ids"] = None
+        return original(model, **kwargs)
+
+    create_ddp_model._eqlosses_cpu_aware = True
+    defaults.create_ddp_model = create_ddp_model
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout):
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    dist.init_process_group(
+        "gloo",
+        init_method=dist_url,
+        world_size=world_size,
+        rank=machine_rank * num_workers_per_machine + local_rank,
+        timeout=timeout,
+    )
+    _create_local_process_group(num_workers_per_machine)
+    _patch_cpu_ddp()
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(), timeout=None):
+    """
+    Detectron2's ``launch`` (same arguments), extended to several processes on machines
+    without a GPU: ``num_gpus_per_machine`` then counts CPU worker processes, joined by
+    gloo. On a machine with CUDA, or for one process, Detectron2's own ``launch`` runs.
+    """
+    import torch
+    from detectron2.engine import launch as detectron2_launch
+    from detectron2.engine.launch import DEFAULT_TIMEOUT
+
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1 or torch.cuda.is_available():
+        return detectron2_launch(
+            main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+            dist_url=dist_url, args=args, timeout=timeout,
+        )
+    if dist_url in (None, "auto"):
+        if num_machines != 1:
+            raise ValueError("--dist-url auto only works on one machine; give tcp://HOST:PORT")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    torch.multiprocessing.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
