@@ -359,6 +359,17 @@ def test_softmax_eql_two_class_toy():
     assert_close(loss_module.gradient_stats.neg_grad, [1 / 6, 0.01 / 2.01 / 2 + 1 / 6], rtol=1e-6)
 
 
+def test_softmax_eql_second_backward_through_the_same_graph_is_a_clear_error():
+    # the analytic gradient is an intermediate handed to autograd once (scaled in place)
+    logits, labels = make_batch(3)
+    z = logits.clone().requires_grad_()
+    total = SoftmaxEQL(C)(z, labels)["loss_cls"]
+    (2.0 * total).backward(retain_graph=True)
+    assert_close(z.grad, (2.0 * (torch.softmax(logits, 1) - torch.eye(C + 1)[labels]) / 6).numpy())
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        total.backward()
+
+
 def test_softmax_eql_inference_is_plain_softmax():
     logits, _ = make_batch(4)
     loss_module = SoftmaxEQL(C)

@@ -464,8 +464,11 @@ def _droploss_reference_weights(labels, image_count, with_annotations, seed, lam
     rho = sum(tail[y] for y in fg) / len(fg) if fg else 1.0
     tail_columns = [j for j in range(C) if tail[j]]
     bg_rows = [i for i, y in enumerate(labels) if y == C]
+    # the draw gumbel.uniform_draw documents: a PCG64 stream seeded from torch's generator
     torch.manual_seed(seed)
-    u = torch.rand(len(bg_rows), len(tail_columns)).double().numpy() if bg_rows and tail_columns else None
+    if bg_rows and tail_columns:
+        stream = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**63 - 1, ()))))
+        u = stream.random((len(bg_rows), C), dtype=np.float32).astype(np.float64)[:, tail_columns]
     w = np.ones((len(labels), C))
     for i, y in enumerate(labels):
         for j in range(C):

@@ -33,7 +33,7 @@ def prior_bias(num_logits: int, prior_prob: float) -> torch.Tensor:
 
 def with_background_column(fg_probs: torch.Tensor) -> torch.Tensor:
     """Append the (N, 1) background column Detectron2's inference expects."""
-    background = 1.0 - fg_probs.max(dim=1, keepdim=True).values if fg_probs.shape[1] else fg_probs.new_ones(
+    background = 1.0 - fg_probs.amax(dim=1, keepdim=True) if fg_probs.shape[1] else fg_probs.new_ones(
         fg_probs.shape[0], 1
     )
     return torch.cat([fg_probs, background], dim=1)

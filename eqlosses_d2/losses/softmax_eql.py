@@ -44,9 +44,8 @@ ACCV2022 releases, ``SoftmaxEQLLoss`` and ``SoftmaxEQLV2Loss``):
   training mode only.
 """
 import torch
-from torch.autograd.function import once_differentiable
 
-from .base import ClassificationLoss, empty_loss, softmax_with_background_last
+from .base import ClassificationLoss, empty_loss, softmax_with_background_last, take_stashed_grad
 from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
 from .registry import register_loss
 
@@ -75,12 +74,12 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
         shifted = torch.addr(logits, foreground, logit_shift)
         shifted[:, -1] += background_shift
         # log-softmax and softmax in place, as log_softmax computes them (stable)
-        shifted -= shifted.max(dim=1, keepdim=True).values
+        shifted -= shifted.amax(dim=1, keepdim=True)
         shifted_y = shifted.gather(1, rows).squeeze(1)
         prob = shifted.exp_()
         normalizer = prob.sum(dim=1)
         loss = (normalizer.log() - shifted_y).sum()
-        prob /= normalizer[:, None]
+        prob *= normalizer.reciprocal()[:, None]
 
         prob_y = prob.gather(1, rows).squeeze(1)
         pos_grad, off_label = label_and_off_label_sums(prob, labels, prob_y, 1.0 - prob_y)
@@ -89,16 +88,15 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
 
         grad = prob  # (softmax(z') - onehot), divided by N in backward
         grad.scatter_(1, rows, (prob_y - 1.0)[:, None])
-        ctx.save_for_backward(grad)
+        ctx.grad = grad  # an intermediate: scaled in place and handed to autograd in backward
         ctx.num_rois = num_rois
         ctx.mark_non_differentiable(pos_grad, neg_grad)
         return loss / num_rois, pos_grad, neg_grad
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_loss / ctx.num_rois), None, None, None, None
+        grad = take_stashed_grad(ctx, "Softmax-EQL")
+        return grad.mul_(grad_loss / ctx.num_rois), None, None, None, None
 
 
 @register_loss
