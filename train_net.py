@@ -29,6 +29,7 @@ from eqlosses_d2.config import (
     class_stats_dataset,
     merge_config_file,
     merge_config_list,
+    validate_eval_protocol,
     validate_num_classes,
 )
 from eqlosses_d2.data import DatasetError
@@ -66,6 +67,13 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type == "lvis":
+            if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
+                return LVISEvaluator(
+                    dataset_name,
+                    output_dir=output_folder,
+                    max_dets_per_image=-1,
+                    max_dets_per_category=cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS,
+                )
             return LVISEvaluator(
                 dataset_name,
                 output_dir=output_folder,
@@ -98,6 +106,14 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        if evaluators is None and cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
+            # Fixed AP: the evaluator tells the RoI heads which detections can no longer
+            # enter a class's top K, so the mask head skips them
+            evaluators = [cls.build_evaluator(cfg, name) for name in cfg.DATASETS.TEST]
+            roi_heads = getattr(getattr(model, "module", model), "roi_heads", None)
+            for evaluator in evaluators:
+                if isinstance(evaluator, LVISEvaluator) and hasattr(roi_heads, "test_score_floor"):
+                    evaluator.score_floor_consumers.append(roi_heads)
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and cfg.TEST.EQLOSSES.PRINT_TABLE and results:
             name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) == 1 else None
@@ -114,6 +130,7 @@ def setup_cfg(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no CUDA device is available: using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+    validate_eval_protocol(cfg)
     cfg.freeze()
     return cfg
 

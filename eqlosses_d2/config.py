@@ -110,7 +110,27 @@ def add_eqlosses_config(cfg):
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.
     _C.TEST.EQLOSSES.PRINT_TABLE = True
+    # LVIS evaluation protocol: "standard" (lvis-api: top TEST.DETECTIONS_PER_IMAGE per image
+    # across classes) or "fixed" (Fixed AP, Dave et al. 2021: no per-image cap at inference or
+    # evaluation, the top FIXED_AP_DETS_PER_CLASS results per class over the dataset).
+    _C.TEST.EQLOSSES.PROTOCOL = "standard"
+    # K of Fixed AP (10,000 for LVIS).
+    _C.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS = 10000
     return cfg
+
+
+EVAL_PROTOCOLS = ("standard", "fixed")
+
+
+def validate_eval_protocol(cfg):
+    """One-line errors for the evaluation-protocol keys."""
+    protocol = cfg.TEST.EQLOSSES.PROTOCOL
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(f"TEST.EQLOSSES.PROTOCOL must be one of {', '.join(EVAL_PROTOCOLS)}; got '{protocol}'")
+    if protocol == "fixed" and cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS <= 0:
+        raise ConfigError(
+            f"TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS must be > 0, got {cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS}"
+        )
 
 
 def merge_config_file(cfg, config_file):

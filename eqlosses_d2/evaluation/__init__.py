@@ -1,5 +1,6 @@
 """Evaluation: LVIS AP with lvis-api's semantics (computed with hotcoco), and the AP table."""
 from .lvis_evaluation import (
+    LVIS_FIXED_METRICS,
     LVIS_METRICS,
     LVISEvalResult,
     LVISEvaluator,
@@ -7,11 +8,13 @@ from .lvis_evaluation import (
     evaluate_lvis,
     evaluate_lvis_detailed,
     per_category_records,
+    top_detections_per_category,
 )
 from .table import AP_COLUMNS, format_ap_table
 
 __all__ = [
     "AP_COLUMNS",
+    "LVIS_FIXED_METRICS",
     "LVIS_METRICS",
     "LVISEvalResult",
     "LVISEvaluator",
@@ -20,4 +23,5 @@ __all__ = [
     "evaluate_lvis_detailed",
     "format_ap_table",
     "per_category_records",
+    "top_detections_per_category",
 ]

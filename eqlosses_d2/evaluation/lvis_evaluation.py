@@ -91,6 +91,21 @@ lvis-api rules applied around hotcoco
 
 An empty results list gives NaN for every metric and a warning, as Detectron2
 does (lvis-api itself would raise).
+
+Fixed AP (Dave et al., "Evaluating Large-Vocabulary Object Detectors: The Devil is
+in the Details", 2021)
+---------------------------------------------------------------------------------
+``max_dets_per_category=K`` (10,000 for LVIS) with ``max_dets_per_image=-1``: each
+category keeps its K highest-scoring results over the whole result set (a stable
+sort, so ties keep results order; categories in order of first appearance), then the
+evaluation runs with no per-image cap. This is the authors' ``evaluate_ap_fixed.py``
+(per-category cut, ``LVISResults(max_dets=-1)``, ``params.max_dets = -1``), so the
+recall keys read ``AR@-1`` etc. as lvis-api prints them (:data:`LVIS_FIXED_METRICS`).
+:class:`LVISEvaluator` with ``max_dets_per_category`` keeps only each category's
+running top K while it collects results (memory bounded by K per category) and can
+hand the K-th best score of each category to the model (``score_floor_consumers``),
+which then skips the mask head for detections that cannot enter the top K; both are
+exact: the final top K is unchanged.
 """
 import contextlib
 import gc
@@ -105,6 +120,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 from ..compat import apply_detectron2_patches
 
@@ -114,6 +130,7 @@ from detectron2.evaluation import LVISEvaluator as _Detectron2LVISEvaluator  # n
 from detectron2.utils.logger import create_small_table  # noqa: E402
 
 __all__ = [
+    "LVIS_FIXED_METRICS",
     "LVIS_METRICS",
     "LVISEvalResult",
     "LVISEvaluator",
@@ -121,6 +138,7 @@ __all__ = [
     "evaluate_lvis",
     "evaluate_lvis_detailed",
     "per_category_records",
+    "top_detections_per_category",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +148,8 @@ LVIS_METRICS = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
     "AR@300", "ARs@300", "ARm@300", "ARl@300",
 )  # fmt: skip
+#: Metric names under Fixed AP (lvis-api's keys with ``params.max_dets = -1``).
+LVIS_FIXED_METRICS = LVIS_METRICS[:9] + ("AR@-1", "ARs@-1", "ARm@-1", "ARl@-1")
 
 # lvis-api's Params: IoU thresholds, area ranges (labels) and frequency groups.
 _IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -373,7 +393,7 @@ def _mean(s):
     return float(np.mean(s)) * 100 if s.size else float("nan")
 
 
-def _summarize(precision, recall, freq_groups):
+def _summarize(precision, recall, freq_groups, ar_max_dets=_DEFAULT_MAX_DETS):
     """lvis-api's ``LVISEval.summarize``, with its indexing so the float sums match bit for bit."""
     area = {lbl: [i] for i, lbl in enumerate(_AREA_LBL)}
     t50 = np.where(0.50 == _IOU_THRS)[0]
@@ -387,14 +407,30 @@ def _summarize(precision, recall, freq_groups):
     out["APl"] = _mean(precision[:, :, :, area["large"]])
     for lbl, group in zip(_FREQ_LBL, freq_groups):
         out["AP" + lbl] = _mean(precision[:, :, group, area["all"]])
-    out["AR@300"] = _mean(recall[:, :, area["all"]])
+    out[f"AR@{ar_max_dets}"] = _mean(recall[:, :, area["all"]])
     for lbl in ("small", "medium", "large"):
-        out[f"AR{lbl[0]}@300"] = _mean(recall[:, :, area[lbl]])
+        out[f"AR{lbl[0]}@{ar_max_dets}"] = _mean(recall[:, :, area[lbl]])
+    return out
+
+
+def top_detections_per_category(predictions, k: int) -> list:
+    """
+    Fixed AP's cut: each category's ``k`` highest-scoring results over the whole list,
+    by a stable sort (ties in list order), categories in order of first appearance.
+    """
+    if k <= 0:
+        raise ValueError(f"detections per category must be > 0, got {k}")
+    by_category = {}
+    for d in predictions:
+        by_category.setdefault(d["category_id"], []).append(d)
+    out = []
+    for results in by_category.values():
+        out.extend(sorted(results, key=lambda d: d["score"], reverse=True)[:k])
     return out
 
 
 def evaluate_lvis_detailed(
-    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS
+    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None
 ) -> LVISEvalResult:
     """
     Like :func:`evaluate_lvis`, but also returns per-category AP and the
@@ -405,13 +441,18 @@ def evaluate_lvis_detailed(
     if max_dets_per_image is None:
         max_dets_per_image = _DEFAULT_MAX_DETS
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
-    predictions = list(predictions)
+    if max_dets_per_category is not None:
+        predictions = top_detections_per_category(predictions, max_dets_per_category)
+        ar_max_dets, metric_names = -1, LVIS_FIXED_METRICS
+    else:
+        predictions = list(predictions)
+        ar_max_dets, metric_names = _DEFAULT_MAX_DETS, LVIS_METRICS
     if not predictions:
         logger.warning("No predictions from the model! LVIS %s metrics are NaN.", iou_type)
         nan = float("nan")
         return LVISEvalResult(
             iou_type=iou_type,
-            metrics=OrderedDict((k, nan) for k in LVIS_METRICS),
+            metrics=OrderedDict((k, nan) for k in metric_names),
             per_category_ap={c: nan for c in gt.cat_ids},
             categories=gt.categories,
             backend="none",
@@ -431,7 +472,7 @@ def evaluate_lvis_detailed(
     per_category_ap = {cat_id: _mean(precision[:, :, k, 0]) for k, cat_id in enumerate(gt.cat_ids)}
     return LVISEvalResult(
         iou_type=iou_type,
-        metrics=_summarize(precision, recall, gt.freq_groups),
+        metrics=_summarize(precision, recall, gt.freq_groups, ar_max_dets),
         per_category_ap=per_category_ap,
         categories=gt.categories,
         precision=precision,
@@ -441,7 +482,9 @@ def evaluate_lvis_detailed(
     )
 
 
-def evaluate_lvis(lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS) -> Dict[str, float]:
+def evaluate_lvis(
+    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None
+) -> Dict[str, float]:
     """
     lvis-api 0.5.3's metrics (``LVISResults(gt, predictions, max_dets)`` then
     ``LVISEval(...).run()``), computed with hotcoco; see the module docstring.
@@ -454,11 +497,15 @@ def evaluate_lvis(lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MA
         iou_type: "bbox" or "segm".
         max_dets_per_image: lvis-api's per-image cap across all categories;
             negative: no cap; None: 300.
+        max_dets_per_category: Fixed AP's per-category cut over the whole set (applied
+            first); None: none. Fixed AP is ``max_dets_per_image=-1,
+            max_dets_per_category=10000``.
 
     Returns:
-        ``{metric: value x 100}`` for :data:`LVIS_METRICS` (NaN where undefined).
+        ``{metric: value x 100}`` for :data:`LVIS_METRICS` (:data:`LVIS_FIXED_METRICS`
+        with ``max_dets_per_category``), NaN where undefined.
     """
-    return evaluate_lvis_detailed(lvis_gt, predictions, iou_type, max_dets_per_image).metrics
+    return evaluate_lvis_detailed(lvis_gt, predictions, iou_type, max_dets_per_image, max_dets_per_category).metrics
 
 
 def _atomic_write_json(path, obj):
@@ -501,7 +548,65 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     :func:`evaluate_lvis`. Each task's metrics (:data:`LVIS_METRICS`, x 100) are
     logged as a table, and with ``output_dir`` the per-category AP is written to
     ``<output_dir>/lvis_per_category_<task>.json``.
+
+    ``max_dets_per_category=K`` evaluates Fixed AP (pass ``max_dets_per_image=-1``):
+    results are pooled per category as they arrive and each pool is cut back to its top
+    K whenever it holds 2K, so memory stays bounded by 2K results per category. After
+    each cut the K-th best score of the category is handed to every object in
+    ``score_floor_consumers`` as ``test_score_floor`` ((C,) tensor, -inf where the pool
+    is not full; the RoI heads of eqlosses_d2 drop detections below it before their mask
+    head). Both are exact: a result below this process's K-th best can never be in the
+    final top K.
     """
+
+    def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
+                 max_dets_per_image=None, max_dets_per_category=None):
+        super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
+        if max_dets_per_category is not None and max_dets_per_category <= 0:
+            raise ValueError(f"max_dets_per_category must be > 0, got {max_dets_per_category}")
+        self._max_dets_per_category = max_dets_per_category
+        self.score_floor_consumers = []
+        self.reset()
+
+    def reset(self):
+        super().reset()
+        self._pools = {}
+        self._floor = torch.full((len(self._metadata.thing_classes),), float("-inf"))
+        self._set_score_floor(None)
+
+    def _set_score_floor(self, floor):
+        for consumer in self.score_floor_consumers:
+            consumer.test_score_floor = floor
+
+    def process(self, inputs, outputs):
+        start = len(self._predictions)
+        super().process(inputs, outputs)
+        k = self._max_dets_per_category
+        if k is None:
+            return
+        cut = False
+        for prediction in self._predictions[start:]:
+            for result in prediction.pop("instances", []):
+                pool = self._pools.setdefault(result["category_id"], [])
+                pool.append(result)
+                if len(pool) >= 2 * k:
+                    pool[:] = sorted(pool, key=lambda d: d["score"], reverse=True)[:k]  # stable
+                    self._floor[result["category_id"]] = pool[-1]["score"]  # the K-th best so far
+                    cut = True
+        if cut:
+            self._set_score_floor(self._floor.clone())
+
+    def evaluate(self):
+        self._set_score_floor(None)
+        if self._max_dets_per_category is not None:
+            # one entry holding every pooled result (category by category), before
+            # Detectron2 gathers the processes' lists
+            pooled = [result for pool in self._pools.values() for result in pool]
+            self._predictions = [{"image_id": None, "instances": pooled}] + [
+                p for p in self._predictions if "proposals" in p
+            ]
+            self._pools = {}
+        return super().evaluate()
 
     def _lvis_ground_truth(self) -> LVISGroundTruth:
         gt = getattr(self, "_prepared_lvis_gt", None)
@@ -535,8 +640,14 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     def _evaluate_task(self, lvis_results, iou_type, max_dets_per_image):
         if max_dets_per_image is None:
             max_dets_per_image = _DEFAULT_MAX_DETS  # LVIS's official value, as in Detectron2
-        self._logger.info(f"Evaluating {iou_type} with max detections per image = {max_dets_per_image}")
-        result = evaluate_lvis_detailed(self._lvis_ground_truth(), lvis_results, iou_type, max_dets_per_image)
+        per_category = self._max_dets_per_category
+        self._logger.info(
+            f"Evaluating {iou_type} with max detections per image = {max_dets_per_image}"
+            + ("" if per_category is None else f", per category = {per_category} (Fixed AP)")
+        )
+        result = evaluate_lvis_detailed(
+            self._lvis_ground_truth(), lvis_results, iou_type, max_dets_per_image, per_category
+        )
         self._logger.info(
             f"Evaluation results for {iou_type} ({result.backend}): \n" + create_small_table(result.metrics)
         )

@@ -72,6 +72,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         ret["cls_loss"] = build_loss_from_cfg(cfg.MODEL.EQLOSSES, ret["num_classes"])
         ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
+        if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
+            ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
 
     def link_class_stats(self, class_stats):

@@ -6,6 +6,8 @@ RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. E
   classification loss and inference activation are chosen by ``MODEL.EQLOSSES.LOSS``;
 - optionally normalizes its mask predictor (``MODEL.EQLOSSES.MASK_PREDICTOR_SCALE``, by
   overriding ``_init_mask_head``);
+- at inference, drops detections scored below ``test_score_floor[class]`` (set by the
+  Fixed-AP evaluator: the K-th best score of each class so far) before its mask head;
 - owns the training set's per-class statistics (:class:`ClassStatsBuffers`,
   ``self.class_stats``), which the losses and the calibration read and a checkpoint carries.
 """
@@ -29,7 +31,11 @@ def _box_predictors(heads):
 
 class _LongTailHeadsMixin:
     """What both heads add: the per-class statistics, linked into the box predictor(s),
-    and the optional normalized mask predictor."""
+    the optional normalized mask predictor and the Fixed-AP score floor."""
+
+    #: (C,) per-class score below which inference drops a detection before the mask
+    #: head, or None; set by ``eqlosses_d2.evaluation.LVISEvaluator`` for Fixed AP.
+    test_score_floor = None
 
     @configurable
     def __init__(self, **kwargs):
@@ -37,6 +43,13 @@ class _LongTailHeadsMixin:
         self.class_stats = ClassStatsBuffers(self.num_classes)
         for predictor in _box_predictors(self):
             predictor.link_class_stats(self.class_stats)
+
+    def forward_with_given_boxes(self, features, instances):
+        floor = self.test_score_floor
+        if floor is not None and not self.training:
+            floor = floor.to(instances[0].scores.device) if instances else floor
+            instances = [x[x.scores >= floor[x.pred_classes]] for x in instances]
+        return super().forward_with_given_boxes(features, instances)
 
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
