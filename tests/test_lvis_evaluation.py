@@ -414,6 +414,7 @@ def test_detectron2_evaluator(tmp_path):
             {"id": 3, "name": "three", "frequency": "r", "image_count": 2, "AP": None},
         ]
     assert (out_dir / "lvis_instances_results.json").exists()  # Detectron2's own outputs
+    assert (out_dir / "lvis_per_category_bbox.png").is_file() and (out_dir / "lvis_per_category_segm.png").is_file()
     assert not [f for f in os.listdir(out_dir) if f.endswith(".tmp")]
 
     # a second round on the same evaluator: a false positive of category 2 on image 2
@@ -429,3 +430,24 @@ def test_detectron2_evaluator(tmp_path):
     assert results["bbox"]["AP"] == near(75)
     records = json.loads((out_dir / "lvis_per_category_bbox.json").read_text())
     assert records[1]["AP"] == near(50)
+
+
+def test_per_category_plot(tmp_path):
+    from PIL import Image
+
+    from eqlosses_d2.evaluation.plot import main as plot_main, plot_per_category_ap
+
+    records = [
+        {"id": 1, "name": "a", "frequency": "f", "image_count": 500, "AP": 80.0},
+        {"id": 2, "name": "b", "frequency": "c", "image_count": 50, "AP": 40.0},
+        {"id": 3, "name": "c", "frequency": "r", "image_count": 2, "AP": 5.0},
+        {"id": 4, "name": "d", "frequency": "r", "image_count": 3, "AP": None},  # no ground truth
+    ]
+    path = tmp_path / "ap.png"
+    assert plot_per_category_ap(records, str(path)) == 3
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (840, 540)
+    assert [f.name for f in tmp_path.iterdir()] == ["ap.png"]  # no temporary left
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    assert plot_main([str(tmp_path / "records.json")]) == 0
+    assert (tmp_path / "records.png").is_file()

@@ -547,7 +547,8 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     proposal evaluation, saved files), with the lvis-api evaluation replaced by
     :func:`evaluate_lvis`. Each task's metrics (:data:`LVIS_METRICS`, x 100) are
     logged as a table, and with ``output_dir`` the per-category AP is written to
-    ``<output_dir>/lvis_per_category_<task>.json``.
+    ``<output_dir>/lvis_per_category_<task>.json`` and plotted against the training image
+    count in ``lvis_per_category_<task>.png``.
 
     ``max_dets_per_category=K`` evaluates Fixed AP (pass ``max_dets_per_image=-1``):
     results are pooled per category as they arrive and each pool is cut back to its top
@@ -652,7 +653,12 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             f"Evaluation results for {iou_type} ({result.backend}): \n" + create_small_table(result.metrics)
         )
         if self._output_dir:
+            from .plot import plot_per_category_ap
+
+            records = per_category_records(result)
             path = os.path.join(self._output_dir, f"lvis_per_category_{iou_type}.json")
-            _atomic_write_json(path, per_category_records(result))
-            self._logger.info(f"Per-category {iou_type} AP saved to {path}")
+            _atomic_write_json(path, records)
+            plot = os.path.splitext(path)[0] + ".png"
+            plot_per_category_ap(records, plot, title=f"{self._metadata.name}: {iou_type} AP per category")
+            self._logger.info(f"Per-category {iou_type} AP saved to {path} and plotted in {plot}")
         return dict(result.metrics)

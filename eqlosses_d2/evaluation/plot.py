@@ -1,0 +1,85 @@
+"""
+The long-tail picture: per-category AP against the category's number of training images
+(log scale), coloured by LVIS frequency group, with each group's mean AP as a line.
+
+:func:`plot_per_category_ap` reads the records :func:`per_category_records` returns (or
+the ``lvis_per_category_<task>.json`` the evaluator writes) and saves a PNG atomically.
+CLI: ``python -m eqlosses_d2.evaluation.plot lvis_per_category_segm.json [out.png]``.
+"""
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+
+__all__ = ["plot_per_category_ap"]
+
+GROUP_STYLE = {"r": ("rare", "tab:red"), "c": ("common", "tab:orange"), "f": ("frequent", "tab:blue")}
+
+
+def plot_per_category_ap(records, path, title=None):
+    """
+    Save the scatter of per-category AP (y) against training image count (x, log) to
+    ``path`` (PNG). Categories without AP (no ground truth) or without an image count
+    are left out; the title says how many. Returns the number of categories plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    plotted = [r for r in records if r.get("AP") is not None and r.get("image_count")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        for group, (label, color) in GROUP_STYLE.items():
+            members = [r for r in plotted if r.get("frequency") == group]
+            if not members:
+                continue
+            mean = sum(r["AP"] for r in members) / len(members)
+            ax.scatter([r["image_count"] for r in members], [r["AP"] for r in members], s=12, color=color,
+                       alpha=0.7, label=f"{label} ({len(members)}): mean AP {mean:.1f}")
+            ax.axhline(mean, color=color, linewidth=1, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the category")
+        ax.set_ylabel("AP")
+        ax.set_ylim(-2, 102)
+        left_out = len(records) - len(plotted)
+        heading = title or "per-category AP"
+        ax.set_title(heading + (f" ({left_out} categories without AP left out)" if left_out else ""), fontsize=9)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(True, which="major", alpha=0.3)
+        fig.tight_layout()
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".png", dir=directory)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        plt.close(fig)
+    return len(plotted)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot per-category AP against training image count.")
+    parser.add_argument("records", help="lvis_per_category_<task>.json written by the evaluator")
+    parser.add_argument("output", nargs="?", help="PNG path (default: next to the json)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.records) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"{args.records}: {e}\n")
+    output = args.output or os.path.splitext(args.records)[0] + ".png"
+    n = plot_per_category_ap(records, output, title=os.path.basename(args.records))
+    print(f"{output}: {n} categories")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
