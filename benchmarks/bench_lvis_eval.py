@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""
+LVIS evaluation speed: eqlosses_d2's evaluate_lvis (hotcoco matching) against lvis-api
+0.5.3 (with np.float aliased for it) on generated LVIS-format data, both tasks, checking
+that every metric is identical.
+
+    python benchmarks/bench_lvis_eval.py [--images 2000] [--classes 1203] [--dets 300]
+                                         [--tasks bbox segm] [--fixed-ap]
+
+Ground truth: 640x480 images with about 12 instances each (LVIS v1 val has ~12), classes
+drawn with a long tail and an r/c/f split by training image count, per-image negative
+and not-exhaustive category lists. Results: ``--dets`` per image (jittered copies of the
+ground truth plus random boxes of random classes), rectangles as RLE masks for segm.
+Times are wall-clock seconds of the evaluation call from results in memory (lvis-api:
+``LVISResults`` + ``LVISEval.run``); prints a Markdown table.
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_data(num_images, num_classes, dets_per_image, seed=0):
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.RandomState(seed)
+    ranks = np.arange(1, num_classes + 1)
+    prob = 1.0 / ranks**1.1
+    prob /= prob.sum()
+    image_count = np.maximum(1, np.round(100000 * prob)).astype(int)
+    categories = [
+        {"id": c + 1, "name": f"class_{c + 1}", "image_count": int(image_count[c]),
+         "frequency": "r" if image_count[c] <= 10 else "c" if image_count[c] <= 100 else "f"}
+        for c in range(num_classes)
+    ]
+    w, h = 640, 480
+    images, annotations, results = [], [], []
+
+    def rle(box):
+        x, y, bw, bh = box
+        return mask_utils.frPyObjects([[x, y, x + bw, y, x + bw, y + bh, x, y + bh]], h, w)[0]
+
+    def random_box(n):
+        bw = rng.uniform(8, 200, n)
+        bh = rng.uniform(8, 200, n)
+        return np.stack([rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh], 1)
+
+    for i in range(1, num_images + 1):
+        n_gt = max(1, rng.poisson(12))
+        gt_classes = rng.choice(num_classes, n_gt, p=prob) + 1
+        gt_boxes = random_box(n_gt)
+        present = set(gt_classes.tolist())
+        neg = [int(c) for c in rng.choice(num_classes, 8, replace=False) + 1 if c not in present]
+        images.append({"id": i, "width": w, "height": h, "neg_category_ids": neg,
+                       "not_exhaustive_category_ids": [int(c) for c in list(present)[:1] if rng.rand() < 0.3]})
+        for c, box in zip(gt_classes.tolist(), gt_boxes.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c), "bbox": box,
+                                "area": box[2] * box[3], "segmentation": [[box[0], box[1], box[0] + box[2], box[1],
+                                                                           box[0] + box[2], box[1] + box[3], box[0],
+                                                                           box[1] + box[3]]], "iscrowd": 0})
+        # jittered copies of the ground truth (hits, near misses), then random boxes
+        n_hit = min(dets_per_image, 3 * n_gt)
+        src = rng.randint(0, n_gt, n_hit)
+        boxes = gt_boxes[src] + rng.normal(0, 6, (n_hit, 4))
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], 4)
+        classes = np.where(rng.rand(n_hit) < 0.7, gt_classes[src], rng.choice(num_classes, n_hit, p=prob) + 1)
+        n_rand = dets_per_image - n_hit
+        boxes = np.concatenate([boxes, random_box(n_rand)])
+        classes = np.concatenate([classes, rng.choice(num_classes, n_rand) + 1])
+        scores = rng.rand(dets_per_image)
+        for box, c, s in zip(boxes.tolist(), classes.tolist(), scores.tolist()):
+            results.append({"image_id": i, "category_id": int(c), "bbox": box, "score": s})
+    gt = {"images": images, "annotations": annotations, "categories": categories, "info": {}, "licenses": []}
+    return gt, results, rle
+
+
+def run_lvis_api(gt, results, iou_type, max_dets, per_category):
+    from lvis import LVIS, LVISEval, LVISResults
+
+    from eqlosses_d2.evaluation import top_detections_per_category
+
+    lvis_gt = LVIS.__new__(LVIS)
+    import logging
+
+    lvis_gt.logger = logging.getLogger("lvis")
+    lvis_gt.dataset = copy.deepcopy(gt)
+    lvis_gt._create_index()
+    results = copy.deepcopy(results)
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox", None)
+    start = time.perf_counter()
+    if per_category:
+        results = top_detections_per_category(results, per_category)
+    had_float = hasattr(np, "float")
+    np.float = float
+    try:
+        ev = LVISEval(lvis_gt, LVISResults(lvis_gt, results, max_dets=max_dets), iou_type)
+        if per_category:
+            ev.params.max_dets = -1
+        ev.run()
+    finally:
+        if not had_float:
+            del np.float
+    elapsed = time.perf_counter() - start
+    return {k: (float("nan") if v == -1 else float(v * 100)) for k, v in ev.get_results().items()}, elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--classes", type=int, default=1203)
+    parser.add_argument("--dets", type=int, default=300)
+    parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
+    parser.add_argument("--fixed-ap", action="store_true", help="Fixed AP (10,000 per class, no per-image cap)")
+    parser.add_argument("--skip-lvis-api", action="store_true", help="time ours only")
+    args = parser.parse_args()
+
+    import eqlosses_d2  # noqa: F401
+    from eqlosses_d2.evaluation import LVISGroundTruth, evaluate_lvis
+
+    start = time.perf_counter()
+    gt, results, rle = make_data(args.images, args.classes, args.dets)
+    print(f"generated {len(gt['images'])} images, {len(gt['annotations'])} ground truths, "
+          f"{len(results)} results in {time.perf_counter() - start:.1f} s", flush=True)
+    max_dets, per_category = (-1, 10000) if args.fixed_ap else (300, None)
+    rows = []
+    for task in args.tasks:
+        task_results = results
+        if task == "segm":
+            task_results = [dict(r, segmentation=rle(r["bbox"])) for r in results]
+        start = time.perf_counter()
+        ours = evaluate_lvis(LVISGroundTruth(gt), task_results, task, max_dets, per_category)
+        t_ours = time.perf_counter() - start
+        if args.skip_lvis_api:
+            rows.append((task, t_ours, None, None, ours["AP"]))
+            continue
+        ref, t_ref = run_lvis_api(gt, task_results, task, max_dets, per_category)
+        worst = max(0.0 if (math.isnan(ours[k]) and math.isnan(ref[k])) else abs(ours[k] - ref[k]) for k in ref)
+        rows.append((task, t_ours, t_ref, worst, ours["AP"]))
+        print(f"{task}: ours {t_ours:.1f} s, lvis-api {t_ref:.1f} s", flush=True)
+    protocol = "Fixed AP" if args.fixed_ap else "standard (300 per image)"
+    print(f"\n### LVIS evaluation, {args.images} images x {args.classes} classes x {args.dets} results, {protocol}\n")
+    print("| task | evaluate_lvis s | lvis-api 0.5.3 s | speed-up | largest metric difference | AP |")
+    print("|---|---|---|---|---|---|")
+    for task, t_ours, t_ref, worst, ap in rows:
+        if t_ref is None:
+            print(f"| {task} | {t_ours:.1f} | - | - | - | {ap:.3f} |")
+        else:
+            print(f"| {task} | {t_ours:.1f} | {t_ref:.1f} | {t_ref / t_ours:.1f}x | {worst:.1e} | {ap:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
