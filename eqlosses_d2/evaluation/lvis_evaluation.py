@@ -102,7 +102,7 @@ evaluation runs with no per-image cap. This is the authors' ``evaluate_ap_fixed.
 (per-category cut, ``LVISResults(max_dets=-1)``, ``params.max_dets = -1``), so the
 recall keys read ``AR@-1`` etc. as lvis-api prints them (:data:`LVIS_FIXED_METRICS`).
 :class:`LVISEvaluator` with ``max_dets_per_category`` keeps only each category's
-running top K while it collects results (memory bounded by K per category) and can
+running top K while it collects results (memory bounded by 2K per category) and can
 hand the K-th best score of each category to the model (``score_floor_consumers``),
 which then skips the mask head for detections that cannot enter the top K; both are
 exact: the final top K is unchanged.
@@ -425,8 +425,13 @@ def top_detections_per_category(predictions, k: int) -> list:
         by_category.setdefault(d["category_id"], []).append(d)
     out = []
     for results in by_category.values():
-        out.extend(sorted(results, key=lambda d: d["score"], reverse=True)[:k])
+        out.extend(_best(results, k))
     return out
+
+
+def _best(results, k):
+    """The ``k`` highest-scoring results, best first, ties in list order (a stable sort)."""
+    return sorted(results, key=lambda d: d["score"], reverse=True)[:k]
 
 
 def evaluate_lvis_detailed(
@@ -591,7 +596,7 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
                 pool = self._pools.setdefault(result["category_id"], [])
                 pool.append(result)
                 if len(pool) >= 2 * k:
-                    pool[:] = sorted(pool, key=lambda d: d["score"], reverse=True)[:k]  # stable
+                    pool[:] = _best(pool, k)
                     self._floor[result["category_id"]] = pool[-1]["score"]  # the K-th best so far
                     cut = True
         if cut:
