@@ -73,11 +73,13 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
                     output_dir=output_folder,
                     max_dets_per_image=-1,
                     max_dets_per_category=cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS,
+                    pooled=cfg.TEST.EQLOSSES.POOLED_AP,
                 )
             return LVISEvaluator(
                 dataset_name,
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                pooled=cfg.TEST.EQLOSSES.POOLED_AP,
             )
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())

@@ -116,6 +116,9 @@ def add_eqlosses_config(cfg):
     _C.TEST.EQLOSSES.PROTOCOL = "standard"
     # K of Fixed AP (10,000 for LVIS).
     _C.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS = 10000
+    # Also report Pooled AP (Dave et al. 2021): AP-pooled-all/r/c/f, each pool of classes
+    # ranked as one list (usually with PROTOCOL "fixed", as the paper does).
+    _C.TEST.EQLOSSES.POOLED_AP = False
     return cfg
 
 

@@ -1,6 +1,7 @@
-"""Fixed AP (Dave et al. 2021): parity with the authors' procedure run through lvis-api,
-the per-category cut by hand, the evaluator's bounded pools and score floor (exact), the
-RoI heads' floor filter, and the protocol key end to end."""
+"""Fixed AP and Pooled AP (Dave et al. 2021): parity with the authors' procedures run
+through lvis-api, the per-category cut and a pooled AP by hand, the evaluator's bounded
+pools and score floor (exact), the RoI heads' floor filter, and the protocol key end to
+end."""
 import copy
 import json
 import math
@@ -12,6 +13,7 @@ import torch
 
 from eqlosses_d2.evaluation import (
     LVIS_FIXED_METRICS,
+    POOLED_METRICS,
     LVISEvaluator,
     evaluate_lvis,
     evaluate_lvis_detailed,
@@ -70,6 +72,102 @@ def test_fixed_ap_parity_with_the_authors_procedure(generated, monkeypatch, tmp_
     # and the cut matters: without it the numbers differ
     uncut = evaluate_lvis(gt, preds, iou_type, max_dets_per_image=-1)
     assert uncut["AP"] != ours.metrics["AP"]
+
+
+def pooled_ap_reference(monkeypatch, tmp_path, gt, preds, iou_type, k):
+    """lvis-api's matching (LVISEval.evaluate) after Fixed AP's cut, then pooled precision
+    written out as the authors' LVISPooledEval.accumulate describes it, loop by loop."""
+    from lvis import LVIS, LVISEval, LVISResults
+
+    path = tmp_path / f"gt_{uuid.uuid4().hex}.json"
+    path.write_text(json.dumps(gt))
+    cut = top_detections_per_category(copy.deepcopy(preds), k)
+    if iou_type == "segm":
+        for ann in cut:
+            ann.pop("bbox", None)
+    with monkeypatch.context() as m:
+        m.setattr(np, "float", float, raising=False)
+        lvis_gt = LVIS(str(path))
+        ev = LVISEval(lvis_gt, LVISResults(lvis_gt, cut, max_dets=-1), iou_type)
+        ev.params.max_dets = -1
+        ev.evaluate()
+    p = ev.params
+    num_areas, num_imgs = len(p.area_rng), len(p.img_ids)
+    pools = {"all": list(range(len(p.cat_ids))), "r": ev.freq_groups[0], "c": ev.freq_groups[1], "f": ev.freq_groups[2]}
+    out = {}
+    for name, cats in pools.items():
+        E = [ev.eval_imgs[c * num_areas * num_imgs + 0 + i] for i in range(num_imgs) for c in cats]
+        E = [e for e in E if e is not None]
+        gt_ig = np.concatenate([e["gt_ignore"] for e in E])
+        num_gt = int(np.count_nonzero(gt_ig == 0))
+        if not E or num_gt == 0:
+            out[f"AP-pooled-{name}"] = NAN
+            continue
+        scores = np.concatenate([e["dt_scores"] for e in E])
+        idx = np.argsort(-scores, kind="mergesort")
+        dt_m = np.concatenate([e["dt_matches"] for e in E], axis=1)[:, idx]
+        dt_ig = np.concatenate([e["dt_ignore"] for e in E], axis=1)[:, idx]
+        tps = np.logical_and(dt_m, np.logical_not(dt_ig))
+        fps = np.logical_and(np.logical_not(dt_m), np.logical_not(dt_ig))
+        values = []
+        for tp, fp in zip(np.cumsum(tps, axis=1).astype(float), np.cumsum(fps, axis=1).astype(float)):
+            rc = tp / num_gt
+            pr = (tp / (fp + tp + np.spacing(1))).tolist()
+            for i in range(len(tp) - 1, 0, -1):
+                if pr[i] > pr[i - 1]:
+                    pr[i - 1] = pr[i]
+            at_recall = [0.0] * len(p.rec_thrs)
+            for j, pos in enumerate(np.searchsorted(rc, p.rec_thrs, side="left")):
+                if pos >= len(pr):
+                    break
+                at_recall[j] = pr[pos]
+            values.append(at_recall)
+        out[f"AP-pooled-{name}"] = float(np.mean(np.array(values))) * 100
+    return out
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_pooled_ap_parity_with_the_authors_definition(generated, monkeypatch, tmp_path, iou_type):
+    gt, preds = generated
+    ours = evaluate_lvis(gt, preds, iou_type, max_dets_per_image=-1, max_dets_per_category=60, pooled=True)
+    assert list(ours) == list(LVIS_FIXED_METRICS) + list(POOLED_METRICS)
+    ref = pooled_ap_reference(monkeypatch, tmp_path, gt, preds, iou_type, 60)
+    for key in POOLED_METRICS:
+        assert _same(ours[key], ref[key]), (key, ours[key], ref[key])
+    assert 0 < ours["AP-pooled-all"] < 100
+    # pooling is not averaging: it differs from the per-category mean
+    assert ours["AP-pooled-all"] != ours["AP"]
+
+
+def test_pooled_ap_by_hand():
+    # one image, two categories (f and r), one ground truth each; three detections:
+    # cat 1 hit (0.9), cat 2 false positive (0.8), cat 2 hit (0.7)
+    gt = {
+        "images": [{"id": 1, "width": 100, "height": 100, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 1, "name": "a", "frequency": "f", "image_count": 500},
+                       {"id": 2, "name": "b", "frequency": "r", "image_count": 2}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0,
+             "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 30, 30], "area": 900, "iscrowd": 0,
+             "segmentation": [[50, 50, 80, 50, 80, 80, 50, 80]]},
+        ],
+    }
+    preds = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [0, 60, 10, 10], "score": 0.8},
+        {"image_id": 1, "category_id": 2, "bbox": [50, 50, 30, 30], "score": 0.7},
+    ]
+    ours = evaluate_lvis(gt, preds, "bbox", pooled=True)
+    # pooled over both: ranks TP, FP, TP; recall 0.5 at precision 1, recall 1 at precision 2/3;
+    # 51 recall thresholds <= 0.5 get 1, the other 50 get 2/3 (the max to the right), at every IoU
+    assert ours["AP-pooled-all"] == pytest.approx((51 * 1.0 + 50 * 2 / 3) / 101 * 100, abs=1e-9)
+    assert ours["AP-pooled-f"] == pytest.approx(100, abs=1e-9)
+    # the rare pool alone: FP then TP: precision 1/2 everywhere
+    assert ours["AP-pooled-r"] == pytest.approx(50, abs=1e-9)
+    assert math.isnan(ours["AP-pooled-c"])  # no common category
+    # per-category AP is the same numbers averaged per class: (100 + 50) / 2
+    assert ours["AP"] == pytest.approx(75, abs=1e-9)
 
 
 def test_top_detections_per_category_by_hand():
@@ -194,10 +292,11 @@ def test_fixed_protocol_end_to_end_and_bad_keys(tiny_dataset, tmp_path, capsys):
 
     opts = _opts(tiny_dataset, tmp_path, max_iter=2) + [
         "TEST.EQLOSSES.PROTOCOL", "fixed", "TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS", "50",
+        "TEST.EQLOSSES.POOLED_AP", "True",
     ]
     results = _run(["--config-file", QUICKSTART] + opts)
     for task in ("bbox", "segm"):
-        assert list(results[task]) == list(LVIS_FIXED_METRICS)
+        assert list(results[task]) == list(LVIS_FIXED_METRICS) + list(POOLED_METRICS)
         assert math.isnan(results[task]["AP"]) or 0 <= results[task]["AP"] <= 100
     assert train_net.cli(["--config-file", QUICKSTART, "TEST.EQLOSSES.PROTOCOL", "pooled"]) == 2
     err = capsys.readouterr().err

@@ -2,6 +2,7 @@
 from .lvis_evaluation import (
     LVIS_FIXED_METRICS,
     LVIS_METRICS,
+    POOLED_METRICS,
     LVISEvalResult,
     LVISEvaluator,
     LVISGroundTruth,
@@ -16,6 +17,7 @@ __all__ = [
     "AP_COLUMNS",
     "LVIS_FIXED_METRICS",
     "LVIS_METRICS",
+    "POOLED_METRICS",
     "LVISEvalResult",
     "LVISEvaluator",
     "LVISGroundTruth",

@@ -106,6 +106,15 @@ running top K while it collects results (memory bounded by 2K per category) and 
 hand the K-th best score of each category to the model (``score_floor_consumers``),
 which then skips the mask head for detections that cannot enter the top K; both are
 exact: the final top K is unchanged.
+
+Pooled AP (same paper): ``pooled=True`` adds ``AP-pooled-all``, ``-r``, ``-c``, ``-f``:
+the per-(image, category) matching is the standard one, but each pool of categories
+(all, or one frequency group) is ranked as a single list, its detections concatenated
+image by image and category by category within an image, then sorted by score (a
+stable sort) with the pool's non-ignored ground truth as the denominator; precision at
+lvis-api's 101 recall thresholds, averaged over them and the IoU thresholds. This is
+the authors' ``LVISPooledEval.accumulate``; the matching records come from hotcoco
+(lvis-api's on the fallback path).
 """
 import contextlib
 import gc
@@ -132,6 +141,7 @@ from detectron2.utils.logger import create_small_table  # noqa: E402
 __all__ = [
     "LVIS_FIXED_METRICS",
     "LVIS_METRICS",
+    "POOLED_METRICS",
     "LVISEvalResult",
     "LVISEvaluator",
     "LVISGroundTruth",
@@ -148,6 +158,8 @@ LVIS_METRICS = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
     "AR@300", "ARs@300", "ARm@300", "ARl@300",
 )  # fmt: skip
+#: Pooled AP's metric names (``evaluate_lvis(..., pooled=True)``), one per pool.
+POOLED_METRICS = ("AP-pooled-all", "AP-pooled-r", "AP-pooled-c", "AP-pooled-f")
 #: Metric names under Fixed AP (lvis-api's keys with ``params.max_dets = -1``).
 LVIS_FIXED_METRICS = LVIS_METRICS[:9] + ("AR@-1", "ARs@-1", "ARm@-1", "ARl@-1")
 
@@ -156,6 +168,7 @@ _IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpo
 _AREA_LBL = ["all", "small", "medium", "large"]
 _FREQ_LBL = ["r", "c", "f"]
 _DEFAULT_MAX_DETS = 300
+_REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 
 
 def _load_dataset(lvis_gt):
@@ -334,7 +347,7 @@ def _prepare_detections(predictions, iou_type, gt: LVISGroundTruth, max_dets):
     return out, dict(zip(ids.tolist(), counts.tolist()))
 
 
-def _accumulate_hotcoco(gt: LVISGroundTruth, dts, per_image, iou_type):
+def _accumulate_hotcoco(gt: LVISGroundTruth, dts, per_image, iou_type, with_records=False):
     import hotcoco
 
     coco_gt = gt.hotcoco()
@@ -353,7 +366,15 @@ def _accumulate_hotcoco(gt: LVISGroundTruth, dts, per_image, iou_type):
         raise RuntimeError("hotcoco's LVIS evaluation is not laid out as lvis-api's; check its version")
     precision = np.asarray(ev.eval["precision"])[..., -1]  # drop the max_dets axis
     recall = np.asarray(ev.eval["recall"])[..., -1]
-    return precision, recall
+    records = None
+    if with_records:  # the matching of each (image, category) at area "all", for Pooled AP
+        all_area = list(params.area_rng[0])
+        records = {
+            (e["image_id"], e["category_id"]): (e["dtScores"], e["dtMatched"], e["dtIgnore"], e["gtIgnore"])
+            for e in ev.eval_imgs
+            if e is not None and list(e["aRng"]) == all_area
+        }
+    return precision, recall, records
 
 
 @contextlib.contextmanager
@@ -384,7 +405,55 @@ def _accumulate_lvis_api(gt: LVISGroundTruth, predictions, iou_type, max_dets):
         ev.evaluate()
         ev.accumulate()
     num = len(ev.lvis_dt.get_ann_ids(img_ids=ev.params.img_ids, cat_ids=ev.params.cat_ids))
-    return ev.eval["precision"], ev.eval["recall"], num
+    all_area = list(ev.params.area_rng[0])
+    records = {
+        (e["image_id"], e["category_id"]): (e["dt_scores"], e["dt_matches"], e["dt_ignore"], e["gt_ignore"])
+        for e in ev.eval_imgs
+        if e is not None and list(e["area_rng"]) == all_area
+    }
+    return ev.eval["precision"], ev.eval["recall"], num, records
+
+
+def _pooled_precision(records):
+    """
+    (T, R) precision of one pool from its per-(image, category) matching records
+    ``(scores (D,), matched (T, D), ignored (T, D), gt_ignore (G,))`` in pool order, as
+    the authors' ``LVISPooledEval.accumulate``; None when the pool has no ground truth.
+    """
+    num_gt = sum(int(np.count_nonzero(np.asarray(r[3]) == 0)) for r in records)
+    if not records or num_gt == 0:
+        return None
+    num_thrs = len(_IOU_THRS)
+    scores = np.concatenate([np.asarray(r[0], dtype=np.float64) for r in records])
+    order = np.argsort(-scores, kind="mergesort")
+    shape = (num_thrs, -1)
+    matched = np.concatenate([np.asarray(r[1]).reshape(shape) != 0 for r in records], axis=1)[:, order]
+    ignored = np.concatenate([np.asarray(r[2]).reshape(shape) != 0 for r in records], axis=1)[:, order]
+    tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(np.float64)
+    fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(np.float64)
+    precision = np.zeros((num_thrs, len(_REC_THRS)))
+    for t in range(num_thrs):
+        tp, fp = tp_sum[t], fp_sum[t]
+        rc = tp / num_gt
+        pr = tp / (fp + tp + np.spacing(1))
+        pr = np.maximum.accumulate(pr[::-1])[::-1]  # the best precision at any higher recall
+        at = np.searchsorted(rc, _REC_THRS, side="left")
+        inside = at < pr.size  # recall thresholds never reached keep precision 0
+        precision[t, inside] = pr[at[inside]]
+    return precision
+
+
+def _pooled_ap(gt: "LVISGroundTruth", records) -> Dict[str, float]:
+    """Pooled AP x 100 per pool (:data:`POOLED_METRICS`), NaN for a pool without ground truth."""
+    image_ids = sorted(gt.img_ids)
+    pools = [range(len(gt.cat_ids))] + list(gt.freq_groups)
+    out = OrderedDict()
+    for name, pool in zip(POOLED_METRICS, pools):
+        cat_ids = [gt.cat_ids[k] for k in pool]
+        pool_records = [records[key] for img in image_ids for key in ((img, c) for c in cat_ids) if key in records]
+        precision = _pooled_precision(pool_records)
+        out[name] = float("nan") if precision is None else float(np.mean(precision)) * 100
+    return out
 
 
 def _mean(s):
@@ -435,7 +504,7 @@ def _best(results, k):
 
 
 def evaluate_lvis_detailed(
-    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None
+    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None, pooled=False
 ) -> LVISEvalResult:
     """
     Like :func:`evaluate_lvis`, but also returns per-category AP and the
@@ -457,7 +526,7 @@ def evaluate_lvis_detailed(
         nan = float("nan")
         return LVISEvalResult(
             iou_type=iou_type,
-            metrics=OrderedDict((k, nan) for k in metric_names),
+            metrics=OrderedDict((k, nan) for k in metric_names + (POOLED_METRICS if pooled else ())),
             per_category_ap={c: nan for c in gt.cat_ids},
             categories=gt.categories,
             backend="none",
@@ -468,16 +537,19 @@ def evaluate_lvis_detailed(
             "evaluating %s with lvis-api (slow).",
             iou_type,
         )
-        precision, recall, num = _accumulate_lvis_api(gt, predictions, iou_type, max_dets_per_image)
+        precision, recall, num, records = _accumulate_lvis_api(gt, predictions, iou_type, max_dets_per_image)
         backend = "lvis-api"
     else:
         dts, per_image = _prepare_detections(predictions, iou_type, gt, max_dets_per_image)
-        precision, recall = _accumulate_hotcoco(gt, dts, per_image, iou_type)
+        precision, recall, records = _accumulate_hotcoco(gt, dts, per_image, iou_type, with_records=pooled)
         num, backend = len(dts), "hotcoco"
     per_category_ap = {cat_id: _mean(precision[:, :, k, 0]) for k, cat_id in enumerate(gt.cat_ids)}
+    metrics = _summarize(precision, recall, gt.freq_groups, ar_max_dets)
+    if pooled:
+        metrics.update(_pooled_ap(gt, records))
     return LVISEvalResult(
         iou_type=iou_type,
-        metrics=_summarize(precision, recall, gt.freq_groups, ar_max_dets),
+        metrics=metrics,
         per_category_ap=per_category_ap,
         categories=gt.categories,
         precision=precision,
@@ -488,7 +560,7 @@ def evaluate_lvis_detailed(
 
 
 def evaluate_lvis(
-    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None
+    lvis_gt, predictions, iou_type, max_dets_per_image=_DEFAULT_MAX_DETS, max_dets_per_category=None, pooled=False
 ) -> Dict[str, float]:
     """
     lvis-api 0.5.3's metrics (``LVISResults(gt, predictions, max_dets)`` then
@@ -505,12 +577,15 @@ def evaluate_lvis(
         max_dets_per_category: Fixed AP's per-category cut over the whole set (applied
             first); None: none. Fixed AP is ``max_dets_per_image=-1,
             max_dets_per_category=10000``.
+        pooled: also Pooled AP (:data:`POOLED_METRICS`).
 
     Returns:
         ``{metric: value x 100}`` for :data:`LVIS_METRICS` (:data:`LVIS_FIXED_METRICS`
         with ``max_dets_per_category``), NaN where undefined.
     """
-    return evaluate_lvis_detailed(lvis_gt, predictions, iou_type, max_dets_per_image, max_dets_per_category).metrics
+    return evaluate_lvis_detailed(
+        lvis_gt, predictions, iou_type, max_dets_per_image, max_dets_per_category, pooled
+    ).metrics
 
 
 def _atomic_write_json(path, obj):
@@ -555,6 +630,8 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     ``<output_dir>/lvis_per_category_<task>.json`` and plotted against the training image
     count in ``lvis_per_category_<task>.png``.
 
+    ``pooled=True`` adds Pooled AP (:data:`POOLED_METRICS`) to each task's metrics.
+
     ``max_dets_per_category=K`` evaluates Fixed AP (pass ``max_dets_per_image=-1``):
     results are pooled per category as they arrive and each pool is cut back to its top
     K whenever it holds 2K, so memory stays bounded by 2K results per category. After
@@ -566,8 +643,9 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     """
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
-                 max_dets_per_image=None, max_dets_per_category=None):
+                 max_dets_per_image=None, max_dets_per_category=None, pooled=False):
         super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
+        self._pooled = pooled
         if max_dets_per_category is not None and max_dets_per_category <= 0:
             raise ValueError(f"max_dets_per_category must be > 0, got {max_dets_per_category}")
         self._max_dets_per_category = max_dets_per_category
@@ -652,7 +730,7 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             + ("" if per_category is None else f", per category = {per_category} (Fixed AP)")
         )
         result = evaluate_lvis_detailed(
-            self._lvis_ground_truth(), lvis_results, iou_type, max_dets_per_image, per_category
+            self._lvis_ground_truth(), lvis_results, iou_type, max_dets_per_image, per_category, self._pooled
         )
         self._logger.info(
             f"Evaluation results for {iou_type} ({result.backend}): \n" + create_small_table(result.metrics)
