@@ -80,6 +80,7 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
                 output_dir=output_folder,
                 max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
                 pooled=cfg.TEST.EQLOSSES.POOLED_AP,
+                boundary=cfg.TEST.EQLOSSES.PROTOCOL == "boundary",
             )
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())

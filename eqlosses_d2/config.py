@@ -111,8 +111,10 @@ def add_eqlosses_config(cfg):
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.
     _C.TEST.EQLOSSES.PRINT_TABLE = True
     # LVIS evaluation protocol: "standard" (lvis-api: top TEST.DETECTIONS_PER_IMAGE per image
-    # across classes) or "fixed" (Fixed AP, Dave et al. 2021: no per-image cap at inference or
-    # evaluation, the top FIXED_AP_DETS_PER_CLASS results per class over the dataset).
+    # across classes), "fixed" (Fixed AP, Dave et al. 2021: no per-image cap at inference or
+    # evaluation, the top FIXED_AP_DETS_PER_CLASS results per class over the dataset) or
+    # "boundary" (standard, plus a task "boundary": Boundary AP of the masks, Cheng et al.
+    # 2021; slow, lvis-api's matching).
     _C.TEST.EQLOSSES.PROTOCOL = "standard"
     # K of Fixed AP (10,000 for LVIS).
     _C.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS = 10000
@@ -122,7 +124,7 @@ def add_eqlosses_config(cfg):
     return cfg
 
 
-EVAL_PROTOCOLS = ("standard", "fixed")
+EVAL_PROTOCOLS = ("standard", "fixed", "boundary")
 
 
 def validate_eval_protocol(cfg):
@@ -130,6 +132,8 @@ def validate_eval_protocol(cfg):
     protocol = cfg.TEST.EQLOSSES.PROTOCOL
     if protocol not in EVAL_PROTOCOLS:
         raise ConfigError(f"TEST.EQLOSSES.PROTOCOL must be one of {', '.join(EVAL_PROTOCOLS)}; got '{protocol}'")
+    if protocol == "boundary" and not cfg.MODEL.MASK_ON:
+        raise ConfigError("TEST.EQLOSSES.PROTOCOL 'boundary' evaluates masks: it needs MODEL.MASK_ON True")
     if protocol == "fixed" and cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS <= 0:
         raise ConfigError(
             f"TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS must be > 0, got {cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS}"

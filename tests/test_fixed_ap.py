@@ -302,5 +302,5 @@ def test_fixed_protocol_end_to_end_and_bad_keys(tiny_dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "error" in line] == [
-        "train_net.py: error: TEST.EQLOSSES.PROTOCOL must be one of standard, fixed; got 'pooled'"
+        "train_net.py: error: TEST.EQLOSSES.PROTOCOL must be one of standard, fixed, boundary; got 'pooled'"
     ]

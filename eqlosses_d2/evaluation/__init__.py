@@ -11,6 +11,7 @@ from .lvis_evaluation import (
     per_category_records,
     top_detections_per_category,
 )
+from .boundary import evaluate_lvis_boundary
 from .table import AP_COLUMNS, format_ap_table
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LVISEvaluator",
     "LVISGroundTruth",
     "evaluate_lvis",
+    "evaluate_lvis_boundary",
     "evaluate_lvis_detailed",
     "format_ap_table",
     "per_category_records",

@@ -630,7 +630,9 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     ``<output_dir>/lvis_per_category_<task>.json`` and plotted against the training image
     count in ``lvis_per_category_<task>.png``.
 
-    ``pooled=True`` adds Pooled AP (:data:`POOLED_METRICS`) to each task's metrics.
+    ``pooled=True`` adds Pooled AP (:data:`POOLED_METRICS`) to each task's metrics;
+    ``boundary=True`` adds a task "boundary": Boundary AP of the masks
+    (:mod:`eqlosses_d2.evaluation.boundary`).
 
     ``max_dets_per_category=K`` evaluates Fixed AP (pass ``max_dets_per_image=-1``):
     results are pooled per category as they arrive and each pool is cut back to its top
@@ -643,9 +645,10 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     """
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
-                 max_dets_per_image=None, max_dets_per_category=None, pooled=False):
+                 max_dets_per_image=None, max_dets_per_category=None, pooled=False, boundary=False):
         super().__init__(dataset_name, tasks, distributed, output_dir, max_dets_per_image=max_dets_per_image)
         self._pooled = pooled
+        self._boundary = boundary
         if max_dets_per_category is not None and max_dets_per_category <= 0:
             raise ValueError(f"max_dets_per_category must be > 0, got {max_dets_per_category}")
         self._max_dets_per_category = max_dets_per_category
@@ -706,8 +709,12 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
         original = module._evaluate_predictions_on_lvis  # AttributeError if Detectron2 renames it
         tasks_done = []
 
+        boundary = {}
+
         def evaluate_task(lvis_gt, lvis_results, iou_type, max_dets_per_image=None, class_names=None):
             tasks_done.append(iou_type)
+            if iou_type == "segm" and self._boundary:
+                boundary.update(self._evaluate_boundary(lvis_results, max_dets_per_image))
             return self._evaluate_task(lvis_results, iou_type, max_dets_per_image)
 
         module._evaluate_predictions_on_lvis = evaluate_task
@@ -715,11 +722,23 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             super()._eval_predictions(predictions)
         finally:
             module._evaluate_predictions_on_lvis = original
+        if boundary:
+            self._results["boundary"] = boundary
         if self._do_evaluation and not tasks_done:
             raise RuntimeError(
                 "Detectron2's LVISEvaluator._eval_predictions no longer calls "
                 "_evaluate_predictions_on_lvis; eqlosses_d2.evaluation.LVISEvaluator needs updating"
             )
+
+    def _evaluate_boundary(self, lvis_results, max_dets_per_image):
+        from .boundary import evaluate_lvis_boundary
+
+        if max_dets_per_image is None:
+            max_dets_per_image = _DEFAULT_MAX_DETS
+        self._logger.info("Evaluating Boundary AP (lvis-api matching with Boundary IoU; slow) ...")
+        metrics = evaluate_lvis_boundary(self._lvis_ground_truth(), lvis_results, max_dets_per_image)
+        self._logger.info("Boundary AP: \n" + create_small_table(metrics))
+        return metrics
 
     def _evaluate_task(self, lvis_results, iou_type, max_dets_per_image):
         if max_dets_per_image is None:
