@@ -20,11 +20,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from typing import List
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 __all__ = [
     "ClassStatistics",
@@ -142,8 +143,5 @@ def load_class_statistics(json_file: str, use_cache: bool = True) -> ClassStatis
         stats = compute_class_statistics(json.load(f))
     if use_cache:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_file), suffix=".part")
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats.to_dict(), f)
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, lambda f: json.dump(stats.to_dict(), f), binary=False)
     return stats

@@ -123,7 +123,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -131,6 +130,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..compat import apply_detectron2_patches
 
 apply_detectron2_patches()  # idempotent; detectron2.evaluation needs it without the C++ extension
@@ -589,19 +589,7 @@ def evaluate_lvis(
 
 
 def _atomic_write_json(path, obj):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1, allow_nan=False), binary=False)
 
 
 def per_category_records(result: LVISEvalResult):

@@ -7,10 +7,10 @@ the ``lvis_per_category_<task>.json`` the evaluator writes) and saves a PNG atom
 CLI: ``python -m eqlosses_d2.evaluation.plot lvis_per_category_segm.json [out.png]``.
 """
 import argparse
-import contextlib
 import json
 import os
-import tempfile
+
+from ..atomic import atomic_write
 
 __all__ = ["plot_per_category_ap"]
 
@@ -49,17 +49,7 @@ def plot_per_category_ap(records, path, title=None):
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".png", dir=directory)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
     return len(plotted)

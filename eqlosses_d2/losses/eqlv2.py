@@ -124,8 +124,7 @@ class EqualizationLossV2(ClassificationLoss):
         self._check(logits, labels)
         if logits.shape[0] == 0:
             if self.training:  # a collective: every process takes part every iteration
-                zeros = self.gradient_stats.pos_grad.new_zeros(self.num_classes)
-                self.gradient_stats.update(zeros, zeros)
+                self.gradient_stats.update_without_samples()
             return {"loss_cls": empty_loss(logits)}
         neg_weight, pos_weight = self.class_weights()  # statistics up to the previous iteration
         logits, labels = logits.float(), labels.long()

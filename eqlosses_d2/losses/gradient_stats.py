@@ -85,6 +85,12 @@ class GradientStats(nn.Module):
         self.pos_grad += contrib[: self.num_classes]
         self.neg_grad += contrib[self.num_classes :]
 
+    def update_without_samples(self):
+        """This process had no sample this iteration: contribute zeros, so that the
+        collective in :meth:`update` still sees every process."""
+        zeros = self.pos_grad.new_zeros(self.num_classes)
+        self.update(zeros, zeros)
+
     def ratio(self) -> torch.Tensor:
         """(C,) float64 ``pos_grad / (neg_grad + 1e-10)``; ``initial_ratio`` where a class has
         no statistics yet."""
