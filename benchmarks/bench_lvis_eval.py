@@ -5,14 +5,16 @@ LVIS evaluation speed: eqlosses_d2's evaluate_lvis (hotcoco matching) against lv
 that every metric is identical.
 
     python benchmarks/bench_lvis_eval.py [--images 2000] [--classes 1203] [--dets 300]
-                                         [--tasks bbox segm] [--fixed-ap]
+                                         [--tasks bbox segm] [--fixed-ap] [--memory]
 
 Ground truth: 640x480 images with about 12 instances each (LVIS v1 val has ~12), classes
 drawn with a long tail and an r/c/f split by training image count, per-image negative
 and not-exhaustive category lists. Results: ``--dets`` per image (jittered copies of the
 ground truth plus random boxes of random classes), rectangles as RLE masks for segm.
 Times are wall-clock seconds of the evaluation call from results in memory (lvis-api:
-``LVISResults`` + ``LVISEval.run``); prints a Markdown table.
+``LVISResults`` + ``LVISEval.run``); prints a Markdown table. ``--memory`` instead runs
+each evaluator in a fresh process and reports how far its peak resident memory rises
+above the memory holding the generated data and results (Linux ``ru_maxrss``).
 """
 import argparse
 import copy
@@ -112,6 +114,55 @@ def run_lvis_api(gt, results, iou_type, max_dets, per_category):
     return {k: (float("nan") if v == -1 else float(v * 100)) for k, v in ev.get_results().items()}, elapsed
 
 
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _memory_child(which, task, images, classes, dets, fixed_ap, queue):
+    import resource
+
+    import eqlosses_d2  # noqa: F401
+    from eqlosses_d2.evaluation import LVISGroundTruth, evaluate_lvis
+
+    gt, results, rle = make_data(images, classes, dets)
+    if task == "segm":
+        results = [dict(r, segmentation=rle(r["bbox"])) for r in results]
+    max_dets, per_category = (-1, 10000) if fixed_ap else (300, None)
+    base = _rss_mb()
+    if which == "ours":
+        evaluate_lvis(LVISGroundTruth(gt), results, task, max_dets, per_category)
+    else:
+        run_lvis_api(gt, results, task, max_dets, per_category)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((base, peak))
+
+
+def measure_memory(args):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    print(f"\n### LVIS evaluation peak memory above the loaded data, {args.images} images x {args.classes} "
+          f"classes x {args.dets} results\n")
+    print("| task | data + results MB | evaluate_lvis +MB | lvis-api 0.5.3 +MB |")
+    print("|---|---|---|---|")
+    for task in args.tasks:
+        row = {}
+        for which in ("ours", "lvis-api"):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_memory_child, args=(which, task, args.images, args.classes, args.dets,
+                                                           args.fixed_ap, queue))
+            proc.start()
+            row[which] = queue.get()
+            proc.join()
+        base = row["ours"][0]
+        print(f"| {task} | {base:.0f} | {row['ours'][1] - row['ours'][0]:.0f} | "
+              f"{row['lvis-api'][1] - row['lvis-api'][0]:.0f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--images", type=int, default=2000)
@@ -120,7 +171,11 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"])
     parser.add_argument("--fixed-ap", action="store_true", help="Fixed AP (10,000 per class, no per-image cap)")
     parser.add_argument("--skip-lvis-api", action="store_true", help="time ours only")
+    parser.add_argument("--memory", action="store_true", help="peak memory instead of time")
     args = parser.parse_args()
+    if args.memory:
+        measure_memory(args)
+        return
 
     import eqlosses_d2  # noqa: F401
     from eqlosses_d2.evaluation import LVISGroundTruth, evaluate_lvis
