@@ -42,7 +42,7 @@ def add_eqlosses_config(cfg):
     # 0: Detectron2's linear classifier.
     _C.MODEL.EQLOSSES.COSINE_SCALE = 0.0
     # > 0: normalized mask predictor, s * cos(x, w_k) + b_k per pixel, with this scale s
-    # (Seesaw's and GOL's LVIS recipes: 20); 0: Detectron2's 1x1 convolution.
+    # (GOL's LVIS recipe: 20; an option of Seesaw's); 0: Detectron2's 1x1 convolution.
     _C.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE = 0.0
 
     _C.MODEL.EQLOSSES.SIGMOID = CN()
