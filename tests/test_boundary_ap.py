@@ -1,5 +1,6 @@
 """Boundary AP (Cheng et al. 2021): the boundary region by hand, the min(mask IoU, boundary
 IoU) criterion on rectangles whose IoUs are computed by hand, and the protocol key."""
+import copy
 import json
 import math
 
@@ -64,7 +65,9 @@ def test_boundary_iou_is_stricter_than_mask_iou():
     assert mask_iou == pytest.approx(2 / 3) and 0.1 < ring_iou < 0.5
     preds = [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": _rect_rle(28, 20, 68, 60)}]
     segm = evaluate_lvis(_gt(), preds, "segm")
+    before = copy.deepcopy(preds)
     boundary = evaluate_lvis_boundary(_gt(), preds)
+    assert preds == before  # inputs untouched
     # the polygon rasterises to the 40 x 40 square, so the segm IoU is mask_iou
     assert segm["AP50"] == pytest.approx(100, abs=1e-9)  # 0.667 >= 0.5
     assert boundary["AP50"] == pytest.approx(0, abs=1e-9)  # min(0.667, ring IoU) < 0.5

@@ -16,7 +16,6 @@ computes it; boundaries are computed once per mask with OpenCV. It is much slowe
 the hotcoco path of the standard protocol (lvis-api matches in Python and every mask is
 decoded at full image size): an option for final numbers, not for every evaluation.
 """
-import copy
 from collections import OrderedDict
 from typing import Dict
 
@@ -86,13 +85,15 @@ def evaluate_lvis_boundary(
 
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
     keys = ("image_id", "category_id", "score", "segmentation")
-    dts = [{k: d[k] for k in keys} for d in predictions]  # no bbox: mask areas, as for segm
+    # new top-level dicts (lvis-api writes area/id/bbox into them; the RLEs it only reads);
+    # no bbox: mask areas, as for segm
+    dts = [{k: d[k] for k in keys} for d in predictions]
     if not dts:
         return OrderedDict()
     lvis_api_gt = gt.lvis_api()
     with _numpy_float_alias():
         ev = _lvis_eval_with_boundary_iou(dilation_ratio)(
-            lvis_api_gt, LVISResults(lvis_api_gt, copy.deepcopy(dts), max_dets=max_dets_per_image), "segm"
+            lvis_api_gt, LVISResults(lvis_api_gt, dts, max_dets=max_dets_per_image), "segm"
         )
         ev.run()
     return OrderedDict((k, float("nan") if v == -1 else float(v) * 100) for k, v in ev.get_results().items())

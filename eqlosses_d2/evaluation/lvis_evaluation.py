@@ -701,6 +701,8 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
 
         def evaluate_task(lvis_gt, lvis_results, iou_type, max_dets_per_image=None, class_names=None):
             tasks_done.append(iou_type)
+            if max_dets_per_image is None:
+                max_dets_per_image = _DEFAULT_MAX_DETS  # LVIS's official value, as in Detectron2
             if iou_type == "segm" and self._boundary:
                 boundary.update(self._evaluate_boundary(lvis_results, max_dets_per_image))
             return self._evaluate_task(lvis_results, iou_type, max_dets_per_image)
@@ -721,16 +723,12 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     def _evaluate_boundary(self, lvis_results, max_dets_per_image):
         from .boundary import evaluate_lvis_boundary
 
-        if max_dets_per_image is None:
-            max_dets_per_image = _DEFAULT_MAX_DETS
         self._logger.info("Evaluating Boundary AP (lvis-api matching with Boundary IoU; slow) ...")
         metrics = evaluate_lvis_boundary(self._lvis_ground_truth(), lvis_results, max_dets_per_image)
         self._logger.info("Boundary AP: \n" + create_small_table(metrics))
         return metrics
 
     def _evaluate_task(self, lvis_results, iou_type, max_dets_per_image):
-        if max_dets_per_image is None:
-            max_dets_per_image = _DEFAULT_MAX_DETS  # LVIS's official value, as in Detectron2
         per_category = self._max_dets_per_category
         self._logger.info(
             f"Evaluating {iou_type} with max detections per image = {max_dets_per_image}"
