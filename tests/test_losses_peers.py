@@ -5,6 +5,7 @@ explicit loops in float64 numpy, independently of the implementations; gradients
 central finite differences of those loops (Seesaw: with S held fixed, it is detached).
 """
 import ast
+import fractions
 import functools
 import math
 import os
@@ -458,25 +459,100 @@ def test_gumbel_reduced_loss_is_clamped_to_20():
     assert torch.all(grad == 0)
 
 
+def _exceeds_uniform_reference(rows, cols, threshold, seed):
+    """The draw gumbel.exceeds_uniform documents on the CPU, entry by entry: U's first
+    base-256 digit from the little-endian bytes of a PCG64 stream seeded from torch's
+    generator, a further 64-bit word per tie, U > threshold with U at 2^-72 resolution."""
+    torch.manual_seed(seed)
+    stream = np.random.PCG64(int(torch.randint(0, 2**63 - 1, ())))
+    n = rows * cols
+    digits = [(int(word) >> (8 * k)) & 255 for word in stream.random_raw((n + 7) // 8) for k in range(8)][:n]
+    bound = math.floor(fractions.Fraction(float(threshold)) * 2**72)
+    high, low = bound >> 64, bound % 2**64
+    above = []
+    for digit in digits:
+        if digit != high:
+            above.append(digit > high)
+        else:
+            above.append(int(stream.random_raw()) > low)
+    return np.array(above, dtype=bool).reshape(rows, cols)
+
+
+def test_exceeds_uniform_is_the_documented_draw():
+    for rows, cols, threshold, seed in [(37, 29, 0.3, 0), (64, 16, 0.5, 1), (3, 5, 0.75, 2), (1, 1, 0.1, 3)]:
+        torch.manual_seed(seed)
+        ours = gumbel.exceeds_uniform(rows, cols, torch.tensor(threshold), "cpu")
+        expected = _exceeds_uniform_reference(rows, cols, np.float32(threshold), seed)
+        assert ours.dtype == torch.bool and ours.shape == (rows, cols)
+        assert ours.numpy().tolist() == expected.tolist()
+    # enough entries that some first digits tie with the threshold's (1 in 256)
+    torch.manual_seed(0)
+    digits_tied = gumbel.exceeds_uniform(64, 16, 0.5, "cpu")
+    assert digits_tied.numel() > 256
+    # thresholds 1 and 0: never / (all but 2^-72) always; an empty draw still advances torch's generator
+    assert not gumbel.exceeds_uniform(50, 50, 1.0, "cpu").any()
+    assert gumbel.exceeds_uniform(50, 50, 0.0, "cpu").all()
+    torch.manual_seed(4)
+    assert gumbel.exceeds_uniform(0, 7, 0.5, "cpu").shape == (0, 7)
+    after_empty = torch.rand(())
+    torch.manual_seed(4)
+    torch.randint(0, 2**63 - 1, ())
+    assert torch.rand(()) == after_empty
+
+
+def test_exceeds_uniform_probability_is_exact():
+    # P(U > ρ) = 1 − ρ; the first digit alone would give P(b > floor(256ρ)) = 179/256 for
+    # ρ = 0.3, 5.5 standard errors away at this size: the tie-break is what makes it exact
+    n = 4000 * 2500
+    for threshold in (0.3, 0.1 + 1 / 512):
+        torch.manual_seed(7)
+        rate = gumbel.exceeds_uniform(4000, 2500, threshold, "cpu").double().mean().item()
+        expected = 1 - float(np.float32(threshold))
+        assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (threshold, rate)
+
+
+def test_gumbel_bce_sum_across_cpu_chunks():
+    # more rows than one CPU chunk: positives and dropped terms in several chunks, against
+    # the float64 formula and its closed-form gradient
+    rows, cols = 2 * gumbel._CHUNK_ROWS + 37, 6
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(rows, cols, generator=g) * 5  # some outside [−4, 10]
+    labels = torch.randint(0, cols + 1, (rows,), generator=g)  # cols: an all-negative row
+    drop = torch.rand(rows, cols, generator=g) < 0.3
+    x = logits.clone().requires_grad_()
+    total = gumbel.gumbel_bce_sum(x, labels, drop)
+    total.backward()
+    z = logits.double().numpy()
+    c = np.clip(z, -4, 10)
+    e = np.exp(-c)
+    positive = np.zeros((rows, cols), dtype=bool)
+    fg = labels.numpy() < cols
+    positive[np.flatnonzero(fg), labels.numpy()[fg]] = True
+    kept = positive | ~drop.numpy()
+    terms = np.where(positive, e, -np.log(-np.expm1(-e)))
+    grads = np.where(positive, -e, e * np.exp(-e) / -np.expm1(-e))
+    grads = np.where(kept & (z > -4) & (z < 10), grads, 0.0)
+    _close(total.detach(), (terms * kept).sum(), rtol=1e-6)
+    _close(x.grad, grads, rtol=1e-5, atol=1e-7)
+    assert torch.all(x.grad[torch.from_numpy(~kept)] == 0)
+
+
 def _droploss_reference_weights(labels, image_count, with_annotations, seed, lam=0.0011):
     tail = [count / with_annotations < lam for count in image_count]
     fg = [y for y in labels if y < C]
     rho = sum(tail[y] for y in fg) / len(fg) if fg else 1.0
     tail_columns = [j for j in range(C) if tail[j]]
     bg_rows = [i for i, y in enumerate(labels) if y == C]
-    # the draw gumbel.uniform_draw documents: a PCG64 stream seeded from torch's generator
-    torch.manual_seed(seed)
     if bg_rows and tail_columns:
-        stream = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**63 - 1, ()))))
-        u = stream.random((len(bg_rows), C), dtype=np.float32).astype(np.float64)[:, tail_columns]
+        above = _exceeds_uniform_reference(len(bg_rows), C, np.float32(rho), seed)
     w = np.ones((len(labels), C))
     for i, y in enumerate(labels):
         for j in range(C):
             if y < C and tail[j] and j != y:
                 w[i][j] = 0.0  # foreground RoI: T = 1
     for b, i in enumerate(bg_rows):
-        for k, j in enumerate(tail_columns):
-            if u[b][k] > rho:
+        for j in tail_columns:
+            if above[b][j]:
                 w[i][j] = 0.0  # background RoI: T = 1 with probability 1 − ρ
     return w, rho
 

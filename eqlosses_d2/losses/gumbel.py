@@ -16,9 +16,9 @@ on p; inference uses the unclamped activation. The classifier bias starts at −
   clamp). T_λ(f) = 1 for tail classes, image frequency f < λ (:func:`tail_class_mask`).
   T_ij = 1 for a foreground RoI (as EQL); for a background RoI, T_ij = 1 with
   probability 1 − ρ, drawn independently per (RoI, tail class), where ρ is the fraction
-  of the batch's foreground RoIs whose class is a tail class. The draw: one uniform
-  float32 matrix u (n_bg, C) (background RoIs in batch order), ``T = u > ρ`` (read on
-  the tail columns), from :func:`uniform_draw` (seeded by torch's global generator).
+  of the batch's foreground RoIs whose class is a tail class. The draw: one Bernoulli
+  matrix ``T = U > ρ`` (n_bg, C) (background RoIs in batch order; read on the tail
+  columns) from :func:`exceeds_uniform` (seeded by torch's global generator).
   Inference ``p_j``, background column ``1 − max_j p_j``.
 
 Defaults: bias_init = −2 (all channels), tail_threshold λ = 0.0011 (LVIS v1; 0.00177
@@ -27,20 +27,24 @@ for v0.5; read by ``gumbel_droploss`` only). The paper tests with NMS 0.3
 
 Differences from the authors' code:
 
-- BCE is computed in closed form, ``ℓ = y·e − (1 − y)·log(−expm1(−e))``, e = exp(−c),
-  c = clamp(z, −4, 10), with its analytic gradient (a custom autograd function, a
-  handful of passes instead of autograd through exp/exp/BCE), instead of
-  ``binary_cross_entropy(exp(−exp(−c)), y)``: equal up to rounding, and accurate where
-  p → 1 (c near 10), where 1 − p loses most digits in float32 (the authors' BCE also
-  clamps each log at −100; with c ≥ −4 no term comes near it). The gradient is 0 for
-  z outside [−4, 10] as through the authors' clamp, and also exactly at the two
-  bounds (a measure-zero difference).
+- BCE is computed in closed form with its analytic gradient (a custom autograd
+  function; see :class:`_GumbelBCESum`): ``ℓ = e`` for a positive, ``ℓ = log1p(r)`` with
+  r = 1/expm1(e) for a negative, e = exp(−c), c = clamp(z, −4, 10), instead of
+  ``binary_cross_entropy(exp(−exp(−c)), y)`` through autograd: equal up to rounding,
+  and accurate where p → 1 (c near 10), where 1 − p loses most digits in float32 (the
+  authors' BCE also clamps each log at −100; with c ≥ −4 no term comes near it). The
+  gradient is 0 for z outside [−4, 10] as through the authors' clamp, and also exactly
+  at the two bounds (a measure-zero difference).
 - the random draw covers background RoIs only; the authors draw a uniform number for
   every (RoI, class) pair and use the same ``u > ρ`` rule, so the distribution of the
-  weights is the same.
+  weights is the same (on the CPU the uniform is read lazily, see
+  :func:`exceeds_uniform`: the same Bernoulli probabilities from fewer random bits).
 - a batch without foreground RoI: the authors' ρ is the mean of an empty tensor (NaN),
   ``u > NaN`` is false and nothing is dropped; here ρ = 1, with the same effect.
 """
+import math
+from fractions import Fraction
+
 import numpy as np
 import torch
 
@@ -48,14 +52,52 @@ from .base import ClassificationLoss, empty_loss, tail_class_mask, take_stashed_
 from .registry import register_loss
 from .sigmoid import with_background_column
 
-__all__ = ["GumbelCrossEntropy", "GumbelDropLoss", "gumbel_activation", "gumbel_bce_sum", "uniform_draw"]
+__all__ = ["GumbelCrossEntropy", "GumbelDropLoss", "exceeds_uniform", "gumbel_activation", "gumbel_bce_sum"]
 
 #: training clamp of the logits, as the authors'
 LOGIT_MIN, LOGIT_MAX = -4.0, 10.0
-#: e = exp(−z) of a term DropLoss leaves out (any e > 104 zeroes its loss and gradient in float32)
-_DROPPED_E = 1e4
 #: bounds of the reduced loss of Gumbel BCE alone
 LOSS_MIN, LOSS_MAX = 0.0, 20.0
+#: rows of the logit matrix processed at once on the CPU (a few MB of buffers: cache-resident)
+_CHUNK_ROWS = 512
+
+
+def exceeds_uniform(rows: int, cols: int, threshold, device) -> torch.Tensor:
+    """
+    A (rows, cols) bool matrix of independent Bernoulli draws ``U > threshold`` with U
+    uniform on [0, 1) (so each entry is true with probability 1 − threshold), determined by
+    torch's global generator (``torch.manual_seed`` reproduces it; ``--resume``, which
+    restores torch's RNG state, continues it).
+
+    On a GPU: ``torch.rand(rows, cols) > threshold``. On the CPU, where drawing a float per
+    entry is the most expensive part of DropLoss at LVIS scale, U is read lazily, a byte at
+    a time: a NumPy PCG64 stream is seeded by one int64 from torch's generator; its first
+    ``ceil(rows·cols/8)`` 64-bit words, as little-endian bytes in row-major order, are the
+    first base-256 digits b of the U's. With R = floor(threshold·2^72), b > R >> 64 decides
+    "true", b < R >> 64 "false"; for the entries where b equals R >> 64 (1 in 256), the next
+    64-bit words of the stream (one per tie, in row-major order) are U's remaining digits L
+    and the entry is ``L > R mod 2^64``. This is exactly ``U > threshold`` for a U with
+    2^-72 resolution, from about 8 random bits per entry instead of 32.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.rand(rows, cols, device=device) > threshold
+    threshold = float(threshold)
+    seed = int(torch.randint(0, 2**63 - 1, ()))
+    if rows * cols == 0:
+        return torch.zeros((rows, cols), dtype=torch.bool)
+    bound = math.floor(Fraction(min(max(threshold, 0.0), 1.0)) * 2**72)
+    high, low = bound >> 64, bound & (2**64 - 1)
+    if high > 255:  # threshold 1: U > 1 never
+        return torch.zeros((rows, cols), dtype=torch.bool)
+    bit_generator = np.random.PCG64(seed)
+    n = rows * cols
+    digits = bit_generator.random_raw((n + 7) // 8).astype("<u8", copy=False).view(np.uint8)[:n]
+    result = digits > np.uint8(high)
+    ties = np.flatnonzero(digits == np.uint8(high))
+    if ties.size:
+        result[ties] = bit_generator.random_raw(ties.size) > np.uint64(low)
+    return torch.from_numpy(result.reshape(rows, cols))
 
 
 def gumbel_activation(logits: torch.Tensor) -> torch.Tensor:
@@ -63,54 +105,51 @@ def gumbel_activation(logits: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.exp(-logits))
 
 
-def uniform_draw(rows: int, cols: int, device) -> torch.Tensor:
-    """
-    A (rows, cols) float32 matrix of U[0, 1) numbers, determined by torch's global
-    generator (so ``torch.manual_seed`` reproduces it and ``--resume``, which restores
-    torch's RNG state, continues it). On a GPU: ``torch.rand``. On the CPU: a NumPy PCG64
-    stream seeded by one int64 drawn from torch's generator, twice as fast as torch's
-    mt19937 at LVIS scale (6k background RoIs × 1.1k tail classes each iteration), with the
-    same float32 resolution.
-    """
-    device = torch.device(device)
-    if device.type != "cpu":
-        return torch.rand(rows, cols, device=device)
-    seed = int(torch.randint(0, 2**63 - 1, ()))
-    return torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random((rows, cols), dtype=np.float32))
-
-
 class _GumbelBCESum(torch.autograd.Function):
     """
-    ``Σ_kept BCE(exp(−exp(−clamp(z, −4, 10))), y)`` and its analytic gradient in one pass
-    over the (N, K) logits. ``y`` is given sparsely by the positions of its ones
-    (``pos_rows``, ``pos_cols``); ``drop`` (bool (N, K) or None) marks the negative
-    terms left out (DropLoss's w = 0; a positive marked there is kept). With e = exp(−c), p = exp(−e), q = 1 − p:
-    ``ℓ = e, dℓ/dc = −e`` for y = 1; ``ℓ = −log q, dℓ/dc = e·p/q`` for y = 0.
+    ``Σ_kept BCE(exp(−exp(−clamp(z, −4, 10))), y)`` and its analytic gradient over the
+    (N, K) logits. ``y`` is given sparsely by the positions of its ones (``pos_rows``
+    ascending, ``pos_cols``); ``drop`` (bool (N, K) or None) marks the negative terms left
+    out (DropLoss's w = 0; a positive marked there is kept).
+
+    With c the clamped logit, e = exp(−c), p = exp(−e), q = 1 − p and r = p/q =
+    1/expm1(e): a positive term is ``ℓ = e, dℓ/dc = −e``; a negative term is
+    ``ℓ = −log q = log1p(r), dℓ/dc = e·r``. Every quantity is accurate to float32 rounding,
+    also where p → 1 (c near 10, tiny e), where 1 − p would lose most digits; a dropped
+    term gets r = 0, so exactly zero loss and gradient. On the CPU the rows are processed
+    in chunks of a few hundred (the intermediates stay in cache).
     """
 
     @staticmethod
     def forward(ctx, logits, pos_rows, pos_cols, drop):
-        # two (N, K) buffers, everything else in place (on CPU the allocations cost as
-        # much as the arithmetic); every quantity in a form accurate to float32 rounding
-        e = logits.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
-        e_pos = e[pos_rows, pos_cols]
-        if drop is not None:
-            # a dropped negative term gets e = 1e4: exp(−e) underflows to 0, so its −log q
-            # is exactly 0 and its gradient e/(exp(e) − 1) is exactly 0 (one pass, where
-            # zeroing the loss and the gradient terms would take two)
-            e.masked_fill_(drop, _DROPPED_E)
-        # q = 1 − p = −expm1(−e), accurate for small e
-        log_q = torch.neg(e).expm1_().neg_().log_()
-        # every term counted as a negative, then the positives corrected: −log q → e
-        total = log_q.sum().neg_() + (e_pos + log_q[pos_rows, pos_cols]).sum()
-        # the negative terms' gradient e·p/q = e/(exp(e) − 1), in log_q's buffer, then
-        # the positive terms' −e
-        grad = e.div_(torch.expm1(e, out=log_q))
-        grad[pos_rows, pos_cols] = e_pos.neg_()
-        # the clamp: no gradient outside (LOGIT_MIN, LOGIT_MAX)
-        torch.ops.aten.hardtanh_backward.grad_input(grad, logits, LOGIT_MIN, LOGIT_MAX, grad_input=grad)
-        ctx.grad = grad  # an intermediate: handed to autograd (not copied) in backward
-        return total
+        num_rows, num_cols = logits.shape
+        grad = torch.empty_like(logits)
+        chunk = _CHUNK_ROWS if logits.device.type == "cpu" else max(num_rows, 1)
+        starts = list(range(0, num_rows, chunk))
+        # the positives of each chunk: pos_rows[first[k]:first[k + 1]]
+        first = torch.searchsorted(pos_rows, torch.tensor(starts + [num_rows], device=pos_rows.device)).tolist()
+        e_buf = torch.empty((min(chunk, num_rows), num_cols), dtype=logits.dtype, device=logits.device)
+        r_buf = torch.empty_like(e_buf)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for k, start in enumerate(starts):
+            stop = min(start + chunk, num_rows)
+            z = logits[start:stop]
+            e = torch.clamp(z, LOGIT_MIN, LOGIT_MAX, out=e_buf[: stop - start]).neg_().exp_()
+            r = torch.expm1(e, out=r_buf[: stop - start]).reciprocal_()
+            if drop is not None:
+                r.mul_(drop[start:stop].logical_not().view(torch.uint8).to(r.dtype))
+            # the positives' negative-form terms are left out here and added below
+            r[pos_rows[first[k] : first[k + 1]] - start, pos_cols[first[k] : first[k + 1]]] = 0.0
+            g = torch.mul(e, r, out=grad[start:stop])
+            total += torch.log1p_(r).sum()  # r's buffer: its last use
+            # the clamp: no gradient outside (LOGIT_MIN, LOGIT_MAX)
+            torch.ops.aten.hardtanh_backward.grad_input(g, z, LOGIT_MIN, LOGIT_MAX, grad_input=g)
+        z_pos = logits[pos_rows, pos_cols]
+        e_pos = z_pos.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
+        total += e_pos.sum()
+        grad[pos_rows, pos_cols] = torch.where((z_pos > LOGIT_MIN) & (z_pos < LOGIT_MAX), -e_pos, 0.0)
+        ctx.grad = grad  # handed to autograd (not copied) in backward
+        return total.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -177,7 +216,7 @@ class GumbelDropLoss(_GumbelBase):
         (N, C) bool: the terms DropLoss leaves out (w = 0), i.e. ``T·T_λ·(1 − y)`` = 1.
         A foreground RoI's row is T_λ itself (its own class, a positive, is always kept by
         :func:`gumbel_bce_sum`); a background RoI drops each tail class with probability
-        1 − ρ: one :func:`uniform_draw` (n_bg, C), ``u > ρ``.
+        1 − ρ: one :func:`exceeds_uniform` (n_bg, C), ``U > ρ``.
         """
         num_classes = self.num_classes
         fg = labels < num_classes
@@ -190,10 +229,10 @@ class GumbelDropLoss(_GumbelBase):
         drop = tail[None, :].expand(labels.shape[0], num_classes).clone()  # the foreground RoIs' rows
         bg_rows = torch.nonzero(~fg, as_tuple=True)[0]
         if bg_rows.numel():
-            # one number per (background RoI, class), used on the tail columns only:
+            # one draw per (background RoI, class), used on the tail columns only:
             # elementwise, no scatter into the tail columns
-            u = uniform_draw(bg_rows.numel(), num_classes, labels.device)
-            drop.index_copy_(0, bg_rows, (u > tail_fraction).logical_and_(tail[None, :]))
+            above = exceeds_uniform(bg_rows.numel(), num_classes, tail_fraction, labels.device)
+            drop.index_copy_(0, bg_rows, above.logical_and_(tail[None, :]))
         return drop
 
     def forward(self, logits, labels, **context):
