@@ -62,6 +62,26 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         return model
 
     @classmethod
+    def fill_missing_class_stats(cls, cfg, model):
+        """
+        A checkpoint trained elsewhere (e.g. Detectron2's own LVIS models) has no class
+        statistics; calibration needs them: take them from the class-statistics dataset.
+        """
+        stats_module = find_class_stats(model)
+        if stats_module is None or bool(stats_module.is_set):
+            return
+        name = class_stats_dataset(cfg)
+        try:
+            stats = get_class_statistics(name)
+        except (DatasetError, FileNotFoundError, ValueError) as e:
+            raise DatasetError(
+                f"MODEL.WEIGHTS has no class statistics and MODEL.EQLOSSES.CLASS_STATS_DATASET '{name}' "
+                f"gives none: {e}"
+            ) from None
+        stats_module.set_from(stats, name)
+        logger.info("Class statistics for calibration taken from '%s' (the checkpoint has none)", name)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -158,6 +178,8 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg, with_class_stats=False)
         AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
+            Trainer.fill_missing_class_stats(cfg, model)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

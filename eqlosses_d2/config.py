@@ -121,6 +121,28 @@ def add_eqlosses_config(cfg):
     # Also report Pooled AP (Dave et al. 2021): AP-pooled-all/r/c/f, each pool of classes
     # ranked as one list (usually with PROTOCOL "fixed", as the paper does).
     _C.TEST.EQLOSSES.POOLED_AP = False
+
+    # Post-hoc score calibration at inference (eqlosses_d2.calibration), from the class
+    # statistics stored in the model.
+    _C.TEST.EQLOSSES.CALIBRATION = CN()
+    # "none", "norcal" (Pan et al. 2021), "iif" (IIF weights on a softmax head) or
+    # "tau_norm" (τ-normalized classifier weights, Kang et al. 2020).
+    _C.TEST.EQLOSSES.CALIBRATION.METHOD = "none"
+    # NorCal's γ: foreground scores divided by n_c^γ (0: uncalibrated); with FACTOR
+    # "effective_number" it is the β in [0, 1) of (1 − β) / (1 − β^n_c).
+    _C.TEST.EQLOSSES.CALIBRATION.GAMMA = 0.0
+    # NorCal variant: "exps" (the authors' default), "probs" or "logits".
+    _C.TEST.EQLOSSES.CALIBRATION.VARIANT = "exps"
+    # NorCal factor: "power" (n_c^-γ) or "effective_number" ((1 − γ) / (1 − γ^n_c)).
+    _C.TEST.EQLOSSES.CALIBRATION.FACTOR = "power"
+    # NorCal: renormalize each proposal's scores over the classes and background.
+    _C.TEST.EQLOSSES.CALIBRATION.RENORM = True
+    # n_c of NorCal: training "image" counts (the paper's) or "instance" counts.
+    _C.TEST.EQLOSSES.CALIBRATION.COUNT = "image"
+    # IIF variant of METHOD "iif" (those of MODEL.EQLOSSES.IIF.VARIANT).
+    _C.TEST.EQLOSSES.CALIBRATION.IIF_VARIANT = "raw"
+    # τ of METHOD "tau_norm": classifier weights w_c / |w_c|^τ.
+    _C.TEST.EQLOSSES.CALIBRATION.TAU = 1.0
     return cfg
 
 
@@ -138,6 +160,22 @@ def validate_eval_protocol(cfg):
         raise ConfigError(
             f"TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS must be > 0, got {cfg.TEST.EQLOSSES.FIXED_AP_DETS_PER_CLASS}"
         )
+    validate_calibration(cfg)
+
+
+def validate_calibration(cfg):
+    """One-line errors for TEST.EQLOSSES.CALIBRATION (values, and the head it needs)."""
+    from .calibration import calibration_from_cfg
+    from .losses import LOSS_REGISTRY
+
+    try:
+        calibration = calibration_from_cfg(cfg)
+        loss_class = LOSS_REGISTRY.get(cfg.MODEL.EQLOSSES.LOSS)
+        if loss_class is not None:
+            calibration.check_head(loss_class, cfg.MODEL.EQLOSSES.COSINE_SCALE > 0)
+    except ValueError as e:
+        raise ConfigError(f"TEST.EQLOSSES.CALIBRATION.{e}") from None
+    return calibration
 
 
 def merge_config_file(cfg, config_file):

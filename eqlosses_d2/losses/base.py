@@ -82,8 +82,13 @@ class ClassificationLoss(nn.Module):
     extra_logits = 1
     #: the name the loss registry knows it by
     name = "base"
-    #: "softmax" or "sigmoid": the plain loss this one is measured against (benchmarks)
+    #: "softmax" or "sigmoid": the plain loss this one is measured against (benchmarks), and
+    #: the kind of probabilities ``predict_probs`` gives (competing, or one-vs-all), which
+    #: post-hoc calibration follows
     family = "softmax"
+    #: True when ``predict_probs`` is a plain softmax of ``activation_logits`` (C + 1 columns,
+    #: background last): what logit-space calibration (IIF, NorCal on logits) needs
+    softmax_logits = False
 
     def __init__(self, num_classes: int, class_stats=None):
         super().__init__()
@@ -104,6 +109,11 @@ class ClassificationLoss(nn.Module):
 
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def activation_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """For ``softmax_logits`` losses: the (N, C + 1) float32 logits whose softmax is
+        ``predict_probs`` (the raw logits, or IIF's weighted ones)."""
+        raise NotImplementedError(f"loss '{self.name}' has no plain-softmax activation")
 
     def scalars(self) -> Dict[str, float]:
         """Numbers worth watching in TensorBoard after a training step (EventStorage

@@ -131,8 +131,13 @@ class IIFLoss(ClassificationLoss):
         loss = _ScaledSoftmaxCrossEntropy.apply(logits.float(), labels, weights)
         return {"loss_cls": loss / logits.shape[0]}
 
+    softmax_logits = True
+
     def predict_probs(self, logits):
-        return F.softmax(logits.float() * self.logit_weights().to(logits.device), dim=-1)
+        return F.softmax(self.activation_logits(logits), dim=-1)
+
+    def activation_logits(self, logits):
+        return logits.float() * self.logit_weights().to(logits.device)
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, variant={self.variant!r}"

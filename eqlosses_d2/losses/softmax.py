@@ -25,5 +25,10 @@ class SoftmaxCrossEntropy(ClassificationLoss):
             return {"loss_cls": empty_loss(logits)}
         return {"loss_cls": F.cross_entropy(logits.float(), labels, reduction="mean")}
 
+    softmax_logits = True
+
     def predict_probs(self, logits):
         return F.softmax(logits.float(), dim=-1)
+
+    def activation_logits(self, logits):
+        return logits.float()

@@ -162,8 +162,13 @@ class SoftmaxEqualizationLoss(ClassificationLoss):
             self.gradient_stats.update(pos_grad[: self.num_classes], neg_grad[: self.num_classes])
         return {"loss_cls": loss}
 
+    softmax_logits = True
+
     def predict_probs(self, logits):
         return softmax_with_background_last(logits)
+
+    def activation_logits(self, logits):
+        return logits.float()
 
     def scalars(self):
         return frequency_group_means(self.accumulated_grad(), self.class_stats, f"grad_{self.indicator}")

@@ -10,7 +10,8 @@ The box predictor: the one place where Detectron2 and the losses meet.
 - the classification loss computed by the loss module, the box regression loss by
   Detectron2's own ``box_reg_loss``;
 - ``predict_probs`` from the loss's own activation, so inference (and the cascade head's
-  averaged stage scores) sees each method's probabilities.
+  averaged stage scores) sees each method's probabilities, then the post-hoc calibration
+  of ``TEST.EQLOSSES.CALIBRATION`` (:class:`eqlosses_d2.calibration.ScoreCalibration`).
 
 The per-class statistics the losses read are the RoI head's ``ClassStatsBuffers``,
 linked in by the head (not a submodule here, so a checkpoint stores them once).
@@ -24,6 +25,7 @@ from detectron2.layers import cat
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.utils.events import get_event_storage
 
+from ..calibration import ScoreCalibration, calibration_from_cfg
 from ..losses import build_loss_from_cfg
 
 __all__ = ["LongTailOutputLayers", "CosineClassifier"]
@@ -52,9 +54,13 @@ class CosineClassifier(nn.Module):
 
 class LongTailOutputLayers(FastRCNNOutputLayers):
     @configurable
-    def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, **kwargs):
+    def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, **kwargs):
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
+        self.calibration = calibration or ScoreCalibration()
+        self.calibration.check_head(cls_loss, cosine_scale > 0)
+        #: set by the cascade head: leave a probability-space calibration to the average
+        self.defer_calibration = False
         in_features = self.cls_score.in_features
         if cosine_scale > 0:
             self.cls_score = CosineClassifier(in_features, cls_loss.num_logits, cosine_scale)
@@ -72,6 +78,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         ret["cls_loss"] = build_loss_from_cfg(cfg.MODEL.EQLOSSES, ret["num_classes"])
         ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
+        ret["calibration"] = calibration_from_cfg(cfg)
         if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
             ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
@@ -111,5 +118,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions
         num_inst_per_image = [len(p) for p in proposals]
-        probs = self.cls_loss.predict_probs(scores)
+        probs = self.calibration.probs_from_logits(
+            scores, self.cls_loss, classifier=self.cls_score, defer=self.defer_calibration
+        )
         return probs.split(num_inst_per_image, dim=0)

@@ -9,12 +9,18 @@ RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. E
 - at inference, drops detections scored below ``test_score_floor[class]`` (set by the
   Fixed-AP evaluator: the K-th best score of each class so far) before its mask head;
 - owns the training set's per-class statistics (:class:`ClassStatsBuffers`,
-  ``self.class_stats``), which the losses and the calibration read and a checkpoint carries.
+  ``self.class_stats``), which the losses and the calibration read and a checkpoint carries;
+- splits box inference into :meth:`box_outputs` (the network: pooling, box head(s),
+  predictor(s)) and :meth:`instances_from_box_outputs` (scores, calibration, boxes,
+  NMS), so the calibration sweep runs the network once for many settings. The cascade
+  head's inference uses the two directly: the calibration of its averaged stage scores
+  happens between the average and Detectron2's ``fast_rcnn_inference``.
 """
 from torch import nn
 
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
 from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
@@ -51,6 +57,32 @@ class _LongTailHeadsMixin:
             instances = [x[x.scores >= floor[x.pred_classes]] for x in instances]
         return super().forward_with_given_boxes(features, instances)
 
+    def instances_from_box_outputs(self, head_outputs, image_sizes, calibration=None):
+        """
+        Detections from :meth:`box_outputs`: each stage's probabilities (with the
+        logit-space part of the calibration), averaged over the stages as Detectron2's
+        cascade does, the probability-space part of the calibration applied to the
+        average, the last stage's boxes, then ``fast_rcnn_inference``. ``calibration``:
+        a :class:`ScoreCalibration` (default: the predictor's, from the config).
+        """
+        last, last_predictions, last_proposals = head_outputs[-1]
+        calibration = calibration if calibration is not None else last.calibration
+        scores_per_stage = []
+        for predictor, predictions, proposals in head_outputs:
+            probs = calibration.probs_from_logits(
+                predictions[0], predictor.cls_loss, classifier=predictor.cls_score, defer=True
+            )
+            scores_per_stage.append(probs.split([len(p) for p in proposals], dim=0))
+        scores = [
+            calibration.finish(sum(list(per_image)) * (1.0 / len(head_outputs)), last.cls_loss)
+            for per_image in zip(*scores_per_stage)
+        ]
+        boxes = last.predict_boxes(last_predictions, last_proposals)
+        instances, _ = fast_rcnn_inference(
+            boxes, scores, image_sizes, last.test_score_thresh, last.test_nms_thresh, last.test_topk_per_image
+        )
+        return instances
+
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
         ret = super()._init_mask_head(cfg, input_shape)
@@ -70,6 +102,12 @@ class LongTailStandardROIHeads(_LongTailHeadsMixin, StandardROIHeads):
         ret["box_predictor"] = LongTailOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
 
+    def box_outputs(self, features, proposals):
+        """Inference: ``[(box_predictor, predictions, proposals)]``, as ``_forward_box`` computes them."""
+        features = [features[f] for f in self.box_in_features]
+        box_features = self.box_head(self.box_pooler(features, [x.proposal_boxes for x in proposals]))
+        return [(self.box_predictor, self.box_predictor(box_features), proposals)]
+
 
 @ROI_HEADS_REGISTRY.register()
 class LongTailCascadeROIHeads(_LongTailHeadsMixin, CascadeROIHeads):
@@ -77,6 +115,32 @@ class LongTailCascadeROIHeads(_LongTailHeadsMixin, CascadeROIHeads):
 
     Inference averages the stages' ``predict_probs``, which is each method's own
     activation, so the averaged scores are probabilities of the same kind."""
+
+    @configurable
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for predictor in self.box_predictor:
+            predictor.defer_calibration = True  # applied once, to the stages' average
+
+    def box_outputs(self, features, proposals):
+        """Inference: ``[(box_predictor[k], predictions, proposals)]`` of the three stages,
+        each stage's proposals being the previous stage's boxes (``_forward_box``'s loop)."""
+        features = [features[f] for f in self.box_in_features]
+        image_sizes = [x.image_size for x in proposals]
+        head_outputs = []
+        for k in range(self.num_cascade_stages):
+            if k > 0:
+                proposals = self._create_proposals_from_boxes(head_outputs[-1][3], image_sizes)
+            predictions = self._run_stage(features, proposals, k)
+            boxes = self.box_predictor[k].predict_boxes(predictions, proposals)
+            head_outputs.append((self.box_predictor[k], predictions, proposals, boxes))
+        return [h[:3] for h in head_outputs]
+
+    def _forward_box(self, features, proposals, targets=None):
+        if self.training:
+            return super()._forward_box(features, proposals, targets)
+        image_sizes = [x.image_size for x in proposals]
+        return self.instances_from_box_outputs(self.box_outputs(features, proposals), image_sizes)
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):

@@ -1,0 +1,30 @@
+"""
+IIF weights at inference (Alexandridis et al., IEEE TIP 2023) on any softmax head:
+``p = softmax(w ⊙ z)`` with the IIF weights w_c of the foreground classes and w_bg = 1,
+whatever loss the head was trained with. The weights (every variant, image or instance
+counts) are :func:`eqlosses_d2.losses.iif.iif_weights`, computed from the class
+statistics stored in the model. z are the logits the head's own softmax reads (for a
+head trained with the IIF loss: its already weighted logits).
+"""
+import torch
+
+from ..losses.iif import IIF_VARIANTS, iif_weights
+
+__all__ = ["IIF_VARIANTS", "iif_class_weights", "iif_softmax"]
+
+
+def iif_class_weights(class_stats, variant: str = "raw") -> torch.Tensor:
+    """(C,) float64 IIF weights from a model's class statistics."""
+    if variant.endswith("_obj"):
+        counts, total = class_stats.instance_count, class_stats.instance_count.sum()
+    else:
+        counts, total = class_stats.image_count, class_stats.num_images
+    return iif_weights(counts, total, variant)
+
+
+def iif_softmax(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """softmax of the (N, C + 1) logits with the foreground columns multiplied by ``weights``."""
+    logits = logits.float()
+    num_classes = weights.numel()
+    scale = torch.cat([weights.float(), logits.new_ones(logits.shape[1] - num_classes)]).to(logits.device)
+    return torch.softmax(logits * scale, dim=1)
