@@ -349,3 +349,40 @@ def test_sweep_tool_and_eval_only_on_a_checkpoint_without_class_stats(tiny_datas
         for metric in ("AP", "APr"):
             a, b = results[task][metric], rows[1][task][metric]
             assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), (task, metric)
+
+
+def test_calibrates_a_checkpoint_trained_by_plain_detectron2(tiny_dataset, tmp_path):
+    """A Detectron2 model (StandardROIHeads, FastRCNNOutputLayers, no class statistics)
+    loads into our head unchanged and evaluates with NorCal in --eval-only."""
+    import train_net
+    from detectron2.modeling import build_model
+    from test_training import QUICKSTART, _opts, _run
+
+    from eqlosses_d2.checkpoint import AtomicCheckpointer
+
+    opts = _opts(tiny_dataset, tmp_path, max_iter=3) + ["TEST.DETECTIONS_PER_IMAGE", "50"]
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(opts + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"])
+    torch.manual_seed(3)
+    theirs = build_model(cfg)
+    assert type(theirs.roi_heads).__name__ == "StandardROIHeads"
+    torch.save({"model": theirs.state_dict()}, tmp_path / "detectron2_model.pth")
+
+    ours_cfg = get_cfg()
+    add_eqlosses_config(ours_cfg)
+    ours_cfg.merge_from_file(QUICKSTART)
+    ours_cfg.merge_from_list(opts)
+    ours = train_net.Trainer.build_model(ours_cfg, with_class_stats=False)
+    AtomicCheckpointer(ours).load(str(tmp_path / "detectron2_model.pth"), checkpointables=[])
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    assert not bool(ours.roi_heads.class_stats.is_set)
+    train_net.Trainer.fill_missing_class_stats(ours_cfg, ours)
+    assert ours.roi_heads.class_stats.image_count.sum() > 0
+
+    results = _run(["--config-file", QUICKSTART, "--eval-only"] + opts + [
+        "MODEL.WEIGHTS", str(tmp_path / "detectron2_model.pth"), "TEST.EQLOSSES.CALIBRATION.METHOD", "norcal",
+        "TEST.EQLOSSES.CALIBRATION.GAMMA", "0.6"])
+    assert set(results["bbox"]) >= {"AP", "APr", "APc", "APf"}
