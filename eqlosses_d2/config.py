@@ -35,7 +35,7 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
     # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
     # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw",
-    # "federated", "gumbel", "gumbel_droploss", "iif"; each method's hyper-parameters live
+    # "federated", "gumbel", "gumbel_droploss", "iif", "pcb"; each method's hyper-parameters live
     # in its own node below.
     _C.MODEL.EQLOSSES.LOSS = "softmax"
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
@@ -101,6 +101,14 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.GUMBEL.BIAS_INIT = -2.0
     # DropLoss λ (LVIS v1 0.0011, v0.5 0.00177); "gumbel_droploss" only.
     _C.MODEL.EQLOSSES.GUMBEL.TAIL_THRESHOLD = 0.0011
+
+    _C.MODEL.EQLOSSES.PCB = CN()
+    # α of PCB: positive RoIs' loss (1 − α)·CE + α·KL(soft label ‖ prediction).
+    _C.MODEL.EQLOSSES.PCB.ALPHA = 0.4
+    # μ of the confusion matrix's moving average, M[c] ← μ·M[c] + (1 − μ)·batch mean.
+    _C.MODEL.EQLOSSES.PCB.MOMENTUM = 0.99
+    # Fraction of SOLVER.MAX_ITER after which the soft labels are used (the paper: 17/24).
+    _C.MODEL.EQLOSSES.PCB.START = 17 / 24
 
     _C.MODEL.EQLOSSES.IIF = CN()
     # raw | smooth | prob | normit | gombit | base2 | base10, each also as <variant>_obj

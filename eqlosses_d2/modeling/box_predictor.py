@@ -54,9 +54,12 @@ class CosineClassifier(nn.Module):
 
 class LongTailOutputLayers(FastRCNNOutputLayers):
     @configurable
-    def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, **kwargs):
+    def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, max_iter: int = 0,
+                 **kwargs):
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
+        #: SOLVER.MAX_ITER: the training progress handed to the loss is iteration / max_iter
+        self.max_iter = max_iter
         self.calibration = calibration or ScoreCalibration()
         self.calibration.check_head(cls_loss, cosine_scale > 0)
         #: set by the cascade head: leave a probability-space calibration to the average
@@ -79,6 +82,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret["cls_loss"] = build_loss_from_cfg(cfg.MODEL.EQLOSSES, ret["num_classes"])
         ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
         ret["calibration"] = calibration_from_cfg(cfg)
+        ret["max_iter"] = cfg.SOLVER.MAX_ITER
         if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
             ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
@@ -99,10 +103,18 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             )
         else:
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
-        losses = dict(self.cls_loss(scores, gt_classes))
+        losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress()))
         self._log_scalars(gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def _training_progress(self):
+        """iteration / SOLVER.MAX_ITER of the running trainer (None outside one)."""
+        try:
+            storage = get_event_storage()
+        except (AssertionError, IndexError):
+            return None
+        return storage.iter / self.max_iter if self.max_iter > 0 else None
 
     def _log_scalars(self, gt_classes):
         try:

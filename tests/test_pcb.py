@@ -1,0 +1,182 @@
+"""PCB (softmax base): the confusion-matrix update by hand, the soft labels, the loss and
+its gradient before and after activation, state across two processes and on resume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from eqlosses_d2.losses import build_loss
+from eqlosses_d2.losses.pcb import PairwiseClassBalanceLoss
+
+C = 3
+
+
+def _logits(rows, seed):
+    return torch.randn(rows, C + 1, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _reference_update(confusion, counts, logits, labels, momentum=0.99):
+    """M[c] ← normalize(μ M[c] + (1 − μ) mean_c), rows of classes present; counts += n_c."""
+    z = logits.double().numpy()
+    probs = _softmax(z[:, :C])
+    confusion, counts = confusion.copy(), counts.copy()
+    for c in range(C):
+        rows = [i for i, y in enumerate(labels) if y == c]
+        if rows:
+            mean = probs[rows].mean(axis=0)
+            row = momentum * confusion[c] + (1 - momentum) * mean
+            confusion[c] = row / row.sum()
+            counts[c] += len(rows)
+    return confusion, counts
+
+
+def test_confusion_matrix_update_by_hand():
+    loss = PairwiseClassBalanceLoss(C)
+    confusion, counts = np.zeros((C, C)), np.zeros(C)
+    batches = [([0, 0, 2, C, C], 0), ([1, 0, C, 2], 1), ([C, C], 2)]
+    for labels, seed in batches:
+        logits = _logits(len(labels), seed)
+        loss(logits, torch.tensor(labels), progress=0.0)
+        confusion, counts = _reference_update(confusion, counts, logits, labels)
+        np.testing.assert_allclose(loss.confusion.numpy(), confusion, rtol=1e-5, atol=1e-7)
+        assert loss.instance_count.tolist() == counts.tolist()
+    # a class's first update sets its row to that batch's mean distribution
+    first = _softmax(_logits(5, 0).double().numpy()[:, :C])
+    fresh = PairwiseClassBalanceLoss(C)
+    fresh(_logits(5, 0), torch.tensor([0, 0, 2, C, C]), progress=0.0)
+    np.testing.assert_allclose(fresh.confusion[0].numpy(), first[:2].mean(axis=0), rtol=1e-5)
+    assert fresh.confusion[1].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_plain_cross_entropy_until_active():
+    labels = torch.tensor([0, 1, 2, C, C, 1])
+    logits = _logits(6, 5)
+    z = logits.double().numpy()
+    ce = -np.log(_softmax(z)[np.arange(6), labels.numpy()]).sum() / 6
+    before_start = PairwiseClassBalanceLoss(C, start=0.5)
+    assert before_start(logits, labels, progress=0.49)["loss_cls"].item() == pytest.approx(ce, rel=1e-6)
+    assert not before_start.is_active(0.49) and before_start.is_active(0.5)
+    unseen = PairwiseClassBalanceLoss(C, start=0.0)  # class 2 never seen yet
+    assert unseen(logits, torch.tensor([0, 1, C, C, C, 1]), progress=1.0)["loss_cls"].item() > 0
+    assert not unseen.is_active(1.0)
+    assert PairwiseClassBalanceLoss(C).scalars() == {}
+    with pytest.raises(ValueError, match="PCB.ALPHA"):
+        PairwiseClassBalanceLoss(C, alpha=1.5)
+
+
+def test_active_loss_and_gradient_by_hand():
+    alpha = 0.4
+    loss = PairwiseClassBalanceLoss(C, alpha=alpha, start=0.5)
+    warmup = torch.tensor([0, 1, 2, 0, C])
+    loss(_logits(5, 7), warmup, progress=0.1)
+    confusion, counts = _reference_update(np.zeros((C, C)), np.zeros(C), _logits(5, 7), warmup.tolist())
+
+    labels = [2, C, 0, 0, C, 1]
+    logits = _logits(6, 8)
+    # the matrix is updated with this batch before the loss
+    confusion, counts = _reference_update(confusion, counts, logits, labels)
+    columns = confusion / confusion.sum(axis=0, keepdims=True)
+    z = logits.double().numpy()
+    p = _softmax(z)
+    expected, grad = 0.0, np.zeros_like(z)
+    for i, y in enumerate(labels):
+        onehot = np.eye(C + 1)[y]
+        if y == C:
+            expected += -np.log(p[i, y])
+            grad[i] = p[i] - onehot
+        else:
+            t = np.append(columns[:, y], 0.0)  # column y, background 0
+            kl = sum(tk * (np.log(tk) - np.log(p[i, k])) for k, tk in enumerate(t) if tk > 0)
+            expected += (1 - alpha) * -np.log(p[i, y]) + alpha * kl
+            grad[i] = p[i] - (1 - alpha) * onehot - alpha * t
+    x = logits.clone().requires_grad_()
+    out = loss(x, torch.tensor(labels), progress=0.5)["loss_cls"]
+    out.backward()
+    assert out.item() == pytest.approx(expected / 6, rel=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), grad / 6, rtol=1e-4, atol=1e-7)
+    assert loss.scalars() == {"active": 1.0, "classes_seen": 3.0}
+    # inference is the softmax
+    assert torch.allclose(loss.predict_probs(logits), torch.softmax(logits, dim=1))
+
+
+def test_batch_without_rois_keeps_state():
+    loss = PairwiseClassBalanceLoss(C)
+    loss(_logits(4, 1), torch.tensor([0, 1, 2, C]), progress=0.0)
+    before = loss.confusion.clone()
+    out = loss(torch.zeros(0, C + 1, requires_grad=True), torch.zeros(0, dtype=torch.long), progress=1.0)
+    assert out["loss_cls"].item() == 0.0
+    assert torch.equal(loss.confusion, before)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(3)
+    return [[torch.randint(0, C + 1, (6 if (it, rank) != (1, 1) else 0,), generator=g) for rank in range(2)]
+            for it in range(4)]
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loss = PairwiseClassBalanceLoss(C, start=0.0)
+        for it, per_rank in enumerate(_batches()):
+            labels = per_rank[rank]
+            loss(_logits(labels.numel(), 10 * it + rank), labels, progress=1.0)
+        torch.save(loss.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_state_is_global_across_two_processes(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = PairwiseClassBalanceLoss(C, start=0.0)
+    for it, per_rank in enumerate(_batches()):
+        logits = torch.cat([_logits(per_rank[r].numel(), 10 * it + r) for r in range(2)])
+        single(logits, torch.cat(per_rank), progress=1.0)
+    for key in ("confusion", "instance_count"):
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single.state_dict()[key], rtol=1e-6, atol=1e-7)
+    assert single.instance_count.sum() > 0
+
+
+def test_state_survives_a_state_dict_round_trip():
+    first = build_loss("pcb", C)
+    for seed in range(3):
+        first(_logits(6, seed), torch.tensor([0, 1, 2, C, 0, 1]), progress=0.9)
+    resumed = build_loss("pcb", C)
+    resumed.load_state_dict(first.state_dict())
+    logits, labels = _logits(6, 9), torch.tensor([2, 2, 0, C, 1, C])
+    a = first(logits, labels, progress=0.9)["loss_cls"]
+    b = resumed(logits, labels, progress=0.9)["loss_cls"]
+    assert a.item() == b.item()
+    assert torch.equal(first.confusion, resumed.confusion)
+
+
+def test_trains_into_the_active_phase(tiny_dataset, tmp_path):
+    """In a Trainer: the progress the box predictor hands over switches PCB on at START."""
+    import json
+
+    from test_training import QUICKSTART, _opts, _run
+
+    # 32 iterations of 4 images: the sampler's first permutation of the 120 training images
+    # ends at iteration 30, so every class (the rarest is in 3 images) has been seen
+    _run(["--config-file", QUICKSTART] + _opts(tiny_dataset, tmp_path, max_iter=32) + [
+        "MODEL.EQLOSSES.LOSS", "pcb", "MODEL.EQLOSSES.PCB.START", "0.5", "DATASETS.TEST", "()",
+        "SOLVER.IMS_PER_BATCH", "4"])
+    with open(tmp_path / "metrics.json") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    active = {r["iteration"]: r["pcb/active"] for r in records if "pcb/active" in r}
+    seen = {r["iteration"]: r["pcb/classes_seen"] for r in records if "pcb/classes_seen" in r}
+    assert max(active) == 31 and active[31] == 1.0 and seen[31] == tiny_dataset["spec"].num_categories
+    assert all(value == 0.0 for iteration, value in active.items() if iteration < 16)  # before START
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    confusion = state["roi_heads.box_predictor.cls_loss.confusion"]
+    torch.testing.assert_close(confusion.sum(dim=1), torch.ones(confusion.shape[0]))
