@@ -103,6 +103,8 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.GUMBEL.TAIL_THRESHOLD = 0.0011
 
     _C.MODEL.EQLOSSES.PCB = CN()
+    # Base loss PCB composes with: "softmax", "seesaw" or "eqlv2" (its own node's keys apply).
+    _C.MODEL.EQLOSSES.PCB.BASE = "softmax"
     # α of PCB: positive RoIs' loss (1 − α)·CE + α·KL(soft label ‖ prediction).
     _C.MODEL.EQLOSSES.PCB.ALPHA = 0.4
     # μ of the confusion matrix's moving average, M[c] ← μ·M[c] + (1 − μ)·batch mean.
@@ -174,13 +176,14 @@ def validate_eval_protocol(cfg):
 def validate_calibration(cfg):
     """One-line errors for TEST.EQLOSSES.CALIBRATION (values, and the head it needs)."""
     from .calibration import calibration_from_cfg
-    from .losses import LOSS_REGISTRY
+    from .losses import LOSS_REGISTRY, build_loss_from_cfg
 
     try:
         calibration = calibration_from_cfg(cfg)
-        loss_class = LOSS_REGISTRY.get(cfg.MODEL.EQLOSSES.LOSS)
-        if loss_class is not None:
-            calibration.check_head(loss_class, cfg.MODEL.EQLOSSES.COSINE_SCALE > 0)
+        if cfg.MODEL.EQLOSSES.LOSS in LOSS_REGISTRY:
+            # an instance (C = 1): a loss built on another takes its family from it
+            loss = build_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
+            calibration.check_head(loss, cfg.MODEL.EQLOSSES.COSINE_SCALE > 0)
     except ValueError as e:
         raise ConfigError(f"TEST.EQLOSSES.CALIBRATION.{e}") from None
     return calibration

@@ -122,29 +122,36 @@ def _batches():
             for it in range(4)]
 
 
-def _worker(rank, init_file, out_dir):
+def _base_logits(base, rows, seed):
+    cols = C + (2 if base == "seesaw" else 1)
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _worker(rank, base, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        loss = PairwiseClassBalanceLoss(C, start=0.0)
+        loss = PairwiseClassBalanceLoss(C, base=base, start=0.0)
         for it, per_rank in enumerate(_batches()):
             labels = per_rank[rank]
-            loss(_logits(labels.numel(), 10 * it + rank), labels, progress=1.0)
+            loss(_base_logits(base, labels.numel(), 10 * it + rank), labels, progress=1.0)
         torch.save(loss.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_state_is_global_across_two_processes(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("base", ["softmax", "seesaw", "eqlv2"])
+def test_state_is_global_across_two_processes(base, tmp_path):
+    mp.spawn(_worker, args=(base, str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    single = PairwiseClassBalanceLoss(C, start=0.0)
+    single = PairwiseClassBalanceLoss(C, base=base, start=0.0)
     for it, per_rank in enumerate(_batches()):
-        logits = torch.cat([_logits(per_rank[r].numel(), 10 * it + r) for r in range(2)])
+        logits = torch.cat([_base_logits(base, per_rank[r].numel(), 10 * it + r) for r in range(2)])
         single(logits, torch.cat(per_rank), progress=1.0)
-    for key in ("confusion", "instance_count"):
+    assert set(rank0) == set(single.state_dict()) and len(rank0) >= 2
+    for key in rank0:  # the confusion matrix, the counts, and the base's own state
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single.state_dict()[key], rtol=1e-6, atol=1e-7)
-    assert single.instance_count.sum() > 0
+    assert single.instance_count.sum() > 0 and single.is_active(1.0)
 
 
 def test_state_survives_a_state_dict_round_trip():
@@ -180,3 +187,120 @@ def test_trains_into_the_active_phase(tiny_dataset, tmp_path):
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     confusion = state["roi_heads.box_predictor.cls_loss.confusion"]
     torch.testing.assert_close(confusion.sum(dim=1), torch.ones(confusion.shape[0]))
+
+
+def _activated(base, alpha=0.4, **base_hparams):
+    """A PCB loss past its start with every class seen (one warm-up batch)."""
+    loss = PairwiseClassBalanceLoss(C, base=base, alpha=alpha, start=0.5, base_hparams=base_hparams)
+    cols = C + (2 if base == "seesaw" else 1)
+    warmup = torch.tensor([0, 1, 2, 1, C])
+    loss(torch.randn(5, cols, generator=torch.Generator().manual_seed(21)), warmup, progress=0.0)
+    return loss, warmup
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_seesaw_base_soft_target_on_adjusted_logits():
+    alpha = 0.4
+    loss, warmup = _activated("seesaw", alpha)
+    warm_logits = torch.randn(5, C + 2, generator=torch.Generator().manual_seed(21))
+    confusion, counts = _reference_update(np.zeros((C, C)), np.zeros(C), warm_logits[:, : C + 1], warmup.tolist())
+    labels = [2, C, 0, 1, C]
+    logits = torch.randn(5, C + 2, generator=torch.Generator().manual_seed(22)) * 2
+    confusion, counts = _reference_update(confusion, counts, logits[:, : C + 1], labels)
+    columns = confusion / confusion.sum(axis=0, keepdims=True)
+    seesaw_counts = np.bincount([y for y in warmup.tolist() + labels if y < C], minlength=C).astype(float)
+    z = logits.double().numpy()
+    n = len(labels)
+    loss_cls, loss_obj = 0.0, 0.0
+    for i, y in enumerate(labels):
+        obj = _softmax(z[i : i + 1, C:])[0]
+        loss_obj += -np.log(obj[0 if y < C else 1])
+        if y == C:
+            continue
+        sigma = _softmax(z[i : i + 1, :C])[0]
+        shifted = z[i, :C].copy()
+        for j in range(C):
+            if j == y:
+                continue
+            m = (max(seesaw_counts[j], 1) / max(seesaw_counts[y], 1)) ** 0.8 if seesaw_counts[j] < seesaw_counts[y] else 1.0
+            ratio = sigma[j] / max(sigma[y], 1e-2)
+            c = ratio ** 2.0 if ratio > 1 else 1.0
+            shifted[j] += np.log(m * c)
+        log_p = np.log(_softmax(shifted[None])[0])
+        target = (1 - alpha) * np.eye(C)[y] + alpha * columns[:, y]
+        loss_cls += -(target * log_p).sum()
+    out = loss(logits, torch.tensor(labels), progress=0.9)
+    assert out["loss_cls"].item() == pytest.approx(loss_cls / n, rel=1e-5)
+    assert out["loss_cls_objectness"].item() == pytest.approx(loss_obj / n, rel=1e-5)
+    np.testing.assert_allclose(loss.confusion.numpy(), confusion, rtol=1e-5, atol=1e-7)
+    assert loss.num_logits == C + 2 and loss.scalars()["active"] == 1.0
+
+
+def test_eqlv2_base_soft_targets_weights_and_statistics():
+    alpha = 0.4
+    loss, warmup = _activated("eqlv2", alpha)
+    warm_logits = torch.randn(5, C + 1, generator=torch.Generator().manual_seed(21)).double().numpy()
+    # the eqlv2 variant: sigmoid scores, rows not renormalized
+    confusion = np.zeros((C, C))
+    for c in range(C):
+        rows = [i for i, y in enumerate(warmup.tolist()) if y == c]
+        if rows:
+            confusion[c] = 0.01 * _sigmoid(warm_logits[rows, :C]).mean(axis=0)
+    np.testing.assert_allclose(loss.confusion.numpy(), confusion, rtol=1e-5, atol=1e-8)
+    pos_before = loss.base.gradient_stats.pos_grad.clone().numpy()
+    neg_before = loss.base.gradient_stats.neg_grad.clone().numpy()
+
+    labels = [2, C, 0, 1, C, 0]
+    logits = torch.randn(6, C + 1, generator=torch.Generator().manual_seed(23)) * 2
+    z = logits.double().numpy()
+    for c in range(C):
+        rows = [i for i, y in enumerate(labels) if y == c]
+        if rows:
+            confusion[c] = 0.99 * confusion[c] + 0.01 * _sigmoid(z[rows, :C]).mean(axis=0)
+    # weights from the statistics before this iteration
+    ratio = pos_before / (neg_before + 1e-10)
+    r = np.append(_sigmoid(12.0 * (ratio - 0.8)), 1.0)
+    q = np.append(1 + 4.0 * (1 - r[:C]), 1.0)
+    target = np.eye(C + 1)[labels]
+    for i, y in enumerate(labels):
+        if y < C:
+            target[i, :C] = (1 - alpha) * np.eye(C)[y] + alpha * confusion[:, y]  # raw column
+    weight = q * target + r * (1 - target)
+    p = _sigmoid(z)
+    bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    x = logits.clone().requires_grad_()
+    loss.train()
+    out = loss(x, torch.tensor(labels), progress=0.9)["loss_cls"]
+    out.backward()
+    assert out.item() == pytest.approx((weight * bce).sum() / 6, rel=1e-5)
+    np.testing.assert_allclose(x.grad.numpy(), weight * (p - target) / 6, rtol=1e-4, atol=1e-7)
+    error = np.abs(p - target) * weight
+    np.testing.assert_allclose(loss.base.gradient_stats.pos_grad.numpy(),
+                               pos_before + (error * target).sum(axis=0)[:C], rtol=1e-5)
+    np.testing.assert_allclose(loss.base.gradient_stats.neg_grad.numpy(),
+                               neg_before + (error * (1 - target)).sum(axis=0)[:C], rtol=1e-5)
+
+
+def test_pcb_config_builds_each_base():
+    from detectron2.config import get_cfg
+
+    from eqlosses_d2 import add_eqlosses_config
+    from eqlosses_d2.losses import build_loss_from_cfg
+
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    cfg.MODEL.EQLOSSES.LOSS = "pcb"
+    cfg.MODEL.EQLOSSES.SEESAW.P = 0.5
+    for base, logits in (("softmax", 6), ("seesaw", 7), ("eqlv2", 6)):
+        cfg.MODEL.EQLOSSES.PCB.BASE = base
+        loss = build_loss_from_cfg(cfg.MODEL.EQLOSSES, 5)
+        assert loss.base.name == base and loss.num_logits == logits
+    assert loss.family == "sigmoid"
+    cfg.MODEL.EQLOSSES.PCB.BASE = "seesaw"
+    assert build_loss_from_cfg(cfg.MODEL.EQLOSSES, 5).base.p == 0.5  # the base's own node
+    cfg.MODEL.EQLOSSES.PCB.BASE = "gumbel"
+    with pytest.raises(ValueError, match="PCB.BASE must be one of softmax, seesaw, eqlv2"):
+        build_loss_from_cfg(cfg.MODEL.EQLOSSES, 5)

@@ -87,6 +87,34 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
         return grad * grad_loss, None, None, None
 
 
+class _SoftWeightedSigmoidBCE(torch.autograd.Function):
+    """
+    The dense form for soft targets y ∈ [0, 1] (PCB's composition, as the PCB authors'
+    ``EQLv2PCBLoss``): ``w = q·y + r·(1 − y)``, ``L = Σ w·BCE(z, y) / N``, gradient
+    ``w (σ(z) − y) / N``, and per class ``pos = Σ_i |σ − y|·y·w``, ``neg = Σ_i |σ − y|·(1 − y)·w``.
+    With one-hot y it equals :class:`_WeightedSigmoidBCE`.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, neg_weight, pos_weight):
+        num_rois = logits.shape[0]
+        weight = pos_weight * target + neg_weight * (1.0 - target)
+        loss = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+        error = torch.sigmoid(logits) - target
+        weighted_abs = error.abs() * weight
+        pos_grad = (weighted_abs * target).sum(dim=0)
+        neg_grad = (weighted_abs * (1.0 - target)).sum(dim=0)
+        ctx.save_for_backward(error.mul_(weight).div_(num_rois))
+        ctx.mark_non_differentiable(pos_grad, neg_grad)
+        return loss / num_rois, pos_grad, neg_grad
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_pos, _grad_neg):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
 @register_loss
 class EqualizationLossV2(ClassificationLoss):
     name = "eqlv2"
@@ -120,7 +148,9 @@ class EqualizationLossV2(ClassificationLoss):
         one = neg_weight.new_ones(1)
         return torch.cat([neg_weight, one]).float(), torch.cat([pos_weight, one]).float()
 
-    def forward(self, logits, labels, **context):
+    def forward(self, logits, labels, class_target=None, **context):
+        """``class_target``: optional soft target (n_fg, C) of the foreground RoIs' class
+        channels, in batch order (PCB); None is the one-hot of their labels."""
         self._check(logits, labels)
         if logits.shape[0] == 0:
             if self.training:  # a collective: every process takes part every iteration
@@ -128,10 +158,15 @@ class EqualizationLossV2(ClassificationLoss):
             return {"loss_cls": empty_loss(logits)}
         neg_weight, pos_weight = self.class_weights()  # statistics up to the previous iteration
         logits, labels = logits.float(), labels.long()
+        neg_weight, pos_weight = neg_weight.to(logits.device), pos_weight.to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss, pos_grad, neg_grad = _WeightedSigmoidBCE.apply(
-                logits, labels, neg_weight.to(logits.device), pos_weight.to(logits.device)
-            )
+            if class_target is None:
+                loss, pos_grad, neg_grad = _WeightedSigmoidBCE.apply(logits, labels, neg_weight, pos_weight)
+            else:
+                target = F.one_hot(labels, self.num_logits).to(logits)
+                fg = labels < self.num_classes
+                target[fg, : self.num_classes] = class_target.to(logits)
+                loss, pos_grad, neg_grad = _SoftWeightedSigmoidBCE.apply(logits, target, neg_weight, pos_weight)
         if self.training:
             self.gradient_stats.update(pos_grad[: self.num_classes], neg_grad[: self.num_classes])
         return {"loss_cls": loss}

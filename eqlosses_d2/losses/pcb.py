@@ -1,43 +1,52 @@
 """
 PCB: Pairwise Class Balance (He et al., "Relieving Long-tailed Instance Segmentation via
-Pairwise Class Balance", CVPR 2022), on a C + 1 softmax classifier.
+Pairwise Class Balance", CVPR 2022), composed with a base loss (``base``): softmax CE
+(the paper's "RFS + PCB"), Seesaw or EQLv2, as the authors' code does.
 
-State: a C × C confusion matrix M (rows: ground-truth class, a distribution over the
-predicted foreground classes) and the cumulative count of positive RoIs per class.
-Every iteration, *before* the loss, from the positive RoIs of the batch summed over all
-processes: for each class c present, ``m_c`` = the mean of ``softmax(z[:C])`` over its
-RoIs, ``M[c] ← μ·M[c] + (1 − μ)·m_c`` (μ = 0.99), then row c renormalized to sum 1;
-M starts at zero (so a class's first update sets its row to that batch's mean).
+State: a C × C confusion matrix M (rows: ground-truth class) and the cumulative count of
+positive RoIs per class. Every iteration, *before* the loss, from the positive RoIs of
+the batch summed over all processes: for each class c present, ``m_c`` = the mean of the
+RoIs' foreground scores, ``M[c] ← μ·M[c] + (1 − μ)·m_c`` (μ = 0.99); M starts at zero.
 
 Active once training has reached ``start`` (a fraction of the schedule; 17/24 in the
-paper) and every class has been seen at least once. Then a positive RoI of class y gets
-the soft label t = column y of the column-normalized M, ``t_k = M[k, y] / Σ_j M[j, y]``
-(background 0), and
+paper) and every class has been seen at least once. A positive RoI of class y then gets
+a soft label t from column y of M, and the class part of its loss is trained towards
+``(1 − α)·onehot(y) + α·t`` (α = 0.4):
 
-    L = [ Σ_bg CE(z, bg) + (1 − α)·Σ_fg CE(z, y) + α·Σ_fg KL(t ‖ softmax(z)) ] / N
+- ``softmax``: scores ``softmax(z[:C])``, each updated row renormalized to sum 1;
+  ``t_k = M[k, y] / Σ_j M[j, y]`` (background 0);
+  ``L = [Σ_bg CE + (1 − α)·Σ_fg CE(z, y) + α·Σ_fg KL(t ‖ softmax(z))] / N``.
+  (KL and soft-target CE differ by the constant α·Σ t log t, added so the value is the
+  paper's; the gradient of a positive RoI is ``p − (1 − α)·onehot(y) − α·t``.)
+- ``seesaw``: as softmax for M and t (scores from the class logits); the class branch is
+  Seesaw's CE on its adjusted logits z̃ with the soft target,
+  ``(1 − α)·CE(z̃, y) − α·Σ_k t_k log softmax(z̃)_k``; the objectness branch unchanged.
+- ``eqlv2``: scores ``σ(z[:C])``, rows *not* renormalized, t = column y of M as is
+  (not normalized); EQLv2's weighted BCE with the soft targets on the class channels,
+  weights ``q·y + r·(1 − y)`` and gradient statistics from ``|σ − y|`` (the authors'
+  ``EQLv2PCBLoss``).
 
-with N all sampled RoIs, α = 0.4. Before that: plain softmax CE (Σ CE / N). Inference:
-softmax. The gradient of the active loss for a positive RoI is ``p − (1 − α)·onehot(y)
-− α·t``: PCB is cross-entropy with the soft target ``(1 − α)·onehot(y) + α·t``
-(the KL and the soft-target CE differ by the constant α·Σ t log t, which is added so the
-reported value is the paper's).
+Before activation the base loss alone. N = all sampled RoIs. Inference: the base's.
 
-Differences from the authors' code (megvii-research/PCB, ``CrossEntropyPCBLoss``):
+Differences from the authors' code (megvii-research/PCB, ``*PCBLoss``):
 
 - the per-batch sums are all-reduced (the authors all-gather and sum: the same numbers);
   the confusion matrix (float32) and the counts (float64) are buffers, saved in
   checkpoints and restored by ``--resume``;
 - the start point is a fraction of ``SOLVER.MAX_ITER`` (training progress, passed by the
   box predictor as ``progress`` = iteration / MAX_ITER), instead of an epoch counter;
-- only the softmax base for now (the paper also composes PCB with Seesaw and EQLv2, each
-  with its own soft-target form, and iterates the box head 3 times with loss weights
-  0.2/0.2/0.6; not implemented yet).
+- the paper's iterative box head (3 passes with α scaled by pass/(passes − 1)) is not
+  implemented yet: one pass with the full α, the authors' last pass.
 """
 import torch
 from torch.nn import functional as F
 
 from .base import ClassificationLoss, all_reduce_sum, empty_loss
-from .registry import register_loss
+from .registry import build_loss, loss_hparams_from_cfg, register_loss
+
+#: base losses PCB composes with, and how each reads scores into the confusion matrix:
+#: (score function, renormalize updated rows, column-normalize for the soft labels)
+PCB_BASES = {"softmax": ("softmax", True, True), "seesaw": ("softmax", True, True), "eqlv2": ("sigmoid", False, False)}
 
 __all__ = ["PairwiseClassBalanceLoss"]
 
@@ -46,11 +55,18 @@ __all__ = ["PairwiseClassBalanceLoss"]
 class PairwiseClassBalanceLoss(ClassificationLoss):
     name = "pcb"
     config_node = "PCB"
-    extra_logits = 1
-    softmax_logits = True
 
-    def __init__(self, num_classes, class_stats=None, alpha=0.4, momentum=0.99, start=17 / 24):
+    def __init__(self, num_classes, class_stats=None, base="softmax", alpha=0.4, momentum=0.99, start=17 / 24,
+                 *, base_hparams=None):
         super().__init__(num_classes, class_stats)
+        if base not in PCB_BASES:
+            raise ValueError(f"PCB.BASE must be one of {', '.join(PCB_BASES)}, got '{base}'")
+        self.base_name = base
+        self.base = build_loss(base, num_classes, class_stats=class_stats, **(base_hparams or {}))
+        self.extra_logits = self.base.extra_logits
+        self.family = self.base.family
+        self.softmax_logits = self.base.softmax_logits
+        self._score, self._renormalize_rows, self._normalize_columns = PCB_BASES[base]
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"PCB.ALPHA must be in [0, 1], got {alpha}")
         if not 0.0 <= momentum < 1.0:
@@ -62,13 +78,25 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         self.register_buffer("instance_count", torch.zeros(num_classes, dtype=torch.float64))
         self._last_active = None
 
+    @classmethod
+    def hparams_from_cfg(cls, eqlosses_cfg) -> dict:
+        """PCB's node, plus the base loss's own node as ``base_hparams``."""
+        hparams = loss_hparams_from_cfg(cls, eqlosses_cfg)
+        base_cls = type(build_loss(hparams["base"], 1))
+        hparams["base_hparams"] = loss_hparams_from_cfg(base_cls, eqlosses_cfg)
+        return hparams
+
+    def classifier_bias_init(self):
+        return self.base.classifier_bias_init()
+
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor):
         """Fold this batch's positive RoIs (all processes) into the confusion matrix."""
         num_classes = self.num_classes
         fg = labels < num_classes
         fg_labels = labels[fg]
-        probs = F.softmax(logits[fg, :num_classes].float(), dim=1)
+        scores = logits[fg, :num_classes].float()
+        probs = F.softmax(scores, dim=1) if self._score == "softmax" else torch.sigmoid(scores)
         sums = torch.zeros_like(self.confusion).index_add_(0, fg_labels, probs)
         counts = torch.bincount(fg_labels, minlength=num_classes).to(self.instance_count)
         # one collective for both (every process calls it, with or without positives)
@@ -79,23 +107,31 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if present.any():
             mean = sums[present] / counts[present, None].to(sums)
             rows = self.confusion[present] * self.momentum + mean * (1.0 - self.momentum)
-            self.confusion[present] = rows / rows.sum(dim=1, keepdim=True)
+            self.confusion[present] = rows / rows.sum(dim=1, keepdim=True) if self._renormalize_rows else rows
         self.instance_count += counts
 
     def is_active(self, progress) -> bool:
         return progress is not None and progress >= self.start and bool((self.instance_count > 0).all())
 
     def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
-        """(n, C + 1): column y of the column-normalized confusion matrix, background 0."""
-        columns = self.confusion / self.confusion.sum(dim=0, keepdim=True)
-        t = columns[:, fg_labels].t()
-        return torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)
+        """(n, C): column y of the confusion matrix (column-normalized for softmax bases)."""
+        columns = self.confusion
+        if self._normalize_columns:
+            columns = columns / columns.sum(dim=0, keepdim=True)
+        return columns[:, fg_labels].t()
 
     def forward(self, logits, labels, progress=None, **context):
         self._check(logits, labels)
         self.update(logits, labels)  # before the loss, on every process
         active = self.is_active(progress)
         self._last_active = active
+        if self.base_name != "softmax":
+            class_target = None
+            if active:
+                fg_labels = labels[labels < self.num_classes]
+                class_target = F.one_hot(fg_labels, self.num_classes).to(self.confusion) * (1.0 - self.alpha)
+                class_target += self.soft_labels(fg_labels) * self.alpha
+            return self.base(logits, labels, class_target=class_target)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
         logits = logits.float()
@@ -105,6 +141,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         fg = labels < self.num_classes
         target = F.one_hot(labels, self.num_logits).to(logits)
         t = self.soft_labels(labels[fg]).to(logits)
+        t = torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)  # background 0
         target[fg] = target[fg] * (1.0 - self.alpha) + t * self.alpha
         # soft-target CE, plus α·Σ t log t: the KL form's value (no gradient)
         entropy_term = torch.special.xlogy(t, t).sum() * self.alpha
@@ -112,15 +149,18 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         return {"loss_cls": loss / num_rois}
 
     def predict_probs(self, logits):
-        return F.softmax(logits.float(), dim=-1)
+        return self.base.predict_probs(logits)
 
     def activation_logits(self, logits):
-        return logits.float()
+        return self.base.activation_logits(logits)
 
     def scalars(self):
         if self._last_active is None:
             return {}
-        return {"active": float(self._last_active), "classes_seen": float((self.instance_count > 0).sum())}
+        out = dict(self.base.scalars())
+        out.update({"active": float(self._last_active), "classes_seen": float((self.instance_count > 0).sum())})
+        return out
 
     def extra_repr(self):
-        return f"num_classes={self.num_classes}, alpha={self.alpha}, momentum={self.momentum}, start={self.start}"
+        return (f"num_classes={self.num_classes}, base={self.base_name!r}, alpha={self.alpha}, "
+                f"momentum={self.momentum}, start={self.start}")

@@ -40,4 +40,7 @@ def build_loss(name: str, num_classes: int, class_stats=None, **hparams):
 def build_loss_from_cfg(eqlosses_cfg, num_classes: int, class_stats=None):
     """The loss ``MODEL.EQLOSSES.LOSS`` names, with the hyper-parameters of its node."""
     cls = _loss_class(eqlosses_cfg.LOSS)
-    return cls(num_classes, class_stats=class_stats, **loss_hparams_from_cfg(cls, eqlosses_cfg))
+    # a loss built on another (PCB) reads that one's node too
+    hparams_from_cfg = getattr(cls, "hparams_from_cfg", None)
+    hparams = hparams_from_cfg(eqlosses_cfg) if hparams_from_cfg else loss_hparams_from_cfg(cls, eqlosses_cfg)
+    return cls(num_classes, class_stats=class_stats, **hparams)

@@ -84,17 +84,23 @@ class _SeesawCrossEntropy(torch.autograd.Function):
     with their analytic gradients written straight into one (N, C + 2) gradient (autograd
     through slicing and row selection would allocate and add several full-size ones).
     ``adjusted`` is z̃ = z + log S for the foreground rows (a constant shift of z: the
-    gradient with respect to z is the one with respect to z̃).
+    gradient with respect to z is the one with respect to z̃). ``class_target``: None (the
+    one-hot of ``fg_labels``) or a soft target (n_fg, C) for the class branch,
+    ``−Σ_k t_k log softmax(z̃)_k`` (PCB's composition).
     """
 
     @staticmethod
-    def forward(ctx, logits, fg_rows, fg_labels, adjusted, objectness_target):
+    def forward(ctx, logits, fg_rows, fg_labels, adjusted, objectness_target, class_target=None):
         num_classes = logits.shape[1] - 2
         log_p_objectness = F.log_softmax(logits[:, num_classes:], dim=1)
         loss_objectness = -log_p_objectness.gather(1, objectness_target[:, None]).sum()
         grad_objectness = log_p_objectness.exp_()
         grad_objectness[torch.arange(logits.shape[0], device=logits.device), objectness_target] -= 1.0
-        if fg_rows.numel():
+        if fg_rows.numel() and class_target is not None:
+            log_p = F.log_softmax(adjusted, dim=1)
+            loss_cls = -(class_target * log_p).sum()
+            grad_cls = log_p.exp_().sub_(class_target)
+        elif fg_rows.numel():
             log_p = F.log_softmax(adjusted, dim=1)
             loss_cls = -log_p.gather(1, fg_labels[:, None]).sum()
             grad_cls = log_p.exp_()
@@ -120,7 +126,7 @@ class _SeesawCrossEntropy(torch.autograd.Function):
         grad[:, num_classes:] = grad_objectness.mul_(grad_loss_objectness)
         if grad_cls is not None:
             grad[:, :num_classes].index_copy_(0, ctx.fg_rows, grad_cls.mul_(grad_loss_cls))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 @register_loss
@@ -149,7 +155,9 @@ class SeesawLoss(ClassificationLoss):
         batch_count = torch.bincount(fg_labels, minlength=self.num_classes).to(self.cumulative_count)
         self.cumulative_count += all_reduce_sum(batch_count)
 
-    def forward(self, logits, labels, **context):
+    def forward(self, logits, labels, class_target=None, **context):
+        """``class_target``: optional soft target (n_fg, C) of the foreground RoIs' class
+        branch, in batch order (PCB); None is the one-hot of their labels."""
         self._check(logits, labels)
         num_classes = self.num_classes
         fg = labels < num_classes
@@ -177,7 +185,11 @@ class SeesawLoss(ClassificationLoss):
                     self._mean_off_target(log_ratio.mul_(self.q).exp_()),
                 )
         # objectness target: 0 = foreground, 1 = background (mmdetection's order)
-        loss_cls, loss_objectness = _SeesawCrossEntropy.apply(logits, fg_rows, fg_labels, adjusted, (~fg).long())
+        if class_target is not None:
+            class_target = class_target.to(logits)
+        loss_cls, loss_objectness = _SeesawCrossEntropy.apply(
+            logits, fg_rows, fg_labels, adjusted, (~fg).long(), class_target
+        )
         return {
             "loss_cls": loss_cls * (self.loss_weight / num_rois),
             "loss_cls_objectness": loss_objectness * (self.loss_weight / num_rois),

@@ -27,6 +27,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..calibration import ScoreCalibration, calibration_from_cfg
 from ..losses import build_loss_from_cfg
+from ..losses.base import ClassificationLoss
 
 __all__ = ["LongTailOutputLayers", "CosineClassifier"]
 
@@ -88,7 +89,9 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         return ret
 
     def link_class_stats(self, class_stats):
-        object.__setattr__(self.cls_loss, "class_stats", class_stats)
+        for module in self.cls_loss.modules():  # a loss built on another (PCB's base) too
+            if isinstance(module, ClassificationLoss):
+                object.__setattr__(module, "class_stats", class_stats)
 
     def losses(self, predictions, proposals):
         scores, proposal_deltas = predictions
