@@ -112,6 +112,19 @@ def add_eqlosses_config(cfg):
     # Fraction of SOLVER.MAX_ITER after which the soft labels are used (the paper: 17/24).
     _C.MODEL.EQLOSSES.PCB.START = 17 / 24
 
+    # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()
+    # Passes of the box head over the RoI features, each modulated by the previous predictions.
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD.PASSES = 3
+    # Weight of each pass's losses (one per pass).
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD.LOSS_WEIGHTS = [0.2, 0.2, 0.6]
+    # The pass whose box regression loss is used, unweighted (-1: weighted like the others).
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD.REG_PASS = 2
+    # Layers of the two modulation MLPs (hidden width 512).
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD.MLP_LAYERS = 2
+    # LayerNorm on the input of the channel MLP (the authors' EQLv2 + PCB recipe).
+    _C.MODEL.EQLOSSES.ITERATIVE_HEAD.LAYER_NORM = False
+
     _C.MODEL.EQLOSSES.IIF = CN()
     # raw | smooth | prob | normit | gombit | base2 | base10, each also as <variant>_obj
     # (instance counts instead of image counts).

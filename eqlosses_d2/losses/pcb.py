@@ -35,8 +35,9 @@ Differences from the authors' code (megvii-research/PCB, ``*PCBLoss``):
   checkpoints and restored by ``--resume``;
 - the start point is a fraction of ``SOLVER.MAX_ITER`` (training progress, passed by the
   box predictor as ``progress`` = iteration / MAX_ITER), instead of an epoch counter;
-- the paper's iterative box head (3 passes with α scaled by pass/(passes − 1)) is not
-  implemented yet: one pass with the full α, the authors' last pass.
+- the paper's iterative box head is :class:`LongTailIterativeROIHeads`; as in the
+  authors' code each of its passes calls the loss (so the state is updated once per
+  pass) with α scaled by pass/(passes − 1).
 """
 import torch
 from torch.nn import functional as F
@@ -120,8 +121,13 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
             columns = columns / columns.sum(dim=0, keepdim=True)
         return columns[:, fg_labels].t()
 
-    def forward(self, logits, labels, progress=None, **context):
+    def forward(self, logits, labels, progress=None, pass_index=None, num_passes=1, **context):
+        """``progress``: training progress in [0, 1] (None: never active). With the
+        iterative head (``num_passes`` > 1) pass i uses α·i/(num_passes − 1), as the authors."""
         self._check(logits, labels)
+        alpha = self.alpha
+        if num_passes > 1 and pass_index is not None:
+            alpha = self.alpha * pass_index / (num_passes - 1)
         self.update(logits, labels)  # before the loss, on every process
         active = self.is_active(progress)
         self._last_active = active
@@ -129,8 +135,8 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
             class_target = None
             if active:
                 fg_labels = labels[labels < self.num_classes]
-                class_target = F.one_hot(fg_labels, self.num_classes).to(self.confusion) * (1.0 - self.alpha)
-                class_target += self.soft_labels(fg_labels) * self.alpha
+                class_target = F.one_hot(fg_labels, self.num_classes).to(self.confusion) * (1.0 - alpha)
+                class_target += self.soft_labels(fg_labels) * alpha
             return self.base(logits, labels, class_target=class_target)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
@@ -142,9 +148,9 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         target = F.one_hot(labels, self.num_logits).to(logits)
         t = self.soft_labels(labels[fg]).to(logits)
         t = torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)  # background 0
-        target[fg] = target[fg] * (1.0 - self.alpha) + t * self.alpha
+        target[fg] = target[fg] * (1.0 - alpha) + t * alpha
         # soft-target CE, plus α·Σ t log t: the KL form's value (no gradient)
-        entropy_term = torch.special.xlogy(t, t).sum() * self.alpha
+        entropy_term = torch.special.xlogy(t, t).sum() * alpha
         loss = F.cross_entropy(logits, target, reduction="sum") + entropy_term
         return {"loss_cls": loss / num_rois}
 

@@ -93,7 +93,9 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             if isinstance(module, ClassificationLoss):
                 object.__setattr__(module, "class_stats", class_stats)
 
-    def losses(self, predictions, proposals):
+    def losses(self, predictions, proposals, **context):
+        """Detectron2's losses; ``context`` (e.g. the iterative head's ``pass_index``,
+        ``num_passes``) goes to the classification loss with the training progress."""
         scores, proposal_deltas = predictions
         gt_classes = cat([p.gt_classes for p in proposals], dim=0) if len(proposals) else torch.empty(
             0, dtype=torch.long, device=scores.device
@@ -106,7 +108,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             )
         else:
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
-        losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress()))
+        losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
         self._log_scalars(gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}

@@ -16,6 +16,7 @@ RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. E
   head's inference uses the two directly: the calibration of its averaged stage scores
   happens between the average and Detectron2's ``fast_rcnn_inference``.
 """
+import torch
 from torch import nn
 
 from detectron2.config import configurable
@@ -26,7 +27,7 @@ from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
 from .mask_predictor import normalize_mask_predictor
 
-__all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads"]
+__all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads", "LongTailIterativeROIHeads"]
 
 
 def _box_predictors(heads):
@@ -150,3 +151,91 @@ class LongTailCascadeROIHeads(_LongTailHeadsMixin, CascadeROIHeads):
             for head, stock in zip(ret["box_heads"], ret["box_predictors"])
         ]
         return ret
+
+
+def _mlp(in_features: int, hidden: int, out_features: int, num_layers: int, layer_norm: bool) -> nn.Sequential:
+    """Linear layers with ReLU between them (optionally a LayerNorm on the input)."""
+    dims = [in_features] + [hidden] * (num_layers - 1) + [out_features]
+    layers = [nn.LayerNorm(in_features)] if layer_norm else []
+    for k in range(num_layers):
+        layers.append(nn.Linear(dims[k], dims[k + 1]))
+        if k < num_layers - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@ROI_HEADS_REGISTRY.register()
+class LongTailIterativeROIHeads(LongTailStandardROIHeads):
+    """
+    PCB's iterative box head (He et al., CVPR 2022; the authors' ``IterativeRoIHead``):
+    the box head and predictor run ``passes`` times on the pooled RoI features; after each
+    pass the features are modulated by the predictions,
+    ``x ← x · spatial(deltas) + channel(scores)``, ``channel``: an MLP from the
+    classifier's outputs to one bias per feature channel, ``spatial``: an MLP from the box
+    deltas to one factor per pooled position (hidden width 512, ``MLP_LAYERS`` layers).
+    Training: the loss of pass i is weighted by ``LOSS_WEIGHTS[i]`` and the classification
+    loss is told ``pass_index``/``num_passes`` (PCB scales its α by them); the box
+    regression loss is the one of pass ``REG_PASS`` alone, unweighted (−1: weighted like
+    the others). Inference: the last pass's predictions. Keys:
+    ``MODEL.EQLOSSES.ITERATIVE_HEAD.*``; the authors' LVIS recipes: 3 passes, weights
+    0.2/0.2/0.6, REG_PASS 2, LayerNorm only with EQLv2.
+    """
+
+    @configurable
+    def __init__(self, *, pooled_shape, passes=3, loss_weights=(0.2, 0.2, 0.6), reg_pass=2, mlp_layers=2,
+                 layer_norm=False, **kwargs):
+        super().__init__(**kwargs)
+        if passes < 1 or len(loss_weights) != passes:
+            raise ValueError(
+                f"MODEL.EQLOSSES.ITERATIVE_HEAD: LOSS_WEIGHTS needs one weight per pass ({passes}), got {list(loss_weights)}"
+            )
+        if not -1 <= reg_pass < passes:
+            raise ValueError(f"MODEL.EQLOSSES.ITERATIVE_HEAD.REG_PASS must be -1 or a pass index < {passes}, got {reg_pass}")
+        self.passes, self.loss_weights, self.reg_pass = passes, tuple(float(w) for w in loss_weights), reg_pass
+        channels, height, width = pooled_shape
+        predictor = self.box_predictor
+        self.channel_refine = _mlp(predictor.cls_score.out_features, 512, channels, mlp_layers, layer_norm)
+        self.spatial_refine = _mlp(predictor.bbox_pred.out_features, 512, height * width, mlp_layers, False)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        node = cfg.MODEL.EQLOSSES.ITERATIVE_HEAD
+        resolution = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+        channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+        ret.update(pooled_shape=(channels, resolution, resolution), passes=node.PASSES,
+                   loss_weights=tuple(node.LOSS_WEIGHTS), reg_pass=node.REG_PASS, mlp_layers=node.MLP_LAYERS,
+                   layer_norm=node.LAYER_NORM)
+        return ret
+
+    def _pass_predictions(self, features, proposals):
+        """The ``passes`` (scores, deltas) predictions, each pass on the modulated features."""
+        features = [features[f] for f in self.box_in_features]
+        x = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        predictions = []
+        for k in range(self.passes):
+            scores, deltas = self.box_predictor(self.box_head(x))
+            predictions.append((scores, deltas))
+            if k < self.passes - 1:  # the last pass's modulation would be unused
+                channel = self.channel_refine(scores).view(x.shape[0], -1, 1, 1)
+                spatial = self.spatial_refine(deltas).view(x.shape[0], 1, x.shape[2], x.shape[3])
+                x = x * spatial + channel
+        return predictions
+
+    def box_outputs(self, features, proposals):
+        return [(self.box_predictor, self._pass_predictions(features, proposals)[-1], proposals)]
+
+    def _forward_box(self, features, proposals):
+        if not self.training:
+            image_sizes = [p.image_size for p in proposals]
+            return self.instances_from_box_outputs(self.box_outputs(features, proposals), image_sizes)
+        losses = {}
+        for k, predictions in enumerate(self._pass_predictions(features, proposals)):
+            pass_losses = self.box_predictor.losses(predictions, proposals, pass_index=k, num_passes=self.passes)
+            for name, value in pass_losses.items():
+                if name == "loss_box_reg" and self.reg_pass >= 0:
+                    if k == self.reg_pass:
+                        losses[name] = value
+                    continue
+                losses[name] = losses.get(name, 0.0) + value * self.loss_weights[k]
+        return losses
