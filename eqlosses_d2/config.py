@@ -35,8 +35,8 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
     # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
     # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw",
-    # "federated", "gumbel", "gumbel_droploss", "iif", "pcb"; each method's hyper-parameters live
-    # in its own node below.
+    # "federated", "gumbel", "gumbel_droploss", "iif", "pcb", "equilibrium" (LOCE's EBL); each
+    # method's hyper-parameters live in its own node below.
     _C.MODEL.EQLOSSES.LOSS = "softmax"
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
     # 0: Detectron2's linear classifier.
@@ -111,6 +111,14 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.PCB.MOMENTUM = 0.99
     # Fraction of SOLVER.MAX_ITER after which the soft labels are used (the paper: 17/24).
     _C.MODEL.EQLOSSES.PCB.START = 17 / 24
+
+    _C.MODEL.EQLOSSES.EQUILIBRIUM = CN()
+    # α of LOCE's mean-score update, s_c ← α^n s_c + (1 − α^n)·mean of the class's n entries.
+    _C.MODEL.EQLOSSES.EQUILIBRIUM.ALPHA = 0.9
+    # The background's fixed "mean score".
+    _C.MODEL.EQLOSSES.EQUILIBRIUM.BACKGROUND_SCORE = 0.01
+    # Every class's mean score before its first entry.
+    _C.MODEL.EQLOSSES.EQUILIBRIUM.INITIAL_SCORE = 0.01
 
     # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()

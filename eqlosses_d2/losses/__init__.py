@@ -16,6 +16,7 @@ from . import federated as _federated  # noqa: F401
 from . import gumbel as _gumbel  # noqa: F401
 from . import iif as _iif  # noqa: F401
 from . import pcb as _pcb  # noqa: F401
+from . import equilibrium as _equilibrium  # noqa: F401
 
 __all__ = [
     "ClassificationLoss",

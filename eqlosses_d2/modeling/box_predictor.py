@@ -28,8 +28,31 @@ from detectron2.utils.events import get_event_storage
 from ..calibration import ScoreCalibration, calibration_from_cfg
 from ..losses import build_loss_from_cfg
 from ..losses.base import ClassificationLoss
+from ..losses.equilibrium import instance_mean_scores
 
-__all__ = ["LongTailOutputLayers", "CosineClassifier"]
+__all__ = ["LongTailOutputLayers", "CosineClassifier", "matched_instance_ids"]
+
+
+def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
+    """
+    (R,) for the sampled RoIs of all images: an id per ground-truth instance a positive RoI
+    is matched to (RoIs of one image with the same matched box and class share it), −1
+    for background RoIs. Detectron2's sampled proposals carry the matched ``gt_boxes`` and
+    ``gt_classes``, not the instance index; two instances of one class with identical boxes
+    would share an id.
+    """
+    ids, offset = [], 0
+    for p in proposals:
+        classes = p.gt_classes
+        instance = torch.full_like(classes, -1)
+        positive = (classes >= 0) & (classes < num_classes)
+        if positive.any() and p.has("gt_boxes"):
+            keys = torch.cat([p.gt_boxes.tensor[positive], classes[positive, None].to(p.gt_boxes.tensor)], dim=1)
+            _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+            instance[positive] = inverse + offset
+            offset += int(inverse.max()) + 1
+        ids.append(instance)
+    return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
 
 class CosineClassifier(nn.Module):
@@ -108,6 +131,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             )
         else:
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=proposal_deltas.device)
+        if getattr(self.cls_loss, "needs_instance_scores", False):
+            context["instance_labels"], context["instance_means"] = instance_mean_scores(
+                scores, gt_classes, matched_instance_ids(proposals, self.num_classes), self.num_classes
+            )
         losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
         self._log_scalars(gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)

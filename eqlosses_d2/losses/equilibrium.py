@@ -1,0 +1,132 @@
+"""
+LOCE's equilibrium loss, EBL (Feng et al., "Exploring Classification Equilibrium in
+Long-Tailed Object Detection", ICCV 2021).
+
+A C + 1 softmax whose logits are shifted by the log of the running mean classification
+score of each class, s_j (background fixed at 0.01):
+
+    P_j = s_j exp(z_j) / Σ_k s_k exp(z_k),    L = −Σ_i log P_{i, y_i} / N
+
+i.e. ``CE(z + log s, y)``: a pairwise margin log(s_y / s_j) that favours classes the
+detector scores low. Inference: the plain softmax of z.
+
+Mean scores (state, updated *before* the loss, from the current forward pass): an
+*entry* is one ground-truth instance matched by at least one positive RoI, with the mean,
+over those RoIs, of the plain softmax score of its class (detached). The entries of all
+processes are pooled; for a class c with n entries,
+
+    s_c ← α^n · s_c + (1 − α^n) · mean of its entries,    α = 0.9, s initialised to 0.01.
+
+The box predictor forms the entries (``instance_labels``, ``instance_means``) by grouping
+each image's positive RoIs by their matched ground-truth box; LOCE's memory-augmented
+feature sampling adds one entry per sampled class.
+
+Differences from the authors' code (fcjian/LOCE): the entries are pooled across
+processes as per-class sums and counts (an all-reduce) instead of an all-gather of the
+entries (the same update); ``mean_score`` is a buffer, so it is saved in checkpoints and
+restored exactly by ``--resume`` (the authors keep it as a plain tensor, reset to 0.01
+when training restarts).
+"""
+import torch
+from torch.nn import functional as F
+
+from .base import ClassificationLoss, all_reduce_sum, empty_loss
+from .registry import register_loss
+
+__all__ = ["EquilibriumLoss"]
+
+
+@register_loss
+class EquilibriumLoss(ClassificationLoss):
+    name = "equilibrium"
+    config_node = "EQUILIBRIUM"
+    extra_logits = 1
+    softmax_logits = True
+    #: the box predictor passes the per-instance mean scores (``instance_labels``, ``instance_means``)
+    needs_instance_scores = True
+
+    def __init__(self, num_classes, class_stats=None, alpha=0.9, background_score=0.01, initial_score=0.01):
+        super().__init__(num_classes, class_stats)
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"EQUILIBRIUM.ALPHA must be in [0, 1), got {alpha}")
+        if not (background_score > 0 and initial_score > 0):
+            raise ValueError("EQUILIBRIUM.BACKGROUND_SCORE and INITIAL_SCORE must be > 0")
+        self.alpha, self.background_score = float(alpha), float(background_score)
+        mean_score = torch.full((num_classes + 1,), float(initial_score))
+        mean_score[num_classes] = self.background_score
+        self.register_buffer("mean_score", mean_score)
+
+    @torch.no_grad()
+    def update(self, instance_labels: torch.Tensor, instance_means: torch.Tensor):
+        """Fold this iteration's entries (all processes) into the mean scores."""
+        num_classes = self.num_classes
+        sums = torch.zeros(num_classes, dtype=torch.float64, device=self.mean_score.device)
+        counts = torch.zeros_like(sums)
+        if instance_labels.numel():
+            labels = instance_labels.to(sums.device)
+            sums.index_add_(0, labels, instance_means.to(sums))
+            counts.index_add_(0, labels, torch.ones_like(sums[labels]))
+        packed = all_reduce_sum(torch.cat([sums, counts]))  # every process, entries or not
+        sums, counts = packed[:num_classes], packed[num_classes:]
+        present = counts > 0
+        if present.any():
+            keep = torch.pow(torch.full_like(counts[present], self.alpha), counts[present])
+            old = self.mean_score[:num_classes][present].double()
+            self.mean_score[:num_classes][present] = (keep * old + (1 - keep) * sums[present] / counts[present]).to(
+                self.mean_score
+            )
+        self.mean_score[num_classes] = self.background_score
+
+    def forward(self, logits, labels, instance_labels=None, instance_means=None, **context):
+        self._check(logits, labels)
+        if instance_labels is None:
+            raise ValueError(
+                "loss 'equilibrium' needs per-instance mean scores (instance_labels, instance_means): "
+                "use it through eqlosses_d2's box predictor"
+            )
+        if self.training:
+            self.update(instance_labels, instance_means)  # before the loss
+        if logits.shape[0] == 0:
+            return {"loss_cls": empty_loss(logits)}
+        logits = logits.float()
+        shifted = logits + self.mean_score.log().to(logits)
+        return {"loss_cls": F.cross_entropy(shifted, labels, reduction="sum") / logits.shape[0]}
+
+    def predict_probs(self, logits):
+        return F.softmax(logits.float(), dim=-1)
+
+    def activation_logits(self, logits):
+        return logits.float()
+
+    def scalars(self):
+        stats = self.class_stats
+        out = {"mean_score": float(self.mean_score[: self.num_classes].mean())}
+        if stats is not None and bool(getattr(stats, "is_set", False)):
+            groups = stats.frequency_group.to(self.mean_score.device)
+            for index, name in enumerate(("r", "c", "f")):
+                members = groups == index
+                if members.any():
+                    out[f"mean_score_{name}"] = float(self.mean_score[: self.num_classes][members].mean())
+        return out
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, alpha={self.alpha}, background_score={self.background_score}"
+
+
+def instance_mean_scores(logits: torch.Tensor, labels: torch.Tensor, instance_ids: torch.Tensor, num_classes: int):
+    """
+    LOCE's entries from one batch: for each instance id (one per matched ground-truth
+    instance; −1 for background RoIs), its class and the mean over its RoIs of the plain
+    softmax score of that class (detached). Returns (labels (E,), means (E,)).
+    """
+    with torch.no_grad():
+        fg = (labels < num_classes) & (instance_ids >= 0)
+        if not fg.any():
+            return labels.new_zeros(0), logits.new_zeros(0, dtype=torch.float32)
+        scores = F.softmax(logits[fg].float(), dim=1).gather(1, labels[fg][:, None]).squeeze(1)
+        ids, inverse = torch.unique(instance_ids[fg], return_inverse=True)
+        sums = torch.zeros(ids.numel(), dtype=torch.float32, device=logits.device).index_add_(0, inverse, scores)
+        counts = torch.zeros_like(sums).index_add_(0, inverse, torch.ones_like(scores))
+        entry_labels = torch.zeros(ids.numel(), dtype=labels.dtype, device=labels.device)
+        entry_labels[inverse] = labels[fg]
+        return entry_labels, sums / counts
