@@ -35,6 +35,8 @@ from eqlosses_d2.config import (
 from eqlosses_d2.data import DatasetError
 from eqlosses_d2.evaluation import LVISEvaluator
 from eqlosses_d2.evaluation.table import format_ap_table
+from eqlosses_d2.modeling.trainable import restrict_trainable
+from eqlosses_d2.prefill import MemoryPrefillHook
 from eqlosses_d2.resume import RandomStates, build_resumable_train_loader, seek_train_loader
 
 logger = logging.getLogger("eqlosses_d2")
@@ -59,6 +61,10 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
                 logger.warning("Training without per-class statistics: %s", e)
             else:
                 stats_module.set_from(stats, name)
+        trainable = cfg.MODEL.EQLOSSES.TRAINABLE_MODULES
+        if trainable:
+            count = restrict_trainable(model, trainable)
+            logger.info("MODEL.EQLOSSES.TRAINABLE_MODULES: %d trainable parameters (%s)", count, ", ".join(trainable))
         return model
 
     @classmethod
@@ -117,7 +123,10 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         self.checkpointer = AtomicCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, rng=RandomStates(), **self.checkpointer.checkpointables
         )
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        if hasattr(getattr(self.model, "module", self.model).roi_heads, "memory"):
+            hooks.insert(0, MemoryPrefillHook(self.cfg))  # LOCE: fill the feature queues first
+        return hooks
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)

@@ -30,14 +30,33 @@ HEADS = {
 METRICS = ("AP", "APr", "APc", "APf")
 
 
+#: methods that fine-tune the standard head's softmax run (their quickstart config's protocol)
+FINE_TUNED = {"loce"}
+
+
 def loss_configs():
-    """{loss name: quickstart config} from the per-loss quickstart files (softmax: the baseline)."""
+    """{method: quickstart config} from the per-loss quickstart files (softmax: the
+    baseline), plus the fine-tuned methods (LOCE)."""
+    sys.path.insert(0, ROOT)
+    import eqlosses_d2  # noqa: F401
+    from eqlosses_d2.losses import LOSS_REGISTRY
+
     configs = {"softmax": os.path.join(QUICKSTART, "mask_rcnn_R18_FPN_synthetic.yaml")}
     suffix = "_mask_rcnn_R18_FPN_synthetic.yaml"
     for name in sorted(os.listdir(QUICKSTART)):
-        if name.endswith(suffix) and not name.startswith("cascade"):
-            configs[name[: -len(suffix)]] = os.path.join(QUICKSTART, name)
+        method = name[: -len(suffix)]
+        if name.endswith(suffix) and (method in LOSS_REGISTRY or method in FINE_TUNED):
+            configs[method] = os.path.join(QUICKSTART, name)
     return configs
+
+
+def extra_opts(method, head, output_dir):
+    """A fine-tuned method starts from the same head's softmax run (None: not applicable)."""
+    if method not in FINE_TUNED:
+        return []
+    if head != "standard":
+        return None
+    return ["MODEL.WEIGHTS", os.path.join(output_dir, "standard", "softmax", "model_final.pth")]
 
 
 def median_iteration_time(metrics_path):
@@ -118,11 +137,12 @@ def main():
         for head in args.heads:
             for loss in losses:
                 out_dir = os.path.join(args.output_dir, head, loss)
-                if os.path.isfile(os.path.join(out_dir, "result.json")):
+                extra = extra_opts(loss, head, args.output_dir)
+                if extra is None or os.path.isfile(os.path.join(out_dir, "result.json")):
                     continue
                 os.makedirs(out_dir, exist_ok=True)
                 cmd = [sys.executable, os.path.abspath(__file__), "--run", configs[loss], out_dir]
-                cmd += ["SEED", "0"] + HEADS[head] + args.opts
+                cmd += ["SEED", "0"] + HEADS[head] + extra + args.opts
                 print(f"[train_methods] {head} / {loss}", flush=True)
                 with open(os.path.join(out_dir, "stdout.log"), "w") as log:
                     if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:

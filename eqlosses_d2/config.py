@@ -120,6 +120,24 @@ def add_eqlosses_config(cfg):
     # Every class's mean score before its first entry.
     _C.MODEL.EQLOSSES.EQUILIBRIUM.INITIAL_SCORE = 0.01
 
+    # LOCE's memory-augmented feature sampling (MODEL.ROI_HEADS.NAME "LongTailLOCEROIHeads").
+    _C.MODEL.EQLOSSES.MFS = CN()
+    # RoI features kept per class (FIFO).
+    _C.MODEL.EQLOSSES.MFS.QUEUE_SIZE = 80
+    # Classes drawn per iteration (∝ 1 / mean score, with replacement).
+    _C.MODEL.EQLOSSES.MFS.SAMPLED_CLASSES = 8
+    # Features drawn from each drawn class's queue.
+    _C.MODEL.EQLOSSES.MFS.SAMPLED_FEATURES = 4
+    # Storage of the queues on the CPU: "float16" (LVIS: 2.4 GB per process), "bfloat16" or
+    # "float32" (4.8 GB).
+    _C.MODEL.EQLOSSES.MFS.STORAGE_DTYPE = "float16"
+    # Pre-fill before training: this many training images per class and process (0: none).
+    _C.MODEL.EQLOSSES.MFS.PREFILL_IMAGES_PER_CLASS = 5
+
+    # Only parameters whose names start with one of these prefixes are trained (empty: all);
+    # LOCE's fine-tune protocol trains the classifier, box regressor, RPN and mask head.
+    _C.MODEL.EQLOSSES.TRAINABLE_MODULES = []
+
     # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()
     # Passes of the box head over the RoI features, each modulated by the previous predictions.

@@ -150,3 +150,198 @@ def test_predictor_forms_entries_in_training(tiny_dataset):
     score = predictor.cls_loss.mean_score
     assert score[1].item() == pytest.approx(s1.item(), rel=1e-5) and score[3].item() == pytest.approx(s3.item(), rel=1e-5)
     assert score[0].item() == pytest.approx(0.01)
+
+
+# ----------------------------------------------------------------------------- MFS
+
+from eqlosses_d2.modeling.memory import JITTER_SIGNS, FeatureMemory, jitter_boxes  # noqa: E402
+
+
+def test_jitter_signs_cover_all_sixteen_combinations():
+    assert JITTER_SIGNS.shape == (4, 16)
+    assert JITTER_SIGNS[:, 0].tolist() == [-1, -1, -1, -1] and JITTER_SIGNS[:, 15].tolist() == [1, 1, 1, 1]
+    assert len({tuple(column) for column in JITTER_SIGNS.t().tolist()}) == 16
+
+
+def test_jitter_boxes_by_hand():
+    boxes = torch.tensor([[10.0, 20.0, 40.0, 32.0]])  # w 30, h 12
+    uniform = torch.full((4, 16), 0.5)
+    out = jitter_boxes(boxes, (100, 100), uniform)
+    assert out.shape == (1, 16, 4)
+    # jitter 0: every coordinate minus 0.5 * size / 6; jitter 15: plus
+    assert out[0, 0].tolist() == pytest.approx([10 - 2.5, 20 - 1.0, 40 - 2.5, 32 - 1.0])
+    assert out[0, 15].tolist() == pytest.approx([10 + 2.5, 20 + 1.0, 40 + 2.5, 32 + 1.0])
+    # jitter 5 = signs (−, +, −, +): x1 −, y1 +, x2 −, y2 +
+    assert JITTER_SIGNS[:, 5].tolist() == [-1, 1, -1, 1]
+    assert out[0, 5].tolist() == pytest.approx([7.5, 21.0, 37.5, 33.0])
+    # clamped to the image
+    edge = jitter_boxes(torch.tensor([[0.0, 0.0, 99.0, 99.0]]), (100, 100), torch.ones(4, 16))
+    assert edge.min() >= 0 and edge[..., 2].max() <= 99 and edge[..., 3].max() <= 99
+
+
+def test_memory_fifo_per_class():
+    memory = FeatureMemory(3, queue_size=4, storage_dtype=torch.float32)
+    feats = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 2, 1, 1)
+    labels = torch.tensor([0, 0, 1, 0, 0, 0])  # class 0: 5 rows, only the first 4 are kept
+    boxes = torch.arange(24, dtype=torch.float32).view(6, 4)
+    memory.enqueue(feats, labels, boxes, boxes + 100)
+    assert memory.filled.tolist() == [4, 1, 0] and memory.pointer.tolist() == [0, 1, 0]
+    assert memory.features[0, :, 0, 0, 0].tolist() == [0, 1, 3, 4]
+    assert memory.gt_boxes[1, 0].tolist() == (boxes[2] + 100).tolist()
+    memory.enqueue(feats[:2] + 10, torch.tensor([0, 0]), boxes[:2], boxes[:2])
+    assert memory.features[0, :, 0, 0, 0].tolist() == [10, 11, 3, 4]  # the oldest two replaced
+    assert memory.pointer[0] == 2 and memory.filled[0] == 4
+    assert FeatureMemory(1203, 80).nbytes() == 1203 * 80 * 256 * 7 * 7 * 2  # float16: 2.4 GB
+
+
+def test_sampling_distribution_follows_inverse_mean_scores():
+    memory = FeatureMemory(3, queue_size=5, storage_dtype=torch.float32)
+    feats = torch.arange(9, dtype=torch.float32).view(9, 1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2])
+    memory.enqueue(feats, labels, torch.zeros(9, 4), torch.zeros(9, 4))
+    mean_score = torch.tensor([0.5, 0.25, 0.125, 0.01])
+    probs = memory.sampling_probabilities(mean_score)
+    np.testing.assert_allclose(probs.numpy(), np.array([2, 4, 8]) / 14, rtol=1e-5)
+    torch.manual_seed(0)
+    counts, slot_counts = np.zeros(3), np.zeros(5)
+    draws = 3000
+    for _ in range(draws):
+        out, sampled_labels, _, _ = memory.sample(mean_score, num_classes=8, num_features=4)
+        assert out.shape[0] == sampled_labels.numel() == 32
+        counts += np.bincount(sampled_labels.numpy(), minlength=3) / 4
+        ones = sampled_labels == 1
+        slot_counts += np.bincount((out[ones, 0] - 3).long().numpy(), minlength=5)
+    expected = np.array([2, 4, 8]) / 14 * 8 * draws
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))  # classes ∝ 1/s
+    assert np.all(np.abs(slot_counts / slot_counts.sum() - 0.2) < 0.01)  # slots uniform
+    # class 2's queue holds one feature: all its draws are it; empty queues give nothing
+    empty = FeatureMemory(3, queue_size=5)
+    assert empty.sample(mean_score)[1].numel() == 0
+
+
+def _loce_cfg(tiny_dataset, out, extra=()):
+    from detectron2.config import get_cfg
+
+    from eqlosses_d2 import add_eqlosses_config
+    from test_training import QUICKSTART, _opts
+
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(_opts(tiny_dataset, out, max_iter=2) + [
+        "MODEL.ROI_HEADS.NAME", "LongTailLOCEROIHeads", "MODEL.EQLOSSES.LOSS", "equilibrium", *extra])
+    return cfg
+
+
+def test_loce_head_appends_memory_rois_with_their_targets(tiny_dataset, tmp_path):
+    import train_net
+    from detectron2.utils.events import EventStorage
+
+    cfg = _loce_cfg(tiny_dataset, str(tmp_path))
+    torch.manual_seed(0)
+    model = train_net.Trainer.build_model(cfg)
+    heads = model.roi_heads
+    assert heads.memory.filled.sum() == 0
+    batch = next(iter(train_net.Trainer.build_train_loader(cfg)))
+    captured = {}
+    original = heads.box_predictor.losses
+
+    def spy(predictions, proposals, **context):
+        captured["predictions"], captured["proposals"] = predictions, proposals
+        return original(predictions, proposals, **context)
+
+    heads.box_predictor.losses = spy
+    with EventStorage(0):
+        model(batch)  # first iteration: fills the queues, samples from them
+    num_gt = sum(len(x["instances"]) for x in batch)
+    assert heads.memory.filled.sum() == sum(min(16 * int((torch.cat([x["instances"].gt_classes for x in batch]) == c).sum()), 80)
+                                            for c in range(heads.num_classes))
+    memory_rois = captured["proposals"][-1]
+    assert memory_rois.has("loce_entry_ids") and len(memory_rois) == 32 and num_gt > 0
+    # the appended rows are the sampled features' predictions: their labels and boxes are
+    # a queue's, and the regression target of each is its jitter → its ground truth
+    scores, deltas = captured["predictions"]
+    sampled_rows = len(memory_rois)
+    assert scores.shape[0] == sum(len(p) for p in captured["proposals"]) and sampled_rows > 0
+    for label, box, gt in zip(memory_rois.gt_classes.tolist(), memory_rois.proposal_boxes.tensor, memory_rois.gt_boxes.tensor):
+        filled = int(heads.memory.filled[label])
+        match = (heads.memory.proposal_boxes[label, :filled] == box.cpu()).all(dim=1)
+        assert match.any() and (heads.memory.gt_boxes[label, :filled][match] == gt.cpu()).all()
+    assert (memory_rois.gt_boxes.tensor != memory_rois.proposal_boxes.tensor).any()
+
+
+def test_prefill_indices_are_class_balanced_per_process():
+    from eqlosses_d2.prefill import prefill_image_indices
+
+    dicts = [{"annotations": [{"category_id": c} for c in cats]} for cats in ([0], [0, 1], [1], [0], [], [2])]
+    assert prefill_image_indices(dicts, 3, per_class=2) == [0, 1, 1, 2, 5, 5]
+    # two processes: each its own block of the class's (repeated) list
+    assert prefill_image_indices(dicts, 3, per_class=2, rank=0, world_size=2) == [0, 1, 1, 2, 5, 5]
+    assert prefill_image_indices(dicts, 3, per_class=2, rank=1, world_size=2) == [3, 0, 1, 2, 5, 5]
+
+
+def test_restrict_trainable():
+    from eqlosses_d2.modeling.trainable import restrict_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    assert restrict_trainable(model, ["1."]) == 3
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    with pytest.raises(ValueError, match="TRAINABLE_MODULES: no parameter name starts with 'roi_heads'"):
+        restrict_trainable(model, ["roi_heads"])
+
+
+def test_loce_fine_tune_trains_with_prefill_and_resumes_mean_scores(tiny_dataset, tmp_path):
+    """The decoupled protocol end to end on the tiny data: a baseline, then LOCE fine-tuned
+    from it with only the classifier, box regressor, RPN and mask head trainable; the
+    pre-fill runs; a resumed run restores the mean scores exactly."""
+    import json
+    import shutil
+
+    from test_training import QUICKSTART, _opts, _run
+
+    base = tmp_path / "baseline"
+    _run(["--config-file", QUICKSTART] + _opts(tiny_dataset, base, max_iter=2) + ["DATASETS.TEST", "()"])
+    loce_opts = [
+        "MODEL.ROI_HEADS.NAME", "LongTailLOCEROIHeads", "MODEL.EQLOSSES.LOSS", "equilibrium",
+        "MODEL.WEIGHTS", str(base / "model_final.pth"), "MODEL.EQLOSSES.MFS.PREFILL_IMAGES_PER_CLASS", "1",
+        "MODEL.EQLOSSES.TRAINABLE_MODULES",
+        "['roi_heads.box_predictor', 'proposal_generator', 'roi_heads.mask_head']",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
+    ]
+    full = tmp_path / "full"
+    _run(["--config-file", QUICKSTART] + _opts(tiny_dataset, full, max_iter=4) + loce_opts)
+    start = torch.load(base / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    end = torch.load(full / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(start["backbone.bottom_up.stem.conv1.weight"], end["backbone.bottom_up.stem.conv1.weight"])
+    assert torch.equal(start["roi_heads.box_head.fc1.weight"], end["roi_heads.box_head.fc1.weight"])
+    assert not torch.equal(start["roi_heads.box_predictor.cls_score.weight"], end["roi_heads.box_predictor.cls_score.weight"])
+    assert (end["roi_heads.box_predictor.cls_loss.mean_score"][:-1] != 0.01).any()
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "model_0000001.pth", resumed / "model_0000001.pth")
+    (resumed / "last_checkpoint").write_text("model_0000001.pth")
+    checkpoint = torch.load(resumed / "model_0000001.pth", map_location="cpu", weights_only=True)["model"]
+    from eqlosses_d2.prefill import MemoryPrefillHook
+
+    seen = {}
+    original = MemoryPrefillHook.before_train
+
+    def recording(hook):
+        seen["rng_before"] = torch.get_rng_state()
+        original(hook)
+        model = getattr(hook.trainer.model, "module", hook.trainer.model)
+        seen["mean_score"] = model.roi_heads.box_predictor.cls_loss.mean_score.clone()
+        seen["filled"] = int((model.roi_heads.memory.filled > 0).sum())
+        seen["rng_after"] = torch.get_rng_state()
+
+    MemoryPrefillHook.before_train = recording
+    try:
+        _run(["--config-file", QUICKSTART, "--resume"] + _opts(tiny_dataset, resumed, max_iter=4) + loce_opts)
+    finally:
+        MemoryPrefillHook.before_train = original
+    # the pre-fill ran again (queues are not checkpointed) and left the restored mean
+    # scores and random state exactly as the checkpoint had them
+    assert seen["filled"] > 0
+    assert torch.equal(seen["mean_score"], checkpoint["roi_heads.box_predictor.cls_loss.mean_score"])
+    assert torch.equal(seen["rng_before"], seen["rng_after"])

@@ -1,15 +1,27 @@
 from .box_predictor import CosineClassifier, LongTailOutputLayers
 from .class_stats import ClassStatsBuffers, find_class_stats
 from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
-from .roi_heads import LongTailCascadeROIHeads, LongTailStandardROIHeads
+from .memory import FeatureMemory, jitter_boxes
+from .roi_heads import (
+    LongTailCascadeROIHeads,
+    LongTailIterativeROIHeads,
+    LongTailLOCEROIHeads,
+    LongTailStandardROIHeads,
+)
+from .trainable import restrict_trainable
 
 __all__ = [
     "ClassStatsBuffers",
     "CosineClassifier",
+    "FeatureMemory",
     "LongTailCascadeROIHeads",
+    "LongTailIterativeROIHeads",
+    "LongTailLOCEROIHeads",
     "LongTailOutputLayers",
     "LongTailStandardROIHeads",
     "NormalizedConv2d",
     "find_class_stats",
+    "jitter_boxes",
     "normalize_mask_predictor",
+    "restrict_trainable",
 ]

@@ -43,6 +43,12 @@ def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
     """
     ids, offset = [], 0
     for p in proposals:
+        if p.has("loce_entry_ids"):  # LOCE's memory samples: their own grouping
+            entry = p.loce_entry_ids
+            _, inverse = torch.unique(entry, return_inverse=True)
+            ids.append(inverse + offset)
+            offset += int(inverse.max()) + 1 if inverse.numel() else 0
+            continue
         classes = p.gt_classes
         instance = torch.full_like(classes, -1)
         positive = (classes >= 0) & (classes < num_classes)

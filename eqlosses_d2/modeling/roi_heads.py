@@ -22,12 +22,14 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Boxes, Instances
 
 from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
 from .mask_predictor import normalize_mask_predictor
+from .memory import FeatureMemory, jitter_boxes
 
-__all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads", "LongTailIterativeROIHeads"]
+__all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads", "LongTailIterativeROIHeads", "LongTailLOCEROIHeads"]
 
 
 def _box_predictors(heads):
@@ -239,3 +241,89 @@ class LongTailIterativeROIHeads(LongTailStandardROIHeads):
                     continue
                 losses[name] = losses.get(name, 0.0) + value * self.loss_weights[k]
         return losses
+
+
+_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@ROI_HEADS_REGISTRY.register()
+class LongTailLOCEROIHeads(LongTailStandardROIHeads):
+    """
+    LOCE's RoI head (Feng et al., ICCV 2021): the standard head with memory-augmented
+    feature sampling (:mod:`eqlosses_d2.modeling.memory`). In training, every iteration
+    enqueues the RoI features of 16 jitters of each ground-truth box, draws
+    ``SAMPLED_CLASSES`` classes ∝ 1 / mean score and ``SAMPLED_FEATURES`` features of each
+    from the queues, and appends them to the box head's batch with their labels and
+    regression targets (one mean-score entry per drawn class, as the authors). Needs
+    ``MODEL.EQLOSSES.LOSS "equilibrium"`` (its mean scores). Inference: the standard head.
+    Keys: ``MODEL.EQLOSSES.MFS.*``; the pre-fill pass: :func:`eqlosses_d2.modeling.prefill_feature_memory`.
+    """
+
+    @configurable
+    def __init__(self, *, queue_size=80, sampled_classes=8, sampled_features=4, storage_dtype="float16", **kwargs):
+        super().__init__(**kwargs)
+        if not hasattr(self.box_predictor.cls_loss, "mean_score"):
+            raise ValueError(
+                "MODEL.ROI_HEADS.NAME LongTailLOCEROIHeads needs MODEL.EQLOSSES.LOSS 'equilibrium' "
+                f"(its mean scores drive the sampling), not '{self.box_predictor.cls_loss.name}'"
+            )
+        if storage_dtype not in _STORAGE_DTYPES:
+            raise ValueError(
+                f"MODEL.EQLOSSES.MFS.STORAGE_DTYPE must be one of {', '.join(_STORAGE_DTYPES)}, got '{storage_dtype}'"
+            )
+        self.sampled_classes, self.sampled_features = sampled_classes, sampled_features
+        self.memory = FeatureMemory(self.num_classes, queue_size, _STORAGE_DTYPES[storage_dtype])
+        self._gt_instances = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        node = cfg.MODEL.EQLOSSES.MFS
+        ret.update(queue_size=node.QUEUE_SIZE, sampled_classes=node.SAMPLED_CLASSES,
+                   sampled_features=node.SAMPLED_FEATURES, storage_dtype=node.STORAGE_DTYPE)
+        return ret
+
+    def forward(self, images, features, proposals, targets=None):
+        self._gt_instances = targets if self.training else None  # the boxes MFS enqueues
+        try:
+            return super().forward(images, features, proposals, targets)
+        finally:
+            self._gt_instances = None
+
+    @torch.no_grad()
+    def update_memory(self, features, gt_instances):
+        """Enqueue the (detached) RoI features of 16 jitters of every ground-truth box."""
+        jittered, gt_boxes, labels = [], [], []
+        for instances in gt_instances:
+            boxes = instances.gt_boxes.tensor
+            jitters = jitter_boxes(boxes, instances.image_size)  # (G, 16, 4)
+            jittered.append(Boxes(jitters.reshape(-1, 4)))
+            gt_boxes.append(boxes[:, None, :].expand_as(jitters).reshape(-1, 4))
+            labels.append(instances.gt_classes[:, None].expand(-1, jitters.shape[1]).reshape(-1))
+        if sum(len(b) for b in jittered) == 0:
+            return
+        pooled = self.box_pooler(features, jittered)
+        self.memory.enqueue(pooled, torch.cat(labels), torch.cat([b.tensor for b in jittered]), torch.cat(gt_boxes))
+
+    def _forward_box(self, features, proposals):
+        if not self.training:
+            return super()._forward_box(features, proposals)
+        features = [features[f] for f in self.box_in_features]
+        if self._gt_instances is not None:
+            self.update_memory(features, self._gt_instances)
+        sampled, labels, sampled_boxes, sampled_gt = self.memory.sample(
+            self.box_predictor.cls_loss.mean_score, self.sampled_classes, self.sampled_features
+        )
+        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
+        extra = []
+        if labels.numel():
+            device = box_features.device
+            box_features = torch.cat([box_features, sampled.to(device=device, dtype=box_features.dtype)])
+            memory_rois = Instances(proposals[0].image_size)
+            memory_rois.proposal_boxes = Boxes(sampled_boxes.to(device))
+            memory_rois.gt_boxes = Boxes(sampled_gt.to(device))
+            memory_rois.gt_classes = labels.to(device)
+            memory_rois.loce_entry_ids = labels.to(device)  # one mean-score entry per drawn class
+            extra = [memory_rois]
+        predictions = self.box_predictor(self.box_head(box_features))
+        return self.box_predictor.losses(predictions, list(proposals) + extra)

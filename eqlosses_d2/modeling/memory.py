@@ -1,0 +1,148 @@
+"""
+LOCE's memory-augmented feature sampling, MFS (Feng et al., ICCV 2021).
+
+Every training iteration, each ground-truth box is jittered into 16 boxes; their RoI
+features (detached), with the box and its ground truth, go into per-class FIFO queues
+(80 per class). Then 8 classes are drawn (with replacement) with probability ∝
+1 / mean score (LOCE's equilibrium loss keeps the mean scores), and 4 features from each
+drawn class's queue (uniformly, with replacement, among the filled slots); they are
+appended to the box head's batch with their labels and regression targets.
+
+Jitter (the authors' ``bbox_generator``): one uniform matrix u (4, 16) per image; jitter
+k of box (x1, y1, x2, y2) adds ``sign[c, k] · u[c, k] · size_c / 6`` to coordinate c
+(size = w for x, h for y), with the sign patterns of :data:`JITTER_SIGNS` (all 16
+combinations of ± on the four coordinates), clamped to the image.
+
+Memory (a deliberate choice, stated here and in the README): the queues hold
+``C × queue_size`` RoI features of shape (256, 7, 7); on LVIS that is 1203 × 80 × 12,544
+values, 4.8 GB in float32. They are kept on the CPU in float16 by default (2.4 GB per
+process; ``MODEL.EQLOSSES.MFS.STORAGE_DTYPE``), allocated at the first enqueue; a class's
+slots take physical memory only once written. The authors keep them on the CPU in
+float32. Sampled features return to the model's device and dtype (float16 storage
+rounds each stored value to 11 significant bits).
+
+Queues are not checkpointed (nor are the authors'): they are per process and rebuilt by
+the class-balanced pre-fill pass before training starts, also after ``--resume``; the
+mean scores, which drive the sampling, are a buffer of the loss and resume exactly.
+"""
+from typing import List
+
+import torch
+
+from detectron2.structures import Boxes
+
+__all__ = ["FeatureMemory", "JITTER_SIGNS", "jitter_boxes"]
+
+
+def _jitter_signs() -> torch.Tensor:
+    rows = []
+    for block in (8, 4, 2, 1):
+        rows.append(([-1.0] * block + [1.0] * block) * (16 // (2 * block)))
+    return torch.tensor(rows)
+
+
+#: (4, 16) signs of the coordinate offsets of the 16 jitters (rows x1, y1, x2, y2)
+JITTER_SIGNS = _jitter_signs()
+
+
+def jitter_boxes(boxes: torch.Tensor, image_size, uniform: torch.Tensor = None) -> torch.Tensor:
+    """
+    (G, 4) boxes of one image → (G, 16, 4) jittered boxes, clamped to ``image_size``
+    (height, width). ``uniform``: the (4, 16) uniform matrix (default: ``torch.rand``).
+    """
+    if uniform is None:
+        uniform = torch.rand(JITTER_SIGNS.shape, device=boxes.device)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    sizes = torch.stack([widths, heights, widths, heights], dim=1)  # (G, 4)
+    offsets = JITTER_SIGNS.to(boxes)[None] * uniform.to(boxes)[None] * sizes[:, :, None] / 6.0  # (G, 4, 16)
+    jittered = (boxes[:, :, None] + offsets).permute(0, 2, 1)  # (G, 16, 4)
+    height, width = image_size
+    limits = torch.tensor([width - 1, height - 1, width - 1, height - 1], dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(jittered.clamp(min=0), limits)
+
+
+class FeatureMemory:
+    """Per-class FIFO queues of RoI features with their boxes (not an nn.Module: not saved)."""
+
+    def __init__(self, num_classes: int, queue_size: int = 80, storage_dtype=torch.float16, device="cpu"):
+        if queue_size <= 0:
+            raise ValueError(f"MODEL.EQLOSSES.MFS.QUEUE_SIZE must be > 0, got {queue_size}")
+        self.num_classes, self.queue_size = num_classes, queue_size
+        self.storage_dtype, self.device = storage_dtype, torch.device(device)
+        self.features = None  # (C, Q, *feature_shape), allocated at the first enqueue
+        self.proposal_boxes = torch.zeros(num_classes, queue_size, 4, device=self.device)
+        self.gt_boxes = torch.zeros(num_classes, queue_size, 4, device=self.device)
+        self.filled = torch.zeros(num_classes, dtype=torch.long)
+        self.pointer = torch.zeros(num_classes, dtype=torch.long)
+
+    def nbytes(self, feature_shape=(256, 7, 7)) -> int:
+        """Bytes the feature queues take once every slot is written."""
+        count = self.num_classes * self.queue_size
+        for size in feature_shape:
+            count *= size
+        return count * torch.empty((), dtype=self.storage_dtype).element_size()
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor, proposal_boxes: torch.Tensor, gt_boxes: torch.Tensor):
+        """Per class present, its first ``queue_size`` rows (in order) into its ring buffer."""
+        if labels.numel() == 0:
+            return
+        if self.features is None:
+            self.features = torch.empty(
+                (self.num_classes, self.queue_size) + tuple(features.shape[1:]), dtype=self.storage_dtype, device=self.device
+            )
+        features = features.detach().to(self.device, self.storage_dtype)
+        labels = labels.to(self.device)
+        proposal_boxes, gt_boxes = proposal_boxes.to(self.device), gt_boxes.to(self.device)
+        for label in torch.unique(labels).tolist():
+            rows = torch.nonzero(labels == label, as_tuple=True)[0][: self.queue_size]
+            start = int(self.pointer[label])
+            slots = (torch.arange(rows.numel(), device=self.device) + start) % self.queue_size
+            self.features[label, slots] = features[rows]
+            self.proposal_boxes[label, slots] = proposal_boxes[rows].float()
+            self.gt_boxes[label, slots] = gt_boxes[rows].float()
+            self.pointer[label] = (start + rows.numel()) % self.queue_size
+            self.filled[label] = min(self.queue_size, int(self.filled[label]) + rows.numel())
+
+    def sampling_probabilities(self, mean_score: torch.Tensor) -> torch.Tensor:
+        """(C,) ∝ 1 / (s_c + 1e-7): the authors' class-sampling distribution."""
+        inverse = 1.0 / (mean_score[: self.num_classes].double().cpu() + 1e-7)
+        return inverse / inverse.sum()
+
+    @torch.no_grad()
+    def sample(self, mean_score: torch.Tensor, num_classes: int = 8, num_features: int = 4):
+        """
+        ``num_classes`` classes drawn with replacement ∝ 1 / mean score, ``num_features``
+        filled slots of each (uniform, with replacement); classes with an empty queue give
+        nothing. Returns (features, labels, proposal_boxes, gt_boxes) on the storage device.
+        """
+        classes = torch.multinomial(self.sampling_probabilities(mean_score), num_classes, replacement=True)
+        picked: List[torch.Tensor] = []
+        for label in classes.tolist():
+            filled = int(self.filled[label])
+            if filled == 0:
+                continue
+            slots = torch.randint(0, filled, (num_features,))
+            picked.append(torch.stack([torch.full_like(slots, label), slots], dim=1))
+        if not picked:
+            shape = (0,) + (tuple(self.features.shape[2:]) if self.features is not None else (0,))
+            empty = torch.zeros(0, 4, device=self.device)
+            return torch.zeros(shape, device=self.device), torch.zeros(0, dtype=torch.long), empty, empty.clone()
+        index = torch.cat(picked).to(self.device)
+        labels, slots = index[:, 0], index[:, 1]
+        return self.features[labels, slots], labels, self.proposal_boxes[labels, slots], self.gt_boxes[labels, slots]
+
+    @staticmethod
+    def jittered_targets(gt_instances, generator_uniform=None):
+        """Per image: (jittered boxes (G·16, 4), their gt boxes, their labels) as Boxes/tensors."""
+        out = []
+        for instances in gt_instances:
+            boxes = instances.gt_boxes.tensor
+            jittered = jitter_boxes(boxes, instances.image_size, generator_uniform)
+            out.append((
+                Boxes(jittered.reshape(-1, 4)),
+                boxes[:, None, :].expand(-1, jittered.shape[1], -1).reshape(-1, 4),
+                instances.gt_classes[:, None].expand(-1, jittered.shape[1]).reshape(-1),
+            ))
+        return out
