@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import eqlosses_d2  # noqa: E402,F401
 from eqlosses_d2.data.class_stats import ClassStatistics  # noqa: E402
+from eqlosses_d2.losses.equilibrium import instance_mean_scores  # noqa: E402
 from eqlosses_d2.losses import LOSS_REGISTRY, build_loss  # noqa: E402
 from eqlosses_d2.modeling.class_stats import ClassStatsBuffers  # noqa: E402
 
@@ -99,13 +100,24 @@ def bench_losses(num_rois, num_classes, repeats):
                 x = logits.clone().requires_grad_()
                 (F.binary_cross_entropy_with_logits(x, target, reduction="sum") / num_rois).backward()
             plain["sigmoid BCE"] = run
+    # matched instances for LOCE's entries: 8 foreground RoIs per ground-truth instance
+    fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
+    instance_ids = torch.full_like(labels, -1)
+    instance_ids[fg_rows] = torch.arange(fg_rows.numel()) // 8
     for name in sorted(LOSS_REGISTRY):
         loss = build_loss(name, num_classes, class_stats=stats)
         logits = torch.randn(num_rois, loss.num_logits, generator=g)
+        if name == "pcb":  # its active phase: past START and every class seen
+            loss.instance_count.fill_(1.0)
+            loss.confusion.copy_(torch.softmax(torch.randn(num_classes, num_classes, generator=g), dim=1))
 
         def run(loss=loss, logits=logits):
             x = logits.clone().requires_grad_()
-            sum(loss(x, labels).values()).backward()
+            context = {"progress": 1.0}
+            if getattr(loss, "needs_instance_scores", False):
+                context["instance_labels"], context["instance_means"] = instance_mean_scores(
+                    x, labels, instance_ids, num_classes)
+            sum(loss(x, labels, **context).values()).backward()
         baseline = "softmax CE" if loss.family == "softmax" else "sigmoid BCE"
         rows.append((name, baseline, run))
     # interleave repeats
@@ -137,16 +149,22 @@ def bench_iterations(iters, repeats):
     from eqlosses_d2.data import prepare_dataset
 
     prepare_dataset("synthetic_lvis_v1_train")
-    names = ["softmax"] + [n for n in sorted(LOSS_REGISTRY) if n != "softmax"]
+    # (row, loss, RoI head): every loss in the standard head, plus the methods with a head of their own
+    rows = [("softmax", "softmax", None)] + [(n, n, None) for n in sorted(LOSS_REGISTRY) if n != "softmax"]
+    rows += [("pcb + iterative head", "pcb", "LongTailIterativeROIHeads"),
+             ("loce (equilibrium + MFS)", "equilibrium", "LongTailLOCEROIHeads")]
+    names = [row[0] for row in rows]
     trainers = {}
     batches = None
-    for name in names:
+    for name, loss_name, head in rows:
         cfg = get_cfg()
         add_eqlosses_config(cfg)
         cfg.merge_from_file(os.path.join(os.path.dirname(train_net.__file__), "configs", "quickstart",
                                          "mask_rcnn_R18_FPN_synthetic.yaml"))
         cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.EQLOSSES.LOSS = name
+        cfg.MODEL.EQLOSSES.LOSS = loss_name
+        if head:
+            cfg.MODEL.ROI_HEADS.NAME = head
         cfg.DATALOADER.NUM_WORKERS = 0
         torch.manual_seed(0)
         model = train_net.Trainer.build_model(cfg)
@@ -176,6 +194,18 @@ def bench_iterations(iters, repeats):
         print(f"| {name} | {t:.3f} | {t / base:.3f}x |")
 
 
+def print_memory_table():
+    """LOCE's feature queues at LVIS v1 size (exact: slots × 256×7×7 × element size)."""
+    from eqlosses_d2.modeling.memory import FeatureMemory
+
+    print("\n### LOCE feature memory (per process), LVIS v1: 1203 classes x 80 slots x 256x7x7\n")
+    print("| storage | bytes | GiB |")
+    print("|---|---|---|")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        size = FeatureMemory(1203, 80, storage_dtype=dtype).nbytes()
+        print(f"| {str(dtype).replace('torch.', '')} | {size} | {size / 2**30:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--rois", type=int, default=8192)
@@ -187,6 +217,7 @@ def main():
     bench_losses(args.rois, args.classes, args.repeats)
     if args.iters:
         bench_iterations(args.iters, args.repeats)
+    print_memory_table()
 
 
 if __name__ == "__main__":
