@@ -40,9 +40,10 @@ Differences from the authors' code (megvii-research/PCB, ``*PCBLoss``):
   pass) with α scaled by pass/(passes − 1).
 """
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss
+from .base import ClassificationLoss, all_reduce_sum, empty_loss, take_stashed_grad
 from .registry import build_loss, loss_hparams_from_cfg, register_loss
 
 #: base losses PCB composes with, and how each reads scores into the confusion matrix:
@@ -50,6 +51,33 @@ from .registry import build_loss, loss_hparams_from_cfg, register_loss
 PCB_BASES = {"softmax": ("softmax", True, True), "seesaw": ("softmax", True, True), "eqlv2": ("sigmoid", False, False)}
 
 __all__ = ["PairwiseClassBalanceLoss"]
+
+
+class _SoftLabelCrossEntropy(torch.autograd.Function):
+    """
+    ``−Σ_bg log p_y − Σ_fg [(1 − α) log p_y + α Σ_k t_k log p_k] + α Σ t log t`` (the KL
+    form's value) with its analytic gradient ``p − w_i·onehot(y) − α·t`` (w = 1 − α on
+    positive rows, 1 on background rows), written into one (N, C + 1) buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, fg_rows, soft_labels, alpha):
+        num_classes = soft_labels.shape[1]
+        log_p = F.log_softmax(logits, dim=1)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        weights = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device).index_fill_(0, fg_rows, 1.0 - alpha)
+        hard = log_p[rows, labels]
+        soft = (soft_labels * log_p.index_select(0, fg_rows)[:, :num_classes]).sum()
+        total = -(hard * weights).sum() - alpha * soft + alpha * torch.special.xlogy(soft_labels, soft_labels).sum()
+        grad = log_p.exp_()
+        grad[rows, labels] -= weights
+        grad[fg_rows, :num_classes] -= alpha * soft_labels
+        ctx.grad = grad  # handed to autograd (not copied) in backward
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return take_stashed_grad(ctx, "PCB loss").mul_(grad_output), None, None, None, None
 
 
 @register_loss
@@ -98,15 +126,21 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         fg_labels = labels[fg]
         scores = logits[fg, :num_classes].float()
         probs = F.softmax(scores, dim=1) if self._score == "softmax" else torch.sigmoid(scores)
-        sums = torch.zeros_like(self.confusion).index_add_(0, fg_labels, probs)
         counts = torch.bincount(fg_labels, minlength=num_classes).to(self.instance_count)
-        # one collective for both (every process calls it, with or without positives)
-        packed = all_reduce_sum(torch.cat([sums.flatten().double(), counts]))
-        sums = packed[: num_classes * num_classes].view(num_classes, num_classes).to(self.confusion)
-        counts = packed[num_classes * num_classes :]
-        present = counts > 0
-        if present.any():
-            mean = sums[present] / counts[present, None].to(sums)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # one collective for both (every process calls it, with or without positives)
+            sums = torch.zeros_like(self.confusion).index_add_(0, fg_labels, probs)
+            packed = all_reduce_sum(torch.cat([sums.flatten().double(), counts]))
+            sums = packed[: num_classes * num_classes].view(num_classes, num_classes).to(self.confusion)
+            counts = packed[num_classes * num_classes :]
+            present = torch.nonzero(counts > 0, as_tuple=True)[0]
+            sums = sums[present]
+        else:  # one process: only the rows of the classes present
+            present, inverse = torch.unique(fg_labels, return_inverse=True)
+            sums = torch.zeros(present.numel(), num_classes, dtype=probs.dtype, device=probs.device)
+            sums.index_add_(0, inverse, probs)
+        if present.numel():
+            mean = sums / counts[present, None].to(sums)
             rows = self.confusion[present] * self.momentum + mean * (1.0 - self.momentum)
             self.confusion[present] = rows / rows.sum(dim=1, keepdim=True) if self._renormalize_rows else rows
         self.instance_count += counts
@@ -116,10 +150,10 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
 
     def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
         """(n, C): column y of the confusion matrix (column-normalized for softmax bases)."""
-        columns = self.confusion
+        t = self.confusion.index_select(1, fg_labels).t()
         if self._normalize_columns:
-            columns = columns / columns.sum(dim=0, keepdim=True)
-        return columns[:, fg_labels].t()
+            t = t / self.confusion.sum(dim=0).index_select(0, fg_labels)[:, None]
+        return t
 
     def forward(self, logits, labels, progress=None, pass_index=None, num_passes=1, **context):
         """``progress``: training progress in [0, 1] (None: never active). With the
@@ -144,14 +178,9 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         num_rois = logits.shape[0]
         if not active:
             return {"loss_cls": F.cross_entropy(logits, labels, reduction="sum") / num_rois}
-        fg = labels < self.num_classes
-        target = F.one_hot(labels, self.num_logits).to(logits)
-        t = self.soft_labels(labels[fg]).to(logits)
-        t = torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)  # background 0
-        target[fg] = target[fg] * (1.0 - alpha) + t * alpha
-        # soft-target CE, plus α·Σ t log t: the KL form's value (no gradient)
-        entropy_term = torch.special.xlogy(t, t).sum() * alpha
-        loss = F.cross_entropy(logits, target, reduction="sum") + entropy_term
+        fg_rows = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
+        t = self.soft_labels(labels[fg_rows]).to(logits)  # (n_fg, C), background 0
+        loss = _SoftLabelCrossEntropy.apply(logits, labels, fg_rows, t, alpha)
         return {"loss_cls": loss / num_rois}
 
     def predict_probs(self, logits):
