@@ -18,10 +18,18 @@ from . import iif as _iif  # noqa: F401
 from . import pcb as _pcb  # noqa: F401
 from . import equilibrium as _equilibrium  # noqa: F401
 
+# one-stage (dense) losses: their own interface and registry (MODEL.EQLOSSES.ONE_STAGE.LOSS)
+from .dense import DENSE_LOSS_REGISTRY, build_dense_loss, build_dense_loss_from_cfg  # noqa: E402
+from . import focal as _focal  # noqa: F401,E402
+from . import efl as _efl  # noqa: F401,E402
+
 __all__ = [
     "ClassificationLoss",
+    "DENSE_LOSS_REGISTRY",
     "LOSS_REGISTRY",
     "all_reduce_sum",
+    "build_dense_loss",
+    "build_dense_loss_from_cfg",
     "build_loss",
     "build_loss_from_cfg",
     "check_finite_logits",

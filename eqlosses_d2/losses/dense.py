@@ -1,0 +1,120 @@
+"""
+The interface of the classification losses of one-stage (dense) detectors, and their
+registry (``MODEL.EQLOSSES.ONE_STAGE.LOSS``).
+
+The RoI-loss interface (:mod:`.base`) normalizes by the number of sampled RoIs and
+returns C + 1 probability columns; a dense loss differs in both, so it has its own:
+
+- ``forward(logits, labels, normalizer)``: logits (N, C) of the N valid anchors of all
+  images and levels (ignored anchors already dropped), labels in [0, C] with C meaning
+  background, and the normalizer the loss sum is divided by (the model computes it with
+  :func:`positive_anchor_normalizer`); returns ``{"loss_cls": ...}``;
+- ``predict_probs(logits)``: (N, C) per-class probabilities (one-vs-all sigmoid);
+- ``scalars()``: numbers worth watching in TensorBoard;
+- adaptive state in registered buffers, all-reduced before it is accumulated.
+
+Pure PyTorch, no Detectron2 import.
+"""
+from typing import Dict, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import all_reduce_sum, check_finite_logits
+
+__all__ = [
+    "DENSE_LOSS_REGISTRY",
+    "DenseClassificationLoss",
+    "build_dense_loss",
+    "build_dense_loss_from_cfg",
+    "positive_anchor_normalizer",
+    "register_dense_loss",
+    "world_size",
+]
+
+DENSE_LOSS_REGISTRY: Dict[str, Type] = {}
+
+
+def register_dense_loss(cls):
+    if cls.name in DENSE_LOSS_REGISTRY:
+        raise KeyError(f"dense loss '{cls.name}' is registered twice")
+    DENSE_LOSS_REGISTRY[cls.name] = cls
+    return cls
+
+
+def _dense_loss_class(name: str):
+    if name not in DENSE_LOSS_REGISTRY:
+        raise KeyError(
+            f"MODEL.EQLOSSES.ONE_STAGE.LOSS: unknown loss '{name}' (known: {', '.join(sorted(DENSE_LOSS_REGISTRY))})"
+        )
+    return DENSE_LOSS_REGISTRY[name]
+
+
+def build_dense_loss(name: str, num_classes: int, class_stats=None, **hparams):
+    return _dense_loss_class(name)(num_classes, class_stats=class_stats, **hparams)
+
+
+def build_dense_loss_from_cfg(eqlosses_cfg, num_classes: int, class_stats=None):
+    """The loss ``MODEL.EQLOSSES.ONE_STAGE.LOSS`` names, with the keys of its node under
+    ``MODEL.EQLOSSES`` (its constructor's keyword arguments in upper case)."""
+    cls = _dense_loss_class(eqlosses_cfg.ONE_STAGE.LOSS)
+    hparams = {key.lower(): value for key, value in eqlosses_cfg[cls.config_node].items()}
+    return cls(num_classes, class_stats=class_stats, **hparams)
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def positive_anchor_normalizer(num_pos_anchors, device=None) -> float:
+    """
+    ``max(1, P) / W`` with P the number of positive anchors summed over the W processes
+    (the EFL authors' ``get_ave_normalizer``). Each process divides its loss sum by it;
+    DDP's gradient average over processes then makes the step exactly that of one process
+    seeing all images, normalized by max(1, P). (Detectron2's RetinaNet and FCOS instead
+    divide by a per-process moving average of the positive count, not all-reduced.)
+    A collective: every process calls it every iteration.
+    """
+    count = torch.as_tensor(float(num_pos_anchors), dtype=torch.float64, device=device)
+    all_reduce_sum(count)
+    return max(float(count), 1.0) / world_size()
+
+
+class DenseClassificationLoss(nn.Module):
+    #: the name ``MODEL.EQLOSSES.ONE_STAGE.LOSS`` knows it by
+    name = "dense"
+    #: its hyper-parameter node under ``MODEL.EQLOSSES``
+    config_node = None
+
+    def __init__(self, num_classes: int, class_stats=None):
+        super().__init__()
+        self.num_classes = num_classes
+        # not a submodule: the model owns the statistics (and saves them once)
+        object.__setattr__(self, "class_stats", class_stats)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer: float = 1.0):
+        raise NotImplementedError
+
+    def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
+
+    def scalars(self) -> Dict[str, float]:
+        return {}
+
+    def _check(self, logits: torch.Tensor, labels: torch.Tensor, normalizer):
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"loss '{self.name}' expects logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}"
+            )
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} anchors")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            raise ValueError(
+                f"loss '{self.name}': labels must be in [0, {self.num_classes}] (ignored anchors dropped first)"
+            )
+        if not normalizer > 0:
+            raise ValueError(f"loss '{self.name}': the normalizer must be > 0, got {normalizer}")
+        check_finite_logits(logits, f"loss '{self.name}'")
