@@ -20,10 +20,18 @@ def package_configs():
         os.symlink(os.path.join("..", "configs"), target)
     return [
         os.path.relpath(os.path.join(root, name), os.path.join(HERE, "eqlosses_d2"))
-        for root, _, files in os.walk(source)
+        for root, _, files in os.walk(target)  # via the link: eqlosses_d2/configs/..., not ../configs/...
         for name in files
         if name.endswith(".yaml")
     ]
+
+
+def package_model_zoo_manifest():
+    """Ship model_zoo/manifest.yaml inside the package too (as eqlosses_d2/model_zoo/manifest.yaml)."""
+    target = os.path.join(HERE, "eqlosses_d2", "model_zoo", "manifest.yaml")
+    if os.path.isfile(os.path.join(HERE, "model_zoo", "manifest.yaml")) and not os.path.lexists(target):
+        os.symlink(os.path.join("..", "..", "model_zoo", "manifest.yaml"), target)
+    return ["manifest.yaml"]
 
 
 setup(
@@ -34,7 +42,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "tools")),
-    package_data={"eqlosses_d2": package_configs()},
+    package_data={"eqlosses_d2": package_configs(), "eqlosses_d2.model_zoo": package_model_zoo_manifest()},
     install_requires=[
         "numpy",
         "Pillow",

@@ -5,6 +5,7 @@ Train and evaluate long-tailed detectors with eqlosses_d2.
     python train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_synthetic.yaml
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file CONFIG --num-gpus 8 [--resume]
+    python train_net.py --config-file NAME --eval-only MODEL.WEIGHTS eqlosses_d2://NAME  # model zoo
 
 Multi-machine: ``--num-machines N --machine-rank R --dist-url tcp://HOST:PORT``. Without a
 GPU, ``--num-gpus N`` runs N CPU processes joined by gloo.
@@ -21,7 +22,7 @@ from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
-from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, prepare_dataset
+from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, model_zoo, prepare_dataset
 from eqlosses_d2.checkpoint import AtomicCheckpointer
 from eqlosses_d2.compat import TrainerStateMixin, has_detectron2_extension, launch
 from eqlosses_d2.config import (
@@ -177,6 +178,8 @@ def prepare_datasets(cfg, eval_only=False):
 
 def setup(args):
     cfg = setup_cfg(args)
+    if args.config_file and not os.path.isfile(args.config_file):  # a model-zoo name: log its file
+        args = type(args)(**{**vars(args), "config_file": model_zoo.get_config_file(args.config_file)})
     default_setup(cfg, args)
     prepare_datasets(cfg, eval_only=args.eval_only)
     return cfg
@@ -203,12 +206,15 @@ def main(args):
 def check_args(args):
     """Fail in the launching process, in one line, before any worker starts."""
     cfg = setup_cfg(args)
+    weights = cfg.MODEL.WEIGHTS
     if args.eval_only:
-        weights = cfg.MODEL.WEIGHTS
         if not weights:
             raise ConfigError("--eval-only needs MODEL.WEIGHTS")
         if "://" not in weights and not os.path.isfile(weights):
-            raise ConfigError(f"MODEL.WEIGHTS: checkpoint not found: {weights}")
+            hint = f"; the model zoo's is {model_zoo.PREFIX}{weights}" if model_zoo.is_model_zoo_name(weights) else ""
+            raise ConfigError(f"MODEL.WEIGHTS: checkpoint not found: {weights}{hint}")
+    if weights.startswith(model_zoo.PREFIX) and (args.eval_only or not args.resume):
+        model_zoo.get_checkpoint_path(weights)  # download and verify once, before any worker starts
     # generate the synthetic data once here, not in every worker at the same time
     prepare_datasets(cfg, eval_only=args.eval_only)
 
@@ -217,7 +223,7 @@ def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     try:
         check_args(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, model_zoo.ModelZooError) as e:
         print(f"train_net.py: error: {e}", file=sys.stderr)
         return 2
     launch(

@@ -229,9 +229,16 @@ def validate_calibration(cfg):
 
 
 def merge_config_file(cfg, config_file):
-    """``cfg.merge_from_file`` with one-line errors naming the file and the key at fault."""
+    """``cfg.merge_from_file`` with one-line errors naming the file and the key at fault.
+    A model-zoo name (``eqlosses_d2/model_zoo``) stands for its config file and opts."""
     if not os.path.isfile(config_file):
-        raise ConfigError(f"config file not found: {config_file}")
+        from . import model_zoo
+
+        if model_zoo.is_model_zoo_name(config_file):
+            return model_zoo.merge_model_zoo_config(cfg, config_file)
+        matches = model_zoo.close_matches(config_file)
+        hint = f"; model-zoo names close to it: {', '.join(matches)}" if matches else ""
+        raise ConfigError(f"config file not found: {config_file}{hint}")
     try:
         cfg.merge_from_file(config_file)
     except KeyError as e:
