@@ -125,7 +125,7 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
             self.checkpointer.model, self.cfg.OUTPUT_DIR, rng=RandomStates(), **self.checkpointer.checkpointables
         )
         hooks = super().build_hooks()
-        if hasattr(getattr(self.model, "module", self.model).roi_heads, "memory"):
+        if hasattr(getattr(getattr(self.model, "module", self.model), "roi_heads", None), "memory"):
             hooks.insert(0, MemoryPrefillHook(self.cfg))  # LOCE: fill the feature queues first
         return hooks
 
@@ -164,6 +164,7 @@ def setup_cfg(args):
         logger.warning("MODEL.DEVICE=%s but no CUDA device is available: using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     validate_eval_protocol(cfg)
+    eqlosses_d2.config.validate_one_stage(cfg)  # MODEL.EQLOSSES.ONE_STAGE (one-stage detectors)
     cfg.freeze()
     return cfg
 

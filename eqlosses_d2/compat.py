@@ -32,6 +32,16 @@ What is handled (each function says how it detects the need):
   local process group made the way this Detectron2 provides) and builds CPU DDP models
   without ``device_ids``; with a GPU, or one process, it is Detectron2's ``launch``.
 
+- One-stage detectors: v0.6's ``RetinaNetHead`` probes its norm with ``get_norm(norm, 1)``,
+  which fails for "GN" (32 groups of 1 channel; main probes with 32):
+  :func:`dense_head_norm` gives it a GroupNorm factory that survives the probe. FCOS's
+  anchor matching changed between the lines: v0.6 has ``FCOS.match_anchors(anchors,
+  gt_instances)`` and its ``label_anchors`` returns the matched boxes as ``Boxes``; main has
+  ``FCOS._match_anchors(gt_boxes, anchors)`` (one image) and returns tensors, which its
+  ``compute_ctrness_targets`` then expects. :func:`matched_boxes_as_tensors` and
+  :func:`fcos_centerness_targets` take either. Neither line registers FCOS or gives it a
+  ``from_config``.
+
 :func:`apply_detectron2_patches` must run before ``detectron2.layers`` or
 ``detectron2.data.transforms`` is imported; ``import eqlosses_d2`` does that.
 """
@@ -51,9 +61,12 @@ __all__ = [
     "TrainerStateMixin",
     "apply_detectron2_patches",
     "default_trainer_saves_optimizer",
+    "dense_head_norm",
+    "fcos_centerness_targets",
     "has_detectron2_extension",
     "import_detectron2_model_zoo",
     "launch",
+    "matched_boxes_as_tensors",
     "replace_data_loader",
     "torch_load",
 ]
@@ -393,3 +406,55 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
         daemon=False,
         start_method="spawn",
     )
+
+
+# ----------------------------------------------------------------------------- one-stage detectors
+
+
+def _retinanet_head_probes_one_channel() -> bool:
+    """v0.6's ``RetinaNetHead.__init__`` calls ``get_norm(norm, 1)`` to name the norm type."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    try:
+        source = inspect.getsource(RetinaNetHead.__init__)
+    except (OSError, TypeError):
+        return False
+    return "get_norm(norm, 1)" in source
+
+
+class _GroupNorm32:
+    """``GroupNorm(32, channels)``, Detectron2's "GN", except for a probe with fewer than 32
+    channels (one group then), which only serves to name the norm type."""
+
+    def __call__(self, channels):
+        from torch import nn
+
+        return nn.GroupNorm(32 if channels >= 32 else 1, channels)
+
+    def __repr__(self):
+        return "GN"
+
+
+def dense_head_norm(norm):
+    """The ``norm`` to give Detectron2's ``RetinaNetHead`` / ``FCOSHead`` for the config's
+    ``MODEL.RETINANET.NORM``: "GN" becomes a factory where the head probes with one channel."""
+    if norm == "GN" and _retinanet_head_probes_one_channel():
+        return _GroupNorm32()
+    return norm
+
+
+def matched_boxes_as_tensors(matched_boxes):
+    """``label_anchors``' per-image matched boxes as (R, 4) tensors (v0.6's FCOS gives ``Boxes``)."""
+    return [getattr(boxes, "tensor", boxes) for boxes in matched_boxes]
+
+
+def fcos_centerness_targets(fcos, anchors, matched_boxes):
+    """``FCOS.compute_ctrness_targets`` with the matched boxes in the form this Detectron2's
+    FCOS takes: tensors where it has ``_match_anchors`` (main), ``Boxes`` otherwise (v0.6)."""
+    from detectron2.modeling.meta_arch.fcos import FCOS
+    from detectron2.structures import Boxes
+
+    boxes = matched_boxes_as_tensors(matched_boxes)
+    if not hasattr(FCOS, "_match_anchors"):
+        boxes = [Boxes(b) for b in boxes]
+    return fcos.compute_ctrness_targets(anchors, boxes)

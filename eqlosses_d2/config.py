@@ -16,6 +16,7 @@ __all__ = [
     "merge_config_file",
     "merge_config_list",
     "validate_num_classes",
+    "validate_one_stage",
 ]
 
 
@@ -156,6 +157,40 @@ def add_eqlosses_config(cfg):
     # (instance counts instead of image counts).
     _C.MODEL.EQLOSSES.IIF.VARIANT = "raw"
 
+    # One-stage detectors: MODEL.META_ARCHITECTURE "LongTailRetinaNet" or "LongTailFCOS"
+    # (eqlosses_d2.modeling.one_stage). Both read their head (NUM_CONVS, NORM, PRIOR_PROB),
+    # classes, features and test thresholds from Detectron2's MODEL.RETINANET node.
+    _C.MODEL.EQLOSSES.ONE_STAGE = CN()
+    # Classification loss of the dense head: "focal" (sigmoid focal loss) or "efl" (Equalized Focal Loss).
+    _C.MODEL.EQLOSSES.ONE_STAGE.LOSS = "focal"
+    # Anchor assignment: "default" (the detector's own: RetinaNet's IoU matcher, FCOS's center
+    # sampling and scale ranges) or "atss" (adaptive training sample selection, Zhang et al. 2020).
+    _C.MODEL.EQLOSSES.ONE_STAGE.ASSIGNER = "default"
+    # ATSS: candidate anchors per pyramid level and ground-truth box (closest centers).
+    _C.MODEL.EQLOSSES.ONE_STAGE.ATSS_TOPK = 9
+    # Inference: per level, each class's top k anchors above the score threshold are kept (0:
+    # Detectron2's top MODEL.RETINANET.TOPK_CANDIDATES_TEST over all classes), then per-class NMS
+    # and the TEST.DETECTIONS_PER_IMAGE best per image.
+    _C.MODEL.EQLOSSES.ONE_STAGE.TEST_TOPK_PER_CLASS = 100
+    # FCOS ("default" assigner): radius, in strides, of the center-sampling region of a box.
+    _C.MODEL.EQLOSSES.ONE_STAGE.FCOS_CENTER_SAMPLING_RADIUS = 1.5
+
+    # Sigmoid focal loss of the one-stage models (read instead of MODEL.RETINANET.FOCAL_LOSS_*).
+    _C.MODEL.EQLOSSES.FOCAL = CN()
+    # α: weight of the positives' terms, 1 - α of the negatives' (< 0: no α weighting).
+    _C.MODEL.EQLOSSES.FOCAL.ALPHA = 0.25
+    # γ: focusing factor (1 - p_t)^γ.
+    _C.MODEL.EQLOSSES.FOCAL.GAMMA = 2.0
+
+    # Equalized Focal Loss (Li et al. 2022): γ_j = GAMMA + SCALE_FACTOR·(1 - g_j), weight γ_j / GAMMA.
+    _C.MODEL.EQLOSSES.EFL = CN()
+    # α of the focal terms (< 0: no α weighting).
+    _C.MODEL.EQLOSSES.EFL.ALPHA = 0.25
+    # γ_b: the focusing factor of a class with balanced gradients (g_j = 1).
+    _C.MODEL.EQLOSSES.EFL.GAMMA = 2.0
+    # s: how much γ_j grows as the class's positive/negative gradient ratio g_j falls to 0.
+    _C.MODEL.EQLOSSES.EFL.SCALE_FACTOR = 8.0
+
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.
     _C.TEST.EQLOSSES.PRINT_TABLE = True
@@ -228,6 +263,49 @@ def validate_calibration(cfg):
     return calibration
 
 
+#: meta-architectures whose classes and head are configured in MODEL.RETINANET
+ONE_STAGE_META_ARCHITECTURES = ("RetinaNet", "LongTailRetinaNet", "LongTailFCOS")
+ONE_STAGE_ASSIGNERS = ("default", "atss")
+
+
+def validate_one_stage(cfg):
+    """One-line errors for MODEL.EQLOSSES.ONE_STAGE / FOCAL / EFL (values, and what the
+    one-stage models do not support)."""
+    from .losses.dense import build_dense_loss_from_cfg
+
+    node = cfg.MODEL.EQLOSSES.ONE_STAGE
+    try:
+        build_dense_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    except ValueError as e:
+        raise ConfigError(f"MODEL.EQLOSSES.{e}") from None
+    if node.ASSIGNER not in ONE_STAGE_ASSIGNERS:
+        raise ConfigError(
+            f"MODEL.EQLOSSES.ONE_STAGE.ASSIGNER must be one of {', '.join(ONE_STAGE_ASSIGNERS)}; got '{node.ASSIGNER}'"
+        )
+    if node.ATSS_TOPK < 1:
+        raise ConfigError(f"MODEL.EQLOSSES.ONE_STAGE.ATSS_TOPK must be >= 1, got {node.ATSS_TOPK}")
+    if node.TEST_TOPK_PER_CLASS < 0:
+        raise ConfigError(
+            f"MODEL.EQLOSSES.ONE_STAGE.TEST_TOPK_PER_CLASS must be >= 0 (0: Detectron2's), got {node.TEST_TOPK_PER_CLASS}"
+        )
+    if node.FCOS_CENTER_SAMPLING_RADIUS <= 0:
+        raise ConfigError(
+            f"MODEL.EQLOSSES.ONE_STAGE.FCOS_CENTER_SAMPLING_RADIUS must be > 0, got {node.FCOS_CENTER_SAMPLING_RADIUS}"
+        )
+    if cfg.MODEL.META_ARCHITECTURE in ("LongTailRetinaNet", "LongTailFCOS"):
+        retina = cfg.MODEL.RETINANET
+        if (retina.FOCAL_LOSS_ALPHA, retina.FOCAL_LOSS_GAMMA) != (0.25, 2.0):
+            raise ConfigError(
+                f"{cfg.MODEL.META_ARCHITECTURE} reads MODEL.EQLOSSES.FOCAL / EFL, not MODEL.RETINANET.FOCAL_LOSS_*: set those"
+            )
+        if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
+            raise ConfigError(f"TEST.EQLOSSES.CALIBRATION: not supported by {cfg.MODEL.META_ARCHITECTURE}")
+        if cfg.TEST.EQLOSSES.PROTOCOL == "boundary":
+            raise ConfigError(f"TEST.EQLOSSES.PROTOCOL 'boundary' evaluates masks; {cfg.MODEL.META_ARCHITECTURE} has none")
+
+
 def merge_config_file(cfg, config_file):
     """``cfg.merge_from_file`` with one-line errors naming the file and the key at fault.
     A model-zoo name (``eqlosses_d2/model_zoo``) stands for its config file and opts."""
@@ -273,7 +351,7 @@ def validate_num_classes(cfg, dataset_names):
     from detectron2.data import MetadataCatalog
 
     keys = []
-    if cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+    if cfg.MODEL.META_ARCHITECTURE in ONE_STAGE_META_ARCHITECTURES:
         keys.append("MODEL.RETINANET.NUM_CLASSES")
     else:
         keys.append("MODEL.ROI_HEADS.NUM_CLASSES")

@@ -2,6 +2,7 @@ from .box_predictor import CosineClassifier, LongTailOutputLayers
 from .class_stats import ClassStatsBuffers, find_class_stats
 from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
 from .memory import FeatureMemory, jitter_boxes
+from .one_stage import LongTailFCOS, LongTailRetinaNet  # registration: one-stage meta-architectures
 from .roi_heads import (
     LongTailCascadeROIHeads,
     LongTailIterativeROIHeads,
@@ -15,9 +16,11 @@ __all__ = [
     "CosineClassifier",
     "FeatureMemory",
     "LongTailCascadeROIHeads",
+    "LongTailFCOS",
     "LongTailIterativeROIHeads",
     "LongTailLOCEROIHeads",
     "LongTailOutputLayers",
+    "LongTailRetinaNet",
     "LongTailStandardROIHeads",
     "NormalizedConv2d",
     "find_class_stats",
