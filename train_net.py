@@ -165,6 +165,7 @@ def setup_cfg(args):
         cfg.MODEL.DEVICE = "cpu"
     validate_eval_protocol(cfg)
     eqlosses_d2.config.validate_one_stage(cfg)  # MODEL.EQLOSSES.ONE_STAGE (one-stage detectors)
+    eqlosses_d2.config.validate_copy_paste(cfg)  # INPUT.EQLOSSES.* (copy-paste mapper)
     cfg.freeze()
     return cfg
 

@@ -13,6 +13,7 @@ from . import data as _data  # noqa: E402,F401  # registration: datasets
 from . import modeling as _modeling  # noqa: E402,F401  # registration: RoI heads
 from . import model_zoo  # noqa: E402,F401  # registration: eqlosses_d2:// paths (Detectron2's PathManager)
 from .data import ClassStatistics, get_class_statistics, prepare_dataset  # noqa: E402
+from .data import CopyPasteDatasetMapper  # noqa: E402
 from .modeling import ClassStatsBuffers, LongTailStandardROIHeads, find_class_stats  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "apply_detectron2_patches",
     "ClassStatistics",
     "ClassStatsBuffers",
+    "CopyPasteDatasetMapper",
     "LongTailStandardROIHeads",
     "find_class_stats",
     "get_class_statistics",

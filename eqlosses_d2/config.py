@@ -227,7 +227,73 @@ def add_eqlosses_config(cfg):
     _C.TEST.EQLOSSES.CALIBRATION.IIF_VARIANT = "raw"
     # τ of METHOD "tau_norm": classifier weights w_c / |w_c|^τ.
     _C.TEST.EQLOSSES.CALIBRATION.TAU = 1.0
+
+    # Training-time augmentation of eqlosses_d2.data.CopyPasteDatasetMapper (built by the
+    # train loader when LSJ.ENABLED): large-scale jitter, Simple Copy-Paste (Ghiasi et al. 2021).
+    _C.INPUT.EQLOSSES = CN()
+    _C.INPUT.EQLOSSES.LSJ = CN()
+    # Train with the copy-paste mapper's large-scale jitter instead of Detectron2's DatasetMapper
+    # (whose INPUT.MIN_SIZE_TRAIN / MAX_SIZE_TRAIN / RANDOM_FLIP / CROP are then unused).
+    _C.INPUT.EQLOSSES.LSJ.ENABLED = False
+    # Side of the square training canvas: the jittered image is cropped / padded to it.
+    _C.INPUT.EQLOSSES.LSJ.IMAGE_SIZE = 1024
+    # Smallest jitter scale: the image is resized to fit a square of side scale × IMAGE_SIZE.
+    _C.INPUT.EQLOSSES.LSJ.MIN_SCALE = 0.1
+    # Largest jitter scale (the paper's range: 0.1 .. 2.0; standard scale jitter 0.8 .. 1.25).
+    _C.INPUT.EQLOSSES.LSJ.MAX_SCALE = 2.0
+    # Probability of a horizontal flip, per image (target and paste source independently).
+    _C.INPUT.EQLOSSES.LSJ.HFLIP_PROB = 0.5
+    _C.INPUT.EQLOSSES.COPY_PASTE = CN()
+    # Paste a random subset of another training image's objects onto each image (needs LSJ.ENABLED).
+    _C.INPUT.EQLOSSES.COPY_PASTE.ENABLED = False
+    # Probability that an image gets objects pasted (the paper: 1.0).
+    _C.INPUT.EQLOSSES.COPY_PASTE.PROB = 1.0
+    # Most objects pasted per image (0: no limit); k is uniform in 1 .. min(n, this).
+    _C.INPUT.EQLOSSES.COPY_PASTE.MAX_OBJECTS = 0
+    # Paste-source images: "uniform", "repeat_factor" (∝ LVIS repeat factor) or "class_balanced"
+    # (a present class uniformly, then one of its images).
+    _C.INPUT.EQLOSSES.COPY_PASTE.SOURCE_SAMPLING = "uniform"
+    # t of the "repeat_factor" source sampling, r(c) = max(1, sqrt(t / f(c))).
+    _C.INPUT.EQLOSSES.COPY_PASTE.SOURCE_REPEAT_THRESHOLD = 0.001
+    # A partly covered object is dropped when fewer than this many of its pixels stay visible.
+    _C.INPUT.EQLOSSES.COPY_PASTE.MIN_VISIBLE_PIXELS = 10
+    # ... or when less than this fraction of its own pixels stays visible.
+    _C.INPUT.EQLOSSES.COPY_PASTE.MIN_VISIBLE_FRACTION = 0.01
     return cfg
+
+
+def validate_copy_paste(cfg):
+    """One-line errors for INPUT.EQLOSSES.LSJ / COPY_PASTE (values, and what they need)."""
+    from .data.copy_paste import SOURCE_SAMPLINGS
+
+    node = cfg.INPUT.get("EQLOSSES")
+    if node is None:
+        return
+    lsj, paste = node.LSJ, node.COPY_PASTE
+    checks = [
+        ("LSJ.IMAGE_SIZE", lsj.IMAGE_SIZE, lsj.IMAGE_SIZE > 0, "must be > 0"),
+        ("LSJ.MIN_SCALE", lsj.MIN_SCALE, lsj.MIN_SCALE > 0, "must be > 0"),
+        ("LSJ.MAX_SCALE", lsj.MAX_SCALE, lsj.MAX_SCALE >= lsj.MIN_SCALE, f"must be >= LSJ.MIN_SCALE ({lsj.MIN_SCALE})"),
+        ("LSJ.HFLIP_PROB", lsj.HFLIP_PROB, 0 <= lsj.HFLIP_PROB <= 1, "must be in [0, 1]"),
+        ("COPY_PASTE.PROB", paste.PROB, 0 <= paste.PROB <= 1, "must be in [0, 1]"),
+        ("COPY_PASTE.MAX_OBJECTS", paste.MAX_OBJECTS, paste.MAX_OBJECTS >= 0, "must be >= 0 (0: no limit)"),
+        ("COPY_PASTE.SOURCE_SAMPLING", paste.SOURCE_SAMPLING, paste.SOURCE_SAMPLING in SOURCE_SAMPLINGS,
+         f"must be one of {', '.join(SOURCE_SAMPLINGS)}"),
+        ("COPY_PASTE.SOURCE_REPEAT_THRESHOLD", paste.SOURCE_REPEAT_THRESHOLD, paste.SOURCE_REPEAT_THRESHOLD > 0,
+         "must be > 0"),
+        ("COPY_PASTE.MIN_VISIBLE_PIXELS", paste.MIN_VISIBLE_PIXELS, paste.MIN_VISIBLE_PIXELS >= 0, "must be >= 0"),
+        ("COPY_PASTE.MIN_VISIBLE_FRACTION", paste.MIN_VISIBLE_FRACTION, 0 <= paste.MIN_VISIBLE_FRACTION <= 1,
+         "must be in [0, 1]"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"INPUT.EQLOSSES.{key} {rule}; got {value!r}")
+    if paste.ENABLED and not lsj.ENABLED:
+        raise ConfigError("INPUT.EQLOSSES.COPY_PASTE.ENABLED needs INPUT.EQLOSSES.LSJ.ENABLED (the mapper that pastes)")
+    if lsj.ENABLED and cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper has no keypoints (MODEL.KEYPOINT_ON)")
+    if lsj.ENABLED and cfg.MODEL.LOAD_PROPOSALS:
+        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper loads no proposals (MODEL.LOAD_PROPOSALS)")
 
 
 EVAL_PROTOCOLS = ("standard", "fixed", "boundary")

@@ -46,8 +46,15 @@ class SkipSampler(Sampler):
 
 def build_resumable_train_loader(cfg, mapper=None):
     """Detectron2's train loader for ``cfg``, its sampler wrapped in a :class:`SkipSampler`
-    (kept as the loader's ``resume_sampler`` attribute)."""
+    (kept as the loader's ``resume_sampler`` attribute). Without a ``mapper``, and with
+    ``INPUT.EQLOSSES.LSJ.ENABLED``, the mapper is a :class:`CopyPasteDatasetMapper` over the
+    same dataset, whose serialized copy the loader then reads too (one copy in memory)."""
+    from .data.copy_paste import CopyPasteDatasetMapper, uses_copy_paste_mapper
+
     kwargs = _train_loader_from_config(cfg, mapper)
+    if mapper is None and uses_copy_paste_mapper(cfg):
+        kwargs["mapper"] = CopyPasteDatasetMapper(cfg, dataset=kwargs["dataset"])
+        kwargs["dataset"] = kwargs["mapper"].dataset
     kwargs["sampler"] = SkipSampler(kwargs["sampler"])
     loader = build_detection_train_loader(**kwargs)
     loader.resume_sampler = kwargs["sampler"]
