@@ -80,6 +80,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
@@ -157,13 +158,23 @@ def merge_lvis_id_lists(neg_category_ids, not_exhaustive_category_ids, present_c
     return [c for c in neg_category_ids if c not in present], list(not_exhaustive_category_ids)
 
 
+def _tight_box(mask):
+    """(x0, y0, x1, y1) of a bool mask's pixels (x1, y1 exclusive, as
+    ``BitMasks.get_bounding_boxes``), or None if it is empty."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if len(cols) == 0:
+        return None
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.int64)
+
+
 class _Sample:
-    """One image after its jitter: HWC image, (N, H, W) bool masks, (N,) classes."""
+    """One image after its jitter: HWC image, (N, H, W) bool masks, (N,) classes and
+    (N, 4) int boxes, the masks' tight boxes."""
 
-    __slots__ = ("image", "masks", "classes")
+    __slots__ = ("image", "masks", "classes", "boxes")
 
-    def __init__(self, image, masks, classes):
-        self.image, self.masks, self.classes = image, masks, classes
+    def __init__(self, image, masks, classes, boxes):
+        self.image, self.masks, self.classes, self.boxes = image, masks, classes, boxes
 
 
 class CopyPasteDatasetMapper:
@@ -299,11 +310,13 @@ class CopyPasteDatasetMapper:
         return self._rng
 
     # ------------------------------------------------------------------ one image
-    def _jitter(self, height: int, width: int, rng) -> TransformList:
-        """Flip, resize into (s · image_size)², random crop and pad to image_size²."""
+    def _jitter(self, height: int, width: int, rng):
+        """Flip, resize into (s · image_size)², random crop and pad to image_size²: the
+        transforms, and the (flip, resize, crop) parameters for :meth:`_warp_image`."""
         size = self.image_size
         tfms = []
-        if rng.random() < self.hflip_prob:
+        flip = rng.random() < self.hflip_prob
+        if flip:
             tfms.append(HFlipTransform(width))
         scale = rng.uniform(self.min_scale, self.max_scale) * size / max(height, width)
         new_h, new_w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
@@ -316,13 +329,47 @@ class CopyPasteDatasetMapper:
             tfms.append(CropTransform(x0, y0, crop_w, crop_h))
         if (crop_h, crop_w) != (size, size):
             tfms.append(PadTransform(0, 0, size - crop_w, size - crop_h, crop_w, crop_h, pad_value=PAD_VALUE))
-        return TransformList(tfms or [NoOpTransform()])
+        return TransformList(tfms or [NoOpTransform()]), (flip, new_h, new_w, x0, y0, crop_w, crop_h)
 
-    def _instance_mask(self, segmentation, tfms, height, width) -> np.ndarray:
+    def _warp_image(self, image, tfms, params):
+        """``tfms.apply_image``, with the resize and the crop done as one PIL resize of the
+        cropped region (``Image.resize(box=...)``): the same pixels, at the cost of the
+        output size rather than of the enlarged image (up to 4x the canvas at scale 2)."""
+        flip, new_h, new_w, x0, y0, crop_w, crop_h = params
+        height, width = image.shape[:2]
+        if image.dtype != np.uint8 or (new_h, new_w) == (height, width):
+            return tfms.apply_image(image)
+        if flip:
+            image = image[:, ::-1]
+        squeeze = image.ndim == 3 and image.shape[2] == 1
+        pil = Image.fromarray(np.ascontiguousarray(image[:, :, 0] if squeeze else image))
+        sx, sy = new_w / width, new_h / height
+        box = (x0 / sx, y0 / sy, (x0 + crop_w) / sx, (y0 + crop_h) / sy)
+        image = np.asarray(pil.resize((crop_w, crop_h), Image.BILINEAR, box=box))
+        if squeeze:
+            image = image[:, :, None]
         size = self.image_size
-        if isinstance(segmentation, list):  # polygons: move the vertices, rasterize once
-            polygons = [tfms.apply_coords(np.array(p, dtype=np.float64).reshape(-1, 2)).reshape(-1) for p in segmentation]
-            return polygons_to_bitmask(polygons, size, size)
+        if (crop_h, crop_w) != (size, size):
+            image = PadTransform(0, 0, size - crop_w, size - crop_h, pad_value=PAD_VALUE).apply_image(image)
+        return image
+
+    def _instance_mask(self, segmentation, tfms, height, width):
+        """The object's (size, size) bool mask and its tight box (x0, y0, x1, y1), or None
+        if nothing of it is left on the canvas."""
+        size = self.image_size
+        if isinstance(segmentation, list):  # polygons: move the vertices, rasterize once, in their box
+            polygons = [tfms.apply_coords(np.array(p, dtype=np.float64).reshape(-1, 2)) for p in segmentation]
+            points = np.concatenate(polygons)
+            lo = np.clip(np.floor(points.min(axis=0)).astype(int), 0, size)
+            hi = np.clip(np.ceil(points.max(axis=0)).astype(int) + 1, 0, size)
+            if (hi <= lo).any():
+                return None
+            # pycocotools' rasterization is invariant to integer shifts: rasterize the window only
+            local = polygons_to_bitmask([(p - lo).reshape(-1) for p in polygons], hi[1] - lo[1], hi[0] - lo[0])
+            mask = np.zeros((size, size), dtype=bool)
+            mask[lo[1]:hi[1], lo[0]:hi[0]] = local
+            box = _tight_box(local)
+            return None if box is None else (mask, box + np.array([lo[0], lo[1], lo[0], lo[1]]))
         if isinstance(segmentation, dict):  # RLE, compressed or not
             rle = mask_util.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) else segmentation
             mask = mask_util.decode(rle)
@@ -330,15 +377,17 @@ class CopyPasteDatasetMapper:
             mask = np.asarray(segmentation, dtype=np.uint8)
             if mask.shape != (height, width):
                 raise ValueError(f"a mask of shape {mask.shape} in an image of {height}x{width}")
-        return tfms.apply_segmentation(mask).astype(bool)
+        mask = tfms.apply_segmentation(mask).astype(bool)
+        box = _tight_box(mask)
+        return None if box is None else (mask, box)
 
     def _load(self, record, rng) -> _Sample:
         image = utils.read_image(record["file_name"], format=self.image_format)
         utils.check_image_size(record, image)
         height, width = image.shape[:2]
-        tfms = self._jitter(height, width, rng)
-        image = tfms.apply_image(image)
-        masks, classes = [], []
+        tfms, params = self._jitter(height, width, rng)
+        image = self._warp_image(image, tfms, params)
+        masks, boxes, classes = [], [], []
         for annotation in record.get("annotations", []):
             if annotation.get("iscrowd", 0):
                 continue
@@ -347,13 +396,16 @@ class CopyPasteDatasetMapper:
                     f"{record.get('file_name')}: an annotation without 'segmentation'; "
                     f"CopyPasteDatasetMapper needs instance masks"
                 )
-            mask = self._instance_mask(annotation["segmentation"], tfms, height, width)
-            if mask.any():  # objects the crop removed, or too small at this scale, are gone
-                masks.append(mask)
+            # None: the crop removed the object, or it is too small at this scale
+            mask_and_box = self._instance_mask(annotation["segmentation"], tfms, height, width)
+            if mask_and_box is not None:
+                masks.append(mask_and_box[0])
+                boxes.append(mask_and_box[1])
                 classes.append(annotation["category_id"])
         size = self.image_size
         masks = np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
-        return _Sample(np.ascontiguousarray(image), masks, np.asarray(classes, dtype=np.int64))
+        boxes = np.stack(boxes).astype(np.int64) if boxes else np.zeros((0, 4), dtype=np.int64)
+        return _Sample(np.ascontiguousarray(image), masks, np.asarray(classes, dtype=np.int64), boxes)
 
     def _draw_source(self, rng) -> Optional[int]:
         total = self._source_cdf[-1] if len(self._source_cdf) else 0.0
@@ -364,23 +416,40 @@ class CopyPasteDatasetMapper:
 
     # ------------------------------------------------------------------ the paste
     def _paste(self, target: _Sample, source: _Sample, rng):
-        """The pasted sample, and how many objects were pasted (its last instances)."""
+        """The pasted sample, and how many objects were pasted (its last instances). Work
+        is done inside the objects' boxes, not over the whole canvas."""
         n = len(source.classes)
         cap = n if self.max_pasted == 0 else min(n, self.max_pasted)
         k = int(rng.integers(1, cap + 1))
         picked = np.sort(rng.choice(n, size=k, replace=False))
-        pasted_masks = source.masks[picked]
-        alpha = pasted_masks.any(axis=0)
-        image = np.where(alpha[..., None], source.image, target.image)
-        visible = target.masks & ~alpha
-        visible_area = visible.sum(axis=(1, 2))
-        own_area = target.masks.sum(axis=(1, 2))
-        covered = visible_area < own_area
-        too_little = (visible_area < self.min_visible_pixels) | (visible_area < self.min_visible_fraction * own_area)
-        keep = (visible_area > 0) & ~(covered & too_little)
-        masks = np.concatenate([visible[keep], pasted_masks])
+        pasted_masks, pasted_boxes = source.masks[picked], source.boxes[picked]
+        alpha = np.zeros(pasted_masks.shape[1:], dtype=bool)
+        for mask, (x0, y0, x1, y1) in zip(pasted_masks, pasted_boxes):
+            alpha[y0:y1, x0:x1] |= mask[y0:y1, x0:x1]
+        ax0, ay0 = pasted_boxes[:, :2].min(axis=0)
+        ax1, ay1 = pasted_boxes[:, 2:].max(axis=0)
+        image = target.image.copy()
+        window = (slice(ay0, ay1), slice(ax0, ax1))
+        image[window] = np.where(alpha[window][..., None], source.image[window], target.image[window])
+
+        keep = np.ones(len(target.classes), dtype=bool)
+        boxes = target.boxes.copy()
+        for i, (x0, y0, x1, y1) in enumerate(target.boxes):
+            covered = alpha[y0:y1, x0:x1]
+            if not covered.any():
+                continue  # an object the paste does not touch is never dropped
+            own = target.masks[i, y0:y1, x0:x1]
+            visible = own & ~covered
+            own_area, visible_area = int(own.sum()), int(visible.sum())
+            if visible_area == 0 or (visible_area < own_area and (
+                    visible_area < self.min_visible_pixels or visible_area < self.min_visible_fraction * own_area)):
+                keep[i] = False
+                continue
+            target.masks[i, y0:y1, x0:x1] = visible  # the sample is ours: cut in place
+            boxes[i] = _tight_box(visible) + np.array([x0, y0, x0, y0])
+        masks = np.concatenate([target.masks[keep], pasted_masks])
         classes = np.concatenate([target.classes[keep], source.classes[picked]])
-        return _Sample(image, masks, classes), k
+        return _Sample(image, masks, classes, np.concatenate([boxes[keep], pasted_boxes])), k
 
     def _dataset_id(self, class_id: int) -> int:
         if self.category_id_to_dataset_id is None:
@@ -404,11 +473,10 @@ class CopyPasteDatasetMapper:
         out["height"], out["width"] = size, size
         out["image"] = torch.as_tensor(np.ascontiguousarray(result.image.transpose(2, 0, 1)))
         instances = Instances((size, size))
-        masks = BitMasks(torch.from_numpy(result.masks))
-        instances.gt_boxes = masks.get_bounding_boxes()
+        instances.gt_boxes = Boxes(torch.from_numpy(result.boxes).to(torch.float32))
         instances.gt_classes = torch.from_numpy(result.classes)
         if self.use_instance_mask:
-            instances.gt_masks = masks
+            instances.gt_masks = BitMasks(torch.from_numpy(result.masks))
         out["instances"] = instances
         out["copy_paste_source_id"] = source_id
         out["copy_paste_num_pasted"] = num_pasted  # the pasted objects are the last instances
