@@ -51,8 +51,10 @@ def build_resumable_train_loader(cfg, mapper=None):
     same dataset, whose serialized copy the loader then reads too (one copy in memory)."""
     from .data.copy_paste import CopyPasteDatasetMapper, uses_copy_paste_mapper
 
-    kwargs = _train_loader_from_config(cfg, mapper)
-    if mapper is None and uses_copy_paste_mapper(cfg):
+    copy_paste = mapper is None and uses_copy_paste_mapper(cfg)
+    # with a stand-in mapper, Detectron2 builds (and logs) no DatasetMapper we would not use
+    kwargs = _train_loader_from_config(cfg, (lambda dataset_dict: dataset_dict) if copy_paste else mapper)
+    if copy_paste:
         kwargs["mapper"] = CopyPasteDatasetMapper(cfg, dataset=kwargs["dataset"])
         kwargs["dataset"] = kwargs["mapper"].dataset
     kwargs["sampler"] = SkipSampler(kwargs["sampler"])
