@@ -56,9 +56,12 @@ def test_config_merges_and_builds(config_file):
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     model = build_model(cfg)
+    # one-stage detectors keep classes and thresholds in MODEL.RETINANET, their statistics at the top
+    one_stage = cfg.MODEL.META_ARCHITECTURE in ("LongTailRetinaNet", "LongTailFCOS")
+    heads = cfg.MODEL.RETINANET if one_stage else cfg.MODEL.ROI_HEADS
     stats = find_class_stats(model)
-    assert stats is not None and stats.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    assert "roi_heads.class_stats.image_count" in model.state_dict()
+    assert stats is not None and stats.num_classes == heads.NUM_CLASSES
+    assert ("" if one_stage else "roi_heads.") + "class_stats.image_count" in model.state_dict()
     # some methods (IIF) need counts at inference: give it a long tail 1..C
     num = stats.num_classes
     stats.set_from(ClassStatistics(
@@ -68,9 +71,9 @@ def test_config_merges_and_builds(config_file):
         num_images_with_annotations=num,
     ))
     if "LVISv1" in config_file:
-        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1203
+        assert heads.NUM_CLASSES == 1203
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
-        assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == pytest.approx(1e-4)
+        assert heads.SCORE_THRESH_TEST == pytest.approx(1e-4)
         # the papers' random-sampler recipes say so; everything else keeps the base's RFS 0.001
         assert cfg.DATALOADER.SAMPLER_TRAIN in ("RepeatFactorTrainingSampler", "TrainingSampler")
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(1e-3)
