@@ -62,12 +62,15 @@ checkpoints, so runs are reproducible and ``--resume`` is exact with ``NUM_WORKE
 with Detectron2's own augmentations. With an integer ``seed`` the mapper owns one
 generator per process, seeded by ``(seed, data-loader worker id)``.
 
-Libraries: the geometric transforms are Detectron2's / fvcore's (``HFlipTransform``,
-``ResizeTransform`` (PIL, bilinear for images, nearest for RLE masks), ``CropTransform``,
-``PadTransform``), applied to the image and to the polygon vertices; polygons are
-rasterized once, at the output geometry, by pycocotools (``polygons_to_bitmask``, which
-also clips what the crop cut off); RLE by ``pycocotools.mask``; boxes by
-``BitMasks.get_bounding_boxes``; the rest is numpy.
+Libraries: the geometry is Detectron2's / fvcore's transforms (``HFlipTransform``,
+``ResizeTransform``, ``CropTransform``, ``PadTransform``), applied to the polygon vertices
+and RLE masks (nearest); the image's resize and crop are one PIL ``Image.resize(box=...)``
+of the region the crop keeps (bilinear; within 1 grey level of Detectron2's
+resize-then-crop, at the output's cost rather than the enlarged image's). Polygons are
+rasterized once, at the output geometry and inside their box, by pycocotools
+(``polygons_to_bitmask``, which also clips what the crop cut off); RLE is decoded by
+``pycocotools.mask``; boxes are the masks' tight boxes (``BitMasks.get_bounding_boxes``'
+convention, computed inside each object's box); the rest is numpy.
 
 Differences from the paper: no Gaussian blending of the pasted edges (the paper found it
 unnecessary); the source is drawn from the whole training set, so it can be the target
