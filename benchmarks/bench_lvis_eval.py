@@ -5,7 +5,7 @@ LVIS evaluation speed: eqlosses_d2's evaluate_lvis (hotcoco matching) against lv
 that every metric is identical.
 
     python benchmarks/bench_lvis_eval.py [--images 2000] [--classes 1203] [--dets 300]
-                                         [--tasks bbox segm] [--fixed-ap] [--memory]
+                                         [--tasks bbox segm] [--fixed-ap] [--memory | --held]
 
 Ground truth: 640x480 images with about 12 instances each (LVIS v1 val has ~12), classes
 drawn with a long tail and an r/c/f split by training image count, per-image negative
@@ -14,7 +14,9 @@ ground truth plus random boxes of random classes), rectangles as RLE masks for s
 Times are wall-clock seconds of the evaluation call from results in memory (lvis-api:
 ``LVISResults`` + ``LVISEval.run``); prints a Markdown table. ``--memory`` instead runs
 each evaluator in a fresh process and reports how far its peak resident memory rises
-above the memory holding the generated data and results (Linux ``ru_maxrss``).
+above the memory holding the generated data and results (Linux ``ru_maxrss``). ``--held``
+compares what the main process of a distributed evaluation holds once the results are
+gathered: Detectron2's ``LVISEvaluator`` keeps a dict per result, ours arrays per image.
 """
 import argparse
 import copy
@@ -163,6 +165,68 @@ def measure_memory(args):
               f"{row['lvis-api'][1] - row['lvis-api'][0]:.0f} |", flush=True)
 
 
+def _per_image(results, rle, with_masks):
+    """The generated results as LVISEvaluator.process keeps them (arrays per image, see
+    eqlosses_d2/evaluation/results.py) and as Detectron2's keeps them (dicts per result)."""
+    by_image = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    compact, dicts = [], []
+    for image_id, rs in by_image.items():
+        boxes = np.array([r["bbox"] for r in rs], dtype=np.float32)
+        scores = np.array([r["score"] for r in rs], dtype=np.float32)
+        classes = np.array([r["category_id"] - 1 for r in rs], dtype=np.int64)
+        record = {"image_id": image_id, "boxes": boxes, "scores": scores, "classes": classes}
+        entries = [{"image_id": image_id, "category_id": int(c), "bbox": b, "score": s}
+                   for c, b, s in zip(classes.tolist(), boxes.tolist(), scores.tolist())]
+        if with_masks:
+            masks = [rle(r["bbox"]) for r in rs]
+            record["rles"] = [m["counts"].decode("utf-8") for m in masks]
+            record["mask_size"] = tuple(masks[0]["size"])
+            for e, counts in zip(entries, record["rles"]):
+                e["segmentation"] = {"size": list(record["mask_size"]), "counts": counts}
+        compact.append({"image_id": image_id, "instances": record})
+        dicts.append({"image_id": image_id, "instances": entries})
+    return compact, dicts
+
+
+def measure_held(args):
+    """What the main process holds once every process's results are gathered: the
+    unpickled lists (tracemalloc), the bytes gathered and saved (pickle), and the time
+    from them to the metrics."""
+    import pickle
+    import tracemalloc
+
+    import eqlosses_d2  # noqa: F401
+    from eqlosses_d2.evaluation import LVISGroundTruth, evaluate_lvis
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    gt, results, rle = make_data(args.images, args.classes, args.dets)
+    print(f"\n### Gathered results on the main process, {args.images} images x {args.dets} results\n")
+    print("| task | kept as | pickled MB | held after unpickling MB | evaluation s |")
+    print("|---|---|---|---|---|")
+    lvis_gt = LVISGroundTruth(gt)
+    for task in args.tasks:
+        compact, dicts = _per_image(results, rle, with_masks=task == "segm")
+        for label, kept in (("dicts (Detectron2)", dicts), ("arrays (eqlosses_d2)", compact)):
+            blob = pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL)
+            del kept
+            tracemalloc.start()
+            held = pickle.loads(blob)
+            held_mb = tracemalloc.get_traced_memory()[0] / 2**20
+            tracemalloc.stop()
+            start = time.perf_counter()
+            if label.startswith("dicts"):
+                flat = [dict(d, category_id=d["category_id"] + 1) for p in held for d in p["instances"]]
+                metrics = evaluate_lvis(lvis_gt, flat, task)
+            else:
+                metrics = evaluate_lvis(lvis_gt, ResultArrays.from_records([p["instances"] for p in held]), task)
+            elapsed = time.perf_counter() - start
+            print(f"| {task} | {label} | {len(blob) / 2**20:.0f} | {held_mb:.0f} | {elapsed:.1f} "
+                  f"(AP {metrics['AP']:.3f}) |", flush=True)
+            del held, blob
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--images", type=int, default=2000)
@@ -172,9 +236,14 @@ def main():
     parser.add_argument("--fixed-ap", action="store_true", help="Fixed AP (10,000 per class, no per-image cap)")
     parser.add_argument("--skip-lvis-api", action="store_true", help="time ours only")
     parser.add_argument("--memory", action="store_true", help="peak memory instead of time")
+    parser.add_argument("--held", action="store_true",
+                        help="memory of the gathered results on the main process: Detectron2's dicts vs our arrays")
     args = parser.parse_args()
     if args.memory:
         measure_memory(args)
+        return
+    if args.held:
+        measure_held(args)
         return
 
     import eqlosses_d2  # noqa: F401

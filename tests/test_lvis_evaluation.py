@@ -451,3 +451,135 @@ def test_per_category_plot(tmp_path):
     (tmp_path / "records.json").write_text(json.dumps(records))
     assert plot_main([str(tmp_path / "records.json")]) == 0
     assert (tmp_path / "records.png").is_file()
+
+
+# ---------------------------------------------------------------------------
+# Results as arrays (what LVISEvaluator keeps and gathers)
+# ---------------------------------------------------------------------------
+
+
+def _as_float32(preds):
+    """The dicts Detectron2 would make from float32 tensors: boxes and scores rounded to float32."""
+    return [
+        dict(p, bbox=[float(np.float32(v)) for v in p["bbox"]], score=float(np.float32(p["score"]))) for p in preds
+    ]
+
+
+@pytest.mark.parametrize("max_dets", [300, 7, -1])
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_result_arrays_evaluate_exactly_as_dicts(generated, iou_type, max_dets):
+    """Same precision arrays and metrics from ResultArrays as from the dicts, with the
+    per-image cap biting (330 results on the first image; 7 cuts most images), score
+    ties, zero areas and an unknown category among them."""
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    gt, preds = generated
+    preds = _as_float32(preds)
+    arrays = ResultArrays.from_dicts(preds)
+    assert arrays.to_dicts() == preds  # the round trip is lossless
+    gt = LVISGroundTruth(gt)
+    expected = evaluate_lvis_detailed(gt, preds, iou_type, max_dets_per_image=max_dets)
+    got = evaluate_lvis_detailed(gt, arrays, iou_type, max_dets_per_image=max_dets)
+    assert got.backend == "hotcoco" and got.num_detections == expected.num_detections > 0
+    assert np.array_equal(got.precision, expected.precision) and np.array_equal(got.recall, expected.recall)
+    for key in LVIS_METRICS:
+        assert _same(got.metrics[key], expected.metrics[key], tol=0), key
+    # Fixed AP and pooled AP take the same arrays (through dicts)
+    fixed = evaluate_lvis(gt, arrays, iou_type, max_dets_per_image=-1, max_dets_per_category=50, pooled=True)
+    assert fixed == evaluate_lvis(gt, preds, iou_type, max_dets_per_image=-1, max_dets_per_category=50, pooled=True)
+
+
+def test_per_image_cap_on_arrays_by_hand():
+    """lvis-api's cap: images in order of first appearance; an image over the cap keeps its
+    best results (ties in results order), an image under it keeps its results' order."""
+    from eqlosses_d2.evaluation.lvis_evaluation import _cap_arrays_per_image
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    image_ids = np.array([5, 3, 5, 5, 3, 5, 9])
+    scores = np.array([0.1, 0.2, 0.9, 0.5, 0.1, 0.5, 0.3], dtype=np.float32)
+    arrays = ResultArrays(image_ids, np.ones(7, np.int64), np.ones((7, 4), np.float32), scores)
+    # image 5 (first seen, 4 results) is over a cap of 2: 0.9 (index 2), then the tie 0.5 at
+    # indices 3 and 5 -> index 3; image 3 (2 results) keeps its order; then image 9
+    assert _cap_arrays_per_image(arrays, 2).tolist() == [2, 3, 1, 4, 6]
+    assert _cap_arrays_per_image(arrays, 4).tolist() == list(range(7))  # nobody over: untouched
+    assert _cap_arrays_per_image(arrays, -1).tolist() == list(range(7))
+
+
+def test_evaluator_keeps_arrays_and_writes_detectron2s_results_file(tmp_path):
+    """The evaluator's arrays give Detectron2's results json byte for byte and the metrics of
+    Detectron2's dicts; what it keeps per image is a few arrays, not a dict per result."""
+    import pickle
+    import tracemalloc
+
+    import torch
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+    from detectron2.structures import Boxes, Instances
+
+    gt, _ = make_lvis_data(seed=1, num_images=12, num_cats=6)
+    json_file = tmp_path / "gt.json"
+    json_file.write_text(json.dumps(gt))
+    name = f"eqlosses_test_lvis_{uuid.uuid4().hex}"
+    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=[f"c{i}" for i in range(6)])
+
+    rng = np.random.RandomState(0)
+    inputs, outputs = [], []
+    for img in gt["images"]:
+        h, w, k = img["height"], img["width"], int(rng.randint(0, 60))
+        x0, y0 = rng.uniform(0, w / 2, k), rng.uniform(0, h / 2, k)
+        boxes = np.stack([x0, y0, x0 + rng.uniform(1, w / 2, k), y0 + rng.uniform(1, h / 2, k)], 1)
+        classes = rng.randint(0, 6, k)
+        # and a near-hit on every ground truth of the image
+        anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        hits = np.array([[a["bbox"][0] + 1, a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                         for a in anns]).reshape(-1, 4)
+        boxes = np.concatenate([boxes, hits])
+        classes = np.concatenate([classes, [a["category_id"] - 1 for a in anns]]).astype(np.int64)
+        k = len(boxes)
+        inst = Instances((h, w))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.tensor(np.round(rng.rand(k), 2), dtype=torch.float32)  # ties
+        inst.pred_classes = torch.tensor(classes)
+        masks = torch.zeros(k, h, w, dtype=torch.bool)
+        for j, (a, b, c, d) in enumerate(boxes.round().astype(int)):
+            masks[j, b:d, a:c] = True
+        inst.pred_masks = masks
+        inputs.append({"image_id": img["id"], "height": h, "width": w})
+        outputs.append({"instances": inst})
+
+    expected = []  # what Detectron2's evaluator evaluates and writes
+    for inp, out in zip(inputs, outputs):
+        expected += instances_to_coco_json(out["instances"], inp["image_id"])
+    for d in expected:
+        d["category_id"] += 1
+    assert 300 < len(expected)
+
+    out_dir = tmp_path / "out"
+    evaluator = LVISEvaluator(name, distributed=False, output_dir=str(out_dir))
+    evaluator.reset()
+    for inp, out in zip(inputs, outputs):
+        evaluator.process([inp], [out])
+    kept = evaluator._predictions
+    assert all(set(p["instances"]) == {"image_id", "boxes", "scores", "classes", "rles", "mask_size"} for p in kept)
+    # what the main process holds once the processes' lists are gathered (unpickled)
+    dicts = [{"image_id": i["image_id"], "instances": instances_to_coco_json(o["instances"], i["image_id"])}
+             for i, o in zip(inputs, outputs)]
+    held = {}
+    for label, obj in (("arrays", kept), ("dicts", dicts)):
+        blob = pickle.dumps(obj)
+        tracemalloc.start()
+        unpickled = pickle.loads(blob)
+        held[label] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del unpickled
+    assert held["arrays"] < 0.5 * held["dicts"], held
+
+    results = evaluator.evaluate()
+    assert (out_dir / "lvis_instances_results.json").read_text() == json.dumps(expected)
+    for task in ("bbox", "segm"):
+        reference = evaluate_lvis(gt, expected, task)
+        assert 0 < reference["AP"] < 100
+        for key in LVIS_METRICS:
+            assert _same(results[task][key], reference[key], tol=0), (task, key)
+    assert not [f for f in os.listdir(out_dir) if f.endswith(".part")]

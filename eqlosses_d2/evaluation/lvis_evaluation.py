@@ -11,8 +11,10 @@ summary metrics times 100: ``AP AP50 AP75 APs APm APl APr APc APf`` and
 ``AR@300 ARs@300 ARm@300 ARl@300`` (lvis-api's own key names; like lvis-api, the
 ``@300`` does not change with ``max_dets_per_image``).
 :func:`evaluate_lvis_detailed` returns the same metrics plus per-category AP and
-the precision/recall arrays. :class:`LVISEvaluator` is Detectron2's own
-``LVISEvaluator`` with only the lvis-api call replaced by :func:`evaluate_lvis`.
+the precision/recall arrays. Both also take the results as
+:class:`~.results.ResultArrays` (arrays instead of a dict per detection).
+:class:`LVISEvaluator` is Detectron2's own ``LVISEvaluator`` with the lvis-api call
+replaced by :func:`evaluate_lvis`, and the results kept, gathered and saved as arrays.
 
 Why not lvis-api itself
 -----------------------
@@ -132,6 +134,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..compat import apply_detectron2_patches
+from .results import ResultArrays, compact_instances
 
 apply_detectron2_patches()  # idempotent; detectron2.evaluation needs it without the C++ extension
 
@@ -347,6 +350,69 @@ def _prepare_detections(predictions, iou_type, gt: LVISGroundTruth, max_dets):
     return out, dict(zip(ids.tolist(), counts.tolist()))
 
 
+def _cap_arrays_per_image(results: ResultArrays, max_dets) -> np.ndarray:
+    """:func:`_cap_per_image` on arrays: the indices kept, in the order it keeps them."""
+    num = len(results)
+    if max_dets < 0 or num == 0:
+        return np.arange(num)
+    unique, first, inverse, counts = np.unique(
+        results.image_ids, return_index=True, return_inverse=True, return_counts=True
+    )
+    if counts.max() <= max_dets:
+        return np.arange(num)
+    group = np.argsort(np.argsort(first, kind="stable"), kind="stable")[inverse]  # images by first appearance
+    over = counts[inverse] > max_dets  # only these are sorted by score (stable), and cut
+    score_key = np.where(over, -results.scores.astype(np.float64), 0.0)
+    order = np.lexsort((np.arange(num), score_key, group))
+    grouped = group[order]
+    rank = np.arange(num) - np.searchsorted(grouped, grouped, side="left")
+    return order[rank < max_dets]
+
+
+def _prepare_arrays(results: ResultArrays, iou_type, gt: LVISGroundTruth, max_dets):
+    """:func:`_prepare_detections` for :class:`ResultArrays` (the same rules, the same
+    output), without a dict per detection on the way."""
+    index = _cap_arrays_per_image(results, max_dets)
+    image_ids = results.image_ids[index]
+    unknown = set(np.unique(image_ids).tolist()) - gt.img_ids
+    if unknown:
+        raise ValueError(
+            f"Results do not correspond to the LVIS ground truth: {len(unknown)} image ids are "
+            f"not in it (e.g. {sorted(unknown)[:5]})"
+        )
+    if not len(index):
+        return [], {}
+    category_ids = results.category_ids[index]
+    known = np.isin(category_ids, gt.cat_ids)
+    if iou_type == "bbox":
+        boxes = results.boxes[index].astype(np.float64)
+        areas = boxes[:, 2] * boxes[:, 3]
+        keep = known & (areas > 0) & (areas < np.inf)
+        out = np.empty((int(keep.sum()), 7), dtype=np.float64)
+        out[:, 0] = image_ids[keep]
+        out[:, 1:5] = boxes[keep]
+        out[:, 5] = results.scores[index][keep]
+        out[:, 6] = category_ids[keep]
+        if np.abs(out[:, [0, 6]]).max(initial=0) >= 2**53:
+            raise ValueError("image/category ids too large for hotcoco's array input")
+    else:
+        import hotcoco
+
+        if not results.has_masks:
+            raise ValueError("segm evaluation of results without masks")
+        masks = results.segmentations(index)
+        keep = known & (hotcoco.mask.area(masks).astype(np.float64) > 0)
+        scores = results.scores[index].tolist()
+        with _gc_paused():
+            out = [
+                {"image_id": i, "category_id": c, "score": s, "segmentation": m}
+                for i, c, s, m, k in zip(image_ids.tolist(), category_ids.tolist(), scores, masks, keep.tolist())
+                if k
+            ]
+    ids, counts = np.unique(image_ids[keep], return_counts=True)
+    return out, dict(zip(ids.tolist(), counts.tolist()))
+
+
 def _accumulate_hotcoco(gt: LVISGroundTruth, dts, per_image, iou_type, with_records=False):
     import hotcoco
 
@@ -515,13 +581,18 @@ def evaluate_lvis_detailed(
     if max_dets_per_image is None:
         max_dets_per_image = _DEFAULT_MAX_DETS
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
-    if max_dets_per_category is not None:
+    arrays = predictions if isinstance(predictions, ResultArrays) else None
+    if arrays is not None and (max_dets_per_category is not None or gt.has_ignore_flags):
+        predictions, arrays = arrays.to_dicts(), None  # those paths take dicts (Fixed AP's pools are bounded)
+    if arrays is not None:
+        ar_max_dets, metric_names = _DEFAULT_MAX_DETS, LVIS_METRICS
+    elif max_dets_per_category is not None:
         predictions = top_detections_per_category(predictions, max_dets_per_category)
         ar_max_dets, metric_names = -1, LVIS_FIXED_METRICS
     else:
         predictions = list(predictions)
         ar_max_dets, metric_names = _DEFAULT_MAX_DETS, LVIS_METRICS
-    if not predictions:
+    if not len(predictions):
         logger.warning("No predictions from the model! LVIS %s metrics are NaN.", iou_type)
         nan = float("nan")
         return LVISEvalResult(
@@ -540,7 +611,8 @@ def evaluate_lvis_detailed(
         precision, recall, num, records = _accumulate_lvis_api(gt, predictions, iou_type, max_dets_per_image)
         backend = "lvis-api"
     else:
-        dts, per_image = _prepare_detections(predictions, iou_type, gt, max_dets_per_image)
+        prepare = _prepare_detections if arrays is None else _prepare_arrays
+        dts, per_image = prepare(predictions, iou_type, gt, max_dets_per_image)
         precision, recall, records = _accumulate_hotcoco(gt, dts, per_image, iou_type, with_records=pooled)
         num, backend = len(dts), "hotcoco"
     per_category_ap = {cat_id: _mean(precision[:, :, k, 0]) for k, cat_id in enumerate(gt.cat_ids)}
@@ -570,7 +642,8 @@ def evaluate_lvis(
         lvis_gt: LVIS json path, loaded dict, object with a ``.dataset`` dict
             (``lvis.LVIS``), or :class:`LVISGroundTruth`. Not modified.
         predictions: list of result dicts (``image_id``, dataset ``category_id``,
-            ``score``, ``bbox`` xywh and/or RLE ``segmentation``). Not modified.
+            ``score``, ``bbox`` xywh and/or RLE ``segmentation``), or the same results as
+            :class:`~.results.ResultArrays` (no dict per detection). Not modified.
         iou_type: "bbox" or "segm".
         max_dets_per_image: lvis-api's per-image cap across all categories;
             negative: no cap; None: 300.
@@ -613,7 +686,13 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     """
     Detectron2's ``LVISEvaluator`` (same arguments, ``process``/``reset``, gathering,
     proposal evaluation, saved files), with the lvis-api evaluation replaced by
-    :func:`evaluate_lvis`. Each task's metrics (:data:`LVIS_METRICS`, x 100) are
+    :func:`evaluate_lvis`. Each image's results are kept as arrays
+    (:func:`~.results.compact_instances`), not as a dict per detection, so what the
+    processes gather on the main process, and what it holds while evaluating, is a
+    fraction of Detectron2's (``benchmarks/bench_lvis_eval.py --held``);
+    ``lvis_instances_results.json`` is still Detectron2's file, byte for byte, written in
+    chunks, and ``instances_predictions.pth`` holds those per-image arrays (plain dicts of
+    numpy arrays and RLE strings). Each task's metrics (:data:`LVIS_METRICS`, x 100) are
     logged as a table, and with ``output_dir`` the per-category AP is written to
     ``<output_dir>/lvis_per_category_<task>.json`` and plotted against the training image
     count in ``lvis_per_category_<task>.png``.
@@ -654,11 +733,20 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             consumer.test_score_floor = floor
 
     def process(self, inputs, outputs):
-        start = len(self._predictions)
-        super().process(inputs, outputs)
         k = self._max_dets_per_category
         if k is None:
+            # Detectron2's per-image entries, with the results as arrays (.results)
+            for input, output in zip(inputs, outputs):
+                prediction = {"image_id": input["image_id"]}
+                if "instances" in output:
+                    instances = output["instances"].to(self._cpu_device)
+                    prediction["instances"] = compact_instances(instances, input["image_id"])
+                if "proposals" in output:
+                    prediction["proposals"] = output["proposals"].to(self._cpu_device)
+                self._predictions.append(prediction)
             return
+        start = len(self._predictions)
+        super().process(inputs, outputs)
         cut = False
         for prediction in self._predictions[start:]:
             for result in prediction.pop("instances", []):
@@ -690,7 +778,9 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
         return gt
 
     def _eval_predictions(self, predictions):
-        # Detectron2's _eval_predictions (v0.6 and main) maps category ids, saves the
+        if isinstance(predictions[0].get("instances"), dict):  # arrays (process)
+            return self._eval_result_arrays(predictions)
+        # Fixed AP's pooled dicts: Detectron2's _eval_predictions (v0.6 and main) maps category ids, saves the
         # results json, then calls its module function _evaluate_predictions_on_lvis per
         # task; swap that one function for the duration of the call.
         module = sys.modules[_Detectron2LVISEvaluator.__module__]
@@ -719,6 +809,32 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
                 "Detectron2's LVISEvaluator._eval_predictions no longer calls "
                 "_evaluate_predictions_on_lvis; eqlosses_d2.evaluation.LVISEvaluator needs updating"
             )
+
+    def _eval_result_arrays(self, predictions):
+        """Detectron2's ``_eval_predictions`` on the arrays of :meth:`process`: the same
+        category-id mapping, results file (byte for byte) and tasks, without building a
+        dict per detection."""
+        self._logger.info("Preparing results in the LVIS format ...")
+        id_map = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
+        dataset_ids = None  # LVIS: 0-based contiguous ids to 1-based category ids
+        if id_map is not None:  # COCO categories evaluated with the LVIS evaluator
+            reverse = {v: k for k, v in id_map.items()}
+            dataset_ids = [reverse[k] for k in range(len(reverse))]
+        results = ResultArrays.from_records([p["instances"] for p in predictions if "instances" in p], dataset_ids)
+        tasks = self._tasks or (("bbox", "segm") if results.has_masks else ("bbox",))
+        if self._output_dir:
+            path = os.path.join(self._output_dir, "lvis_instances_results.json")
+            self._logger.info("Saving results to {}".format(path))
+            atomic_write(path, results.write_json, binary=False)
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+        self._logger.info("Evaluating predictions ...")
+        max_dets = _DEFAULT_MAX_DETS if self._max_dets_per_image is None else self._max_dets_per_image
+        for task in sorted(tasks):
+            if task == "segm" and self._boundary:
+                self._results["boundary"] = self._evaluate_boundary(results.to_dicts(), max_dets)
+            self._results[task] = self._evaluate_task(results, task, max_dets)
 
     def _evaluate_boundary(self, lvis_results, max_dets_per_image):
         from .boundary import evaluate_lvis_boundary
