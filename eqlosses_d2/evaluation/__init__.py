@@ -12,6 +12,7 @@ from .lvis_evaluation import (
     top_detections_per_category,
 )
 from .boundary import evaluate_lvis_boundary
+from .results import ResultArrays, compact_instances
 from .table import AP_COLUMNS, format_ap_table
 
 __all__ = [
@@ -19,9 +20,11 @@ __all__ = [
     "LVIS_FIXED_METRICS",
     "LVIS_METRICS",
     "POOLED_METRICS",
+    "ResultArrays",
     "LVISEvalResult",
     "LVISEvaluator",
     "LVISGroundTruth",
+    "compact_instances",
     "evaluate_lvis",
     "evaluate_lvis_boundary",
     "evaluate_lvis_detailed",
