@@ -27,15 +27,10 @@ import statistics
 import sys
 import time
 
-_REUSE_MEMORY = {
-    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
-}
-if __name__ == "__main__" and "--system-malloc" not in sys.argv and any(
-    os.environ.get(k) != v for k, v in _REUSE_MEMORY.items()
-):
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **_REUSE_MEMORY})
+from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
+
+if __name__ == "__main__":
+    reexec_reusing_freed_memory()  # before torch allocates anything
 
 import torch
 from torch.nn import functional as F
