@@ -22,6 +22,7 @@ allocators do), so the tables compare computation; ``--system-malloc`` measures 
 glibc's defaults instead.
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -166,20 +167,28 @@ def bench_iterations(iters, repeats):
         if batches is None:
             loader = iter(train_net.Trainer.build_train_loader(cfg))
             batches = [next(loader) for _ in range(iters)]
-        trainers[name] = SimpleTrainer(model, iter(batches * (repeats + 2)), build_optimizer(cfg, model))
-    # every loss sees the same batches; repeats are interleaved across losses so that
-    # machine load affects all rows alike
+        optimizer = build_optimizer(cfg, model)
+        trainer = SimpleTrainer(model, iter(batches * (repeats + 2)), optimizer)
+        start_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+        trainers[name] = (trainer, start_state)
+    # Every repeat restarts each row from its initial weights, optimizer and method state, with
+    # the same random seed, so every loss runs the same iterations on the same data and the
+    # same proposals (a model that had trained on would sample different foreground RoIs,
+    # which changes the mask head's work, not the loss's). Repeats are interleaved across
+    # losses so that machine load affects all rows alike.
     samples = {name: [] for name in names}
     with EventStorage(0):
-        for trainer in trainers.values():
-            trainer.iter = 0
-            trainer.run_step()  # warm up
-        for _ in range(repeats):
-            for name, trainer in trainers.items():
+        for repeat in range(repeats + 1):  # the first round warms up
+            for name, (trainer, (model_state, optimizer_state)) in trainers.items():
+                trainer.model.load_state_dict(model_state)
+                trainer.optimizer.load_state_dict(optimizer_state)
+                trainer.iter = 0
+                torch.manual_seed(repeat)
                 start = time.perf_counter()
                 for _ in range(iters):
                     trainer.run_step()
-                samples[name].append((time.perf_counter() - start) / iters)
+                if repeat:
+                    samples[name].append((time.perf_counter() - start) / iters)
     results = {name: statistics.median(times) for name, times in samples.items()}
     base = results["softmax"]
     print(f"\n### One training iteration, quickstart Mask R-CNN R-18-FPN, batch {cfg.SOLVER.IMS_PER_BATCH}, 128 px (CPU)\n")
