@@ -29,6 +29,7 @@ import sys
 import time
 
 from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
+from timing import interleaved_medians  # noqa: E402
 
 if __name__ == "__main__":
     reexec_reusing_freed_memory()  # before torch allocates anything
@@ -61,16 +62,6 @@ def lvis_like_stats(num_classes, generator):
         num_images_with_annotations=99388,
     )
     return ClassStatsBuffers(num_classes).set_from(stats)
-
-
-def time_fn(fn, repeats):
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def bench_losses(num_rois, num_classes, repeats):
@@ -116,16 +107,8 @@ def bench_losses(num_rois, num_classes, repeats):
             sum(loss(x, labels, **context).values()).backward()
         baseline = "softmax CE" if loss.family == "softmax" else "sigmoid BCE"
         rows.append((name, baseline, run))
-    # interleave repeats
-    samples = {key: [] for key in list(plain) + [r[0] for r in rows]}
-    for key, fn in list(plain.items()) + [(r[0], r[2]) for r in rows]:
-        fn()
-    for _ in range(repeats):
-        for key, fn in list(plain.items()) + [(r[0], r[2]) for r in rows]:
-            start = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    timed = list(plain.items()) + [(r[0], r[2]) for r in rows]
+    med = {k: v * 1000 for k, v in interleaved_medians(timed, repeats).items()}
     memory = "glibc defaults" if "--system-malloc" in sys.argv else "freed memory reused"
     print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes "
           f"(CPU, {torch.get_num_threads()} threads, {memory})\n")

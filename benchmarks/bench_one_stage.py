@@ -15,11 +15,10 @@ keep and reuse freed memory (``--system-malloc``: glibc's defaults).
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
+from timing import interleaved_medians  # noqa: E402
 
 if __name__ == "__main__":
     reexec_reusing_freed_memory()  # before torch allocates anything
@@ -76,23 +75,15 @@ def main():
         ("focal loss (ours, fused analytic)", module_row(focal)),
         ("EFL (ours, fused analytic + gradient statistics)", module_row(efl)),
     ]
-    times = {name: [] for name, _ in rows}
-    for name, run in rows:  # warm-up
-        run()
-    for _ in range(args.repeats):
-        for name, run in rows:
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times[rows[0][0]])
+    medians = interleaved_medians(rows, args.repeats)
+    base = medians[rows[0][0]]
     print(f"\nOne-stage classification loss, forward+backward, {args.anchors} anchors x {args.classes} classes, "
           f"{args.positives:.0%} positives, {torch.get_num_threads()} threads, median of {args.repeats}\n")
     print("| loss | time (ms) | vs fvcore focal |")
     print("|---|---:|---:|")
     for name, _ in rows:
-        median = statistics.median(times[name])
-        print(f"| {name} | {median * 1000:.0f} | {median / base:.2f}x |")
-    efl_vs_ours = statistics.median(times[rows[2][0]]) / statistics.median(times[rows[1][0]])
+        print(f"| {name} | {medians[name] * 1000:.0f} | {medians[name] / base:.2f}x |")
+    efl_vs_ours = medians[rows[2][0]] / medians[rows[1][0]]
     print(f"\nEFL vs our focal loss: {efl_vs_ours:.2f}x")
 
 
