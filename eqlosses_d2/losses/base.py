@@ -35,6 +35,7 @@ __all__ = [
     "empty_loss",
     "tail_class_mask",
     "take_stashed_grad",
+    "scaled_stashed_grad",
 ]
 
 
@@ -65,6 +66,17 @@ def take_stashed_grad(ctx, who: str) -> torch.Tensor:
         raise RuntimeError(f"{who}: backward through the same graph twice is not supported")
     del ctx.grad
     return grad
+
+
+def scaled_stashed_grad(ctx, grad_output: torch.Tensor, who: str) -> torch.Tensor:
+    """:func:`take_stashed_grad` times ``grad_output``, in place. On the CPU an output
+    gradient of exactly 1 (a loss summed with weight 1, the usual case) skips the
+    multiplication, a full pass over the logit-sized gradient; on other devices reading
+    the value would cost a synchronization, so the product is always taken there."""
+    grad = take_stashed_grad(ctx, who)
+    if grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0:
+        return grad
+    return grad.mul_(grad_output)
 
 
 def tail_class_mask(class_stats, lam: float) -> torch.Tensor:

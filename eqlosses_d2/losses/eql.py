@@ -21,11 +21,11 @@ annotation file, saved in checkpoints) instead of a category table compiled into
 code; the hyper-parameter is called ``tail_threshold`` rather than ``lambda_``.
 """
 import torch
-from torch.nn import functional as F
 
 from .base import empty_loss, tail_class_mask
+from .fused import masked_sigmoid_bce
 from .registry import register_loss
-from .sigmoid import SigmoidCrossEntropy, one_hot_foreground
+from .sigmoid import SigmoidCrossEntropy
 
 __all__ = ["EqualizationLoss"]
 
@@ -51,23 +51,10 @@ class EqualizationLoss(SigmoidCrossEntropy):
         tail = self.tail_classes()  # first, so that missing statistics fail at once
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        logits = logits.float()
-        tail = tail.to(device=logits.device)
-        # w_ij = 1 - E(r_i) T_λ(f_j) (1 - y_ij) is 0 exactly for the tail negatives of
-        # foreground RoIs, so the weighted sum splits into three plain BCE sums (no N x C
-        # weight or target matrix): background RoIs, all their classes with target 0;
-        # foreground RoIs over the non-tail classes; and their tail label terms.
-        foreground = labels < self.num_classes
-        loss = F.softplus(logits[~foreground]).sum()
-        fg_logits, fg_labels = logits[foreground], labels[foreground]
-        if fg_labels.numel():
-            head = ~tail
-            target = one_hot_foreground(fg_labels, self.num_classes)[:, head]
-            loss = loss + F.binary_cross_entropy_with_logits(fg_logits[:, head], target, reduction="sum")
-            tail_label = tail[fg_labels]
-            rows = tail_label.nonzero(as_tuple=True)[0]
-            loss = loss + F.softplus(-fg_logits[rows, fg_labels[rows]]).sum()
-        return {"loss_cls": loss / logits.shape[0]}
+        # w_ij = 1 - E(r_i) T_λ(f_j) (1 - y_ij): the negatives of a background RoI keep
+        # weight 1, those of a foreground RoI weight 1 - T_λ (its positive always 1)
+        keep = (~tail).to(device=logits.device, dtype=torch.float32)
+        return {"loss_cls": masked_sigmoid_bce(logits, labels, fg_weight=keep)}
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, tail_threshold={self.tail_threshold}, prior_prob={self.prior_prob}"

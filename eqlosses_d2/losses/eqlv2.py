@@ -70,7 +70,7 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
 
         prob = torch.sigmoid(logits, out=buffer)
         prob_y = prob.gather(1, rows).squeeze(1)
-        pos_grad, off_label = label_and_off_label_sums(prob, labels, prob_y, pos_w * (1.0 - prob_y))
+        pos_grad, off_label = label_and_off_label_sums(prob.sum(dim=0), labels, prob_y, pos_w * (1.0 - prob_y))
         neg_grad = neg_weight * off_label
 
         # gradient of the normalized loss: r_j σ / N off the label, q_y (σ - 1) / N on it

@@ -102,16 +102,17 @@ class GradientStats(nn.Module):
         return f"num_classes={self.num_classes}, initial_ratio={self.initial_ratio}"
 
 
-def label_and_off_label_sums(prob, labels, prob_y, per_row):
+def label_and_off_label_sums(column_sums, labels, prob_y, per_row):
     """
-    Per-class sums for the fused gradient-statistics computations, from an (N, K) matrix
-    ``prob``, labels in [0, K) and ``prob_y = prob[i, y_i]``: ``Σ_{i: y_i = j} per_row_i``
-    (the positives' share) and ``Σ_{i: y_i ≠ j} prob_ij`` (the negatives'), without a
-    one-hot matrix.
+    Per-class sums for the fused gradient-statistics computations, from the (K,) column
+    sums ``Σ_i prob_ij`` of an (N, K) matrix ``prob``, labels in [0, K) and
+    ``prob_y = prob[i, y_i]``: ``Σ_{i: y_i = j} per_row_i`` (the positives' share) and
+    ``Σ_{i: y_i ≠ j} prob_ij`` (the negatives'), without a one-hot matrix; in the dtype of
+    ``column_sums``.
     """
-    zeros = torch.zeros(prob.shape[1], dtype=prob.dtype, device=prob.device)
-    on_label = zeros.clone().index_add_(0, labels, per_row)
-    off_label = prob.sum(dim=0) - zeros.index_add_(0, labels, prob_y)
+    zeros = torch.zeros_like(column_sums)
+    on_label = zeros.clone().index_add_(0, labels, per_row.to(zeros))
+    off_label = column_sums - zeros.index_add_(0, labels, prob_y.to(zeros))
     return on_label, off_label
 
 

@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss, take_stashed_grad
+from .base import ClassificationLoss, all_reduce_sum, empty_loss, scaled_stashed_grad
+from .fused import row_chunks, rows_in_chunks, softmax_
 from .registry import build_loss, loss_hparams_from_cfg, register_loss
 
 #: base losses PCB composes with, and how each reads scores into the confusion matrix:
@@ -55,29 +56,41 @@ __all__ = ["PairwiseClassBalanceLoss"]
 
 class _SoftLabelCrossEntropy(torch.autograd.Function):
     """
-    ``−Σ_bg log p_y − Σ_fg [(1 − α) log p_y + α Σ_k t_k log p_k] + α Σ t log t`` (the KL
-    form's value) with its analytic gradient ``p − w_i·onehot(y) − α·t`` (w = 1 − α on
-    positive rows, 1 on background rows), written into one (N, C + 1) buffer.
+    ``[−Σ_bg log p_y − Σ_fg ((1 − α) log p_y + α Σ_k t_k log p_k)] / N + α·entropy_term / N``
+    (``entropy_term`` = Σ_fg Σ_k t_k log t_k makes it the KL form's value) with its
+    analytic gradient ``(p − w_i·onehot(y) − α·t) / N`` (w = 1 − α on positive rows, 1 on
+    background rows), in row chunks into one (N, C + 1) buffer (see :mod:`.fused`).
+    ``soft_labels`` (n_fg, C) are the foreground rows' t, in the order of ``fg_rows``
+    (ascending). With log p_k = z_k − lse: Σ_k t_k log p_k = t·z − (Σ_k t_k)·lse.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, fg_rows, soft_labels, alpha):
-        num_classes = soft_labels.shape[1]
-        log_p = F.log_softmax(logits, dim=1)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        weights = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device).index_fill_(0, fg_rows, 1.0 - alpha)
-        hard = log_p[rows, labels]
-        soft = (soft_labels * log_p.index_select(0, fg_rows)[:, :num_classes]).sum()
-        total = -(hard * weights).sum() - alpha * soft + alpha * torch.special.xlogy(soft_labels, soft_labels).sum()
-        grad = log_p.exp_()
-        grad[rows, labels] -= weights
-        grad[fg_rows, :num_classes] -= alpha * soft_labels
+    def forward(ctx, logits, labels, fg_rows, soft_labels, alpha, entropy_term):
+        num_rows, num_classes = logits.shape[0], soft_labels.shape[1]
+        scale = 1.0 / num_rows
+        grad = torch.empty_like(logits)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        chunks = row_chunks(logits)
+        for (start, stop), (first, last) in zip(chunks, rows_in_chunks(fg_rows, chunks)):
+            g, rows = grad[start:stop], labels[start:stop, None]
+            g.copy_(logits[start:stop])
+            logit_y = g.gather(1, rows).squeeze(1)
+            local = fg_rows[first:last] - start
+            t = soft_labels[first:last]
+            weight = torch.ones(stop - start, dtype=g.dtype, device=g.device).index_fill_(0, local, 1.0 - alpha)
+            soft_dot = (t * g.index_select(0, local)[:, :num_classes]).sum(dim=1)
+            lse = softmax_(g, scale)  # g: p / N
+            total += (weight * (lse - logit_y)).sum()
+            total += alpha * (t.sum(dim=1) * lse.index_select(0, local) - soft_dot).sum()
+            g.scatter_add_(1, rows, weight.mul_(-scale)[:, None])
+            g[:, :num_classes].index_add_(0, local, t, alpha=-alpha * scale)
+        total += alpha * entropy_term
         ctx.grad = grad  # handed to autograd (not copied) in backward
-        return total
+        return (total * scale).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return take_stashed_grad(ctx, "PCB loss").mul_(grad_output), None, None, None, None
+        return scaled_stashed_grad(ctx, grad_output, "PCB loss"), None, None, None, None, None
 
 
 @register_loss
@@ -149,11 +162,19 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         return progress is not None and progress >= self.start and bool((self.instance_count > 0).all())
 
     def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
-        """(n, C): column y of the confusion matrix (column-normalized for softmax bases)."""
-        t = self.confusion.index_select(1, fg_labels).t()
+        """(n, C) contiguous: column y of the confusion matrix (column-normalized for
+        softmax bases), for each label y of ``fg_labels``."""
+        t, inverse = self._soft_label_rows(fg_labels)
+        return t.index_select(0, inverse)
+
+    def _soft_label_rows(self, fg_labels: torch.Tensor):
+        """The soft labels of the distinct classes of ``fg_labels`` (U, C), and each
+        label's row in them (a column gather once per class, not once per RoI)."""
+        present, inverse = torch.unique(fg_labels, return_inverse=True)
+        t = self.confusion.index_select(1, present).t()
         if self._normalize_columns:
-            t = t / self.confusion.sum(dim=0).index_select(0, fg_labels)[:, None]
-        return t
+            t = t / self.confusion.sum(dim=0).index_select(0, present)[:, None]
+        return t.contiguous(), inverse
 
     def forward(self, logits, labels, progress=None, pass_index=None, num_passes=1, **context):
         """``progress``: training progress in [0, 1] (None: never active). With the
@@ -179,9 +200,15 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if not active:
             return {"loss_cls": F.cross_entropy(logits, labels, reduction="sum") / num_rois}
         fg_rows = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
-        t = self.soft_labels(labels[fg_rows]).to(logits)  # (n_fg, C), background 0
-        loss = _SoftLabelCrossEntropy.apply(logits, labels, fg_rows, t, alpha)
-        return {"loss_cls": loss / num_rois}
+        t_rows, inverse = self._soft_label_rows(labels[fg_rows])
+        t_rows = t_rows.to(logits)
+        # Σ_fg Σ_k t log t, one row per class (0 log 0 = 0: the clamp only meets t = 0)
+        entropy = (t_rows * t_rows.clamp(min=torch.finfo(t_rows.dtype).tiny).log()).sum(dim=1)
+        entropy_term = entropy.double().index_select(0, inverse).sum()
+        t = t_rows.index_select(0, inverse)  # (n_fg, C), background 0
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = _SoftLabelCrossEntropy.apply(logits.contiguous(), labels.long(), fg_rows, t, alpha, entropy_term)
+        return {"loss_cls": loss}
 
     def predict_probs(self, logits):
         return self.base.predict_probs(logits)

@@ -45,7 +45,8 @@ ACCV2022 releases, ``SoftmaxEQLLoss`` and ``SoftmaxEQLV2Loss``):
 """
 import torch
 
-from .base import ClassificationLoss, empty_loss, softmax_with_background_last, take_stashed_grad
+from .base import ClassificationLoss, empty_loss, scaled_stashed_grad, softmax_with_background_last
+from .fused import row_chunks, softmax_
 from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
 from .registry import register_loss
 
@@ -60,7 +61,8 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
     ``Σ_i CE(z_i + s_i, y_i) / N`` with the shift ``s = foreground ⊗ logit_shift`` plus
     ``background_shift`` on the last column, its gradient ``(softmax(z + s) - onehot) / N``
     and the per-class sums of the gradient's absolute value over positives and negatives,
-    all from a single (N, K) buffer (the shifted logits become the probabilities in place).
+    all from a single (N, K) buffer (the shifted logits become the probabilities in place),
+    in row chunks (:mod:`.fused`).
 
     A per-row constant added to all logits changes neither CE nor its gradient: the margin
     form passes ``logit_shift = τ log max(G, ε)`` and, for foreground rows,
@@ -69,34 +71,30 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, foreground, logit_shift, background_shift):
-        num_rois = logits.shape[0]
-        rows = labels[:, None]
-        shifted = torch.addr(logits, foreground, logit_shift)
-        shifted[:, -1] += background_shift
-        # log-softmax and softmax in place, as log_softmax computes them (stable)
-        shifted -= shifted.amax(dim=1, keepdim=True)
-        shifted_y = shifted.gather(1, rows).squeeze(1)
-        prob = shifted.exp_()
-        normalizer = prob.sum(dim=1)
-        loss = (normalizer.log() - shifted_y).sum()
-        prob *= normalizer.reciprocal()[:, None]
-
-        prob_y = prob.gather(1, rows).squeeze(1)
-        pos_grad, off_label = label_and_off_label_sums(prob, labels, prob_y, 1.0 - prob_y)
-        pos_grad /= num_rois
-        neg_grad = off_label / num_rois
-
-        grad = prob  # (softmax(z') - onehot), divided by N in backward
-        grad.scatter_(1, rows, (prob_y - 1.0)[:, None])
-        ctx.grad = grad  # an intermediate: scaled in place and handed to autograd in backward
-        ctx.num_rois = num_rois
-        ctx.mark_non_differentiable(pos_grad, neg_grad)
-        return loss / num_rois, pos_grad, neg_grad
+        num_rows = logits.shape[0]
+        scale = 1.0 / num_rows
+        grad = torch.empty_like(logits)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        column_sums = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
+        prob_y = torch.empty(num_rows, dtype=logits.dtype, device=logits.device)
+        for start, stop in row_chunks(logits):
+            g, rows = grad[start:stop], labels[start:stop, None]
+            torch.addr(logits[start:stop], foreground[start:stop], logit_shift, out=g)
+            g[:, -1] += background_shift[start:stop]
+            shifted_y = g.gather(1, rows).squeeze(1)
+            total += (softmax_(g, scale) - shifted_y).sum()  # g: softmax(z') / N
+            column_sums += g.sum(dim=0)
+            p_y = torch.gather(g, 1, rows, out=prob_y[start:stop, None])
+            g.scatter_(1, rows, p_y - scale)  # (softmax(z') - onehot) / N
+        # |∂L/∂z'| per class: (1 - p_y) / N on the label, p / N elsewhere
+        pos_grad, off_label = label_and_off_label_sums(column_sums, labels, prob_y, scale - prob_y)
+        ctx.grad = grad  # handed to autograd (not copied) in backward
+        ctx.mark_non_differentiable(pos_grad, off_label)
+        return (total * scale).to(logits.dtype), pos_grad, off_label
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        grad = take_stashed_grad(ctx, "Softmax-EQL")
-        return grad.mul_(grad_loss / ctx.num_rois), None, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "Softmax-EQL"), None, None, None, None
 
 
 @register_loss
