@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from eqlosses_d2.losses import federated, gumbel, iif, seesaw
+from eqlosses_d2.losses import federated, fused, gumbel, iif, seesaw
 from eqlosses_d2.losses.registry import LOSS_REGISTRY, loss_hparams_from_cfg
 
 C = 4
@@ -511,10 +511,11 @@ def test_exceeds_uniform_probability_is_exact():
         assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (threshold, rate)
 
 
-def test_gumbel_bce_sum_across_cpu_chunks():
+def test_gumbel_bce_sum_across_cpu_chunks(monkeypatch):
     # more rows than one CPU chunk: positives and dropped terms in several chunks, against
     # the float64 formula and its closed-form gradient
-    rows, cols = 2 * gumbel._CHUNK_ROWS + 37, 6
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 6 * 512)
+    rows, cols = 2 * 512 + 37, 6
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(rows, cols, generator=g) * 5  # some outside [−4, 10]
     labels = torch.randint(0, cols + 1, (rows,), generator=g)  # cols: an all-negative row

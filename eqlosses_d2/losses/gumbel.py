@@ -44,22 +44,22 @@ Differences from the authors' code:
 """
 import math
 from fractions import Fraction
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .base import ClassificationLoss, empty_loss, tail_class_mask, take_stashed_grad
+from .base import ClassificationLoss, empty_loss, scaled_stashed_grad, tail_class_mask
+from .fused import row_chunks, rows_in_chunks
 from .registry import register_loss
 from .sigmoid import with_background_column
 
-__all__ = ["GumbelCrossEntropy", "GumbelDropLoss", "exceeds_uniform", "gumbel_activation", "gumbel_bce_sum"]
+__all__ = ["GumbelCrossEntropy", "GumbelDropLoss", "RowDrop", "exceeds_uniform", "gumbel_activation", "gumbel_bce_sum"]
 
 #: training clamp of the logits, as the authors'
 LOGIT_MIN, LOGIT_MAX = -4.0, 10.0
 #: bounds of the reduced loss of Gumbel BCE alone
 LOSS_MIN, LOSS_MAX = 0.0, 20.0
-#: rows of the logit matrix processed at once on the CPU (a few MB of buffers: cache-resident)
-_CHUNK_ROWS = 512
 
 
 def exceeds_uniform(rows: int, cols: int, threshold, device) -> torch.Tensor:
@@ -105,68 +105,101 @@ def gumbel_activation(logits: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.exp(-logits))
 
 
+class RowDrop(NamedTuple):
+    """
+    A drop mask in compact form: row i of the (N, K) mask is ``table[row_index[i]]``, with
+    ``table`` (M, K) bool and ``row_index`` (N,) int64. DropLoss's mask has one table row
+    per background RoI (a random subset of the tail classes) and a last one, the tail
+    classes, shared by every foreground RoI.
+    """
+
+    table: torch.Tensor
+    row_index: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The (N, K) bool mask."""
+        return self.table.index_select(0, self.row_index)
+
+
 class _GumbelBCESum(torch.autograd.Function):
     """
-    ``Σ_kept BCE(exp(−exp(−clamp(z, −4, 10))), y)`` and its analytic gradient over the
-    (N, K) logits. ``y`` is given sparsely by the positions of its ones (``pos_rows``
-    ascending, ``pos_cols``); ``drop`` (bool (N, K) or None) marks the negative terms left
-    out (DropLoss's w = 0; a positive marked there is kept).
+    ``scale · Σ_kept BCE(exp(−exp(−clamp(z, −4, 10))), y)`` and its analytic gradient over
+    the (N, K) logits. ``y`` is given sparsely by the positions of its ones (``pos_rows``
+    ascending, ``pos_cols``); ``drop`` (bool (N, K), a :class:`RowDrop`, or None) marks
+    the negative terms left out (DropLoss's w = 0; a positive marked there is kept).
 
     With c the clamped logit, e = exp(−c), p = exp(−e), q = 1 − p and r = p/q =
     1/expm1(e): a positive term is ``ℓ = e, dℓ/dc = −e``; a negative term is
     ``ℓ = −log q = log1p(r), dℓ/dc = e·r``. Every quantity is accurate to float32 rounding,
     also where p → 1 (c near 10, tiny e), where 1 − p would lose most digits; a dropped
     term gets r = 0, so exactly zero loss and gradient. On the CPU the rows are processed
-    in chunks of a few hundred (the intermediates stay in cache).
+    in cache-sized chunks (:mod:`.fused`).
     """
 
     @staticmethod
-    def forward(ctx, logits, pos_rows, pos_cols, drop):
+    def forward(ctx, logits, pos_rows, pos_cols, drop, scale):
         num_rows, num_cols = logits.shape
         grad = torch.empty_like(logits)
-        chunk = _CHUNK_ROWS if logits.device.type == "cpu" else max(num_rows, 1)
-        starts = list(range(0, num_rows, chunk))
-        # the positives of each chunk: pos_rows[first[k]:first[k + 1]]
-        first = torch.searchsorted(pos_rows, torch.tensor(starts + [num_rows], device=pos_rows.device)).tolist()
-        e_buf = torch.empty((min(chunk, num_rows), num_cols), dtype=logits.dtype, device=logits.device)
-        r_buf = torch.empty_like(e_buf)
+        chunks = row_chunks(logits)
+        positives = rows_in_chunks(pos_rows, chunks)
+        compact = isinstance(drop, RowDrop)
+        # per-chunk buffers, allocated once (bool arithmetic is slow on the CPU: the drop
+        # mask goes through uint8 to float, and r ← r − r·drop)
+        rows = chunks[0][1] if chunks else 0
+        e_buf, r_buf = (torch.empty((rows, num_cols), dtype=logits.dtype, device=logits.device) for _ in range(2))
+        if drop is not None:
+            drop_float = torch.empty_like(e_buf)
+        if compact:
+            drop_bytes = torch.empty((rows, num_cols), dtype=torch.uint8, device=logits.device)
+            table_bytes = drop.table.view(torch.uint8)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for k, start in enumerate(starts):
-            stop = min(start + chunk, num_rows)
+        for k, (start, stop) in enumerate(chunks):
             z = logits[start:stop]
             e = torch.clamp(z, LOGIT_MIN, LOGIT_MAX, out=e_buf[: stop - start]).neg_().exp_()
             r = torch.expm1(e, out=r_buf[: stop - start]).reciprocal_()
+            if compact:  # a row gather (a scatter of bool rows is much slower on the CPU)
+                chunk_drop = torch.index_select(
+                    table_bytes, 0, drop.row_index[start:stop], out=drop_bytes[: stop - start]
+                )
+            elif drop is not None:
+                chunk_drop = drop[start:stop].view(torch.uint8)
             if drop is not None:
-                r.mul_(drop[start:stop].logical_not().view(torch.uint8).to(r.dtype))
+                r.addcmul_(r, drop_float[: stop - start].copy_(chunk_drop), value=-1.0)
             # the positives' negative-form terms are left out here and added below
-            r[pos_rows[first[k] : first[k + 1]] - start, pos_cols[first[k] : first[k + 1]]] = 0.0
+            first, last = positives[k]
+            r[pos_rows[first:last] - start, pos_cols[first:last]] = 0.0
             g = torch.mul(e, r, out=grad[start:stop])
-            total += torch.log1p_(r).sum()  # r's buffer: its last use
+            total += torch.log1p_(r).sum()
             # the clamp: no gradient outside (LOGIT_MIN, LOGIT_MAX)
             torch.ops.aten.hardtanh_backward.grad_input(g, z, LOGIT_MIN, LOGIT_MAX, grad_input=g)
+            if scale != 1.0:
+                g.mul_(scale)
         z_pos = logits[pos_rows, pos_cols]
         e_pos = z_pos.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
         total += e_pos.sum()
-        grad[pos_rows, pos_cols] = torch.where((z_pos > LOGIT_MIN) & (z_pos < LOGIT_MAX), -e_pos, 0.0)
+        inside = (z_pos > LOGIT_MIN) & (z_pos < LOGIT_MAX)
+        grad[pos_rows, pos_cols] = torch.where(inside, e_pos.mul_(-scale), 0.0)
         ctx.grad = grad  # handed to autograd (not copied) in backward
-        return total.to(logits.dtype)
+        return (total * scale).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return take_stashed_grad(ctx, "Gumbel BCE").mul_(grad_output), None, None, None
+        return scaled_stashed_grad(ctx, grad_output, "Gumbel BCE"), None, None, None, None
 
 
-def gumbel_bce_sum(logits: torch.Tensor, labels: torch.Tensor, drop=None) -> torch.Tensor:
+def gumbel_bce_sum(logits: torch.Tensor, labels: torch.Tensor, drop=None, scale: float = 1.0) -> torch.Tensor:
     """
-    Σ of Gumbel BCE terms over an (N, K) float32 logit matrix, the logits clamped to
-    [−4, 10] as in training (no gradient outside). ``labels`` (N,): the column of each
-    row's positive; a label ≥ K (background when K = C) means an all-negative row.
-    ``drop``: optional bool (N, K) of terms to leave out.
+    ``scale`` times the Σ of Gumbel BCE terms over an (N, K) float32 logit matrix, the
+    logits clamped to [−4, 10] as in training (no gradient outside). ``labels`` (N,): the
+    column of each row's positive; a label ≥ K (background when K = C) means an
+    all-negative row. ``drop``: optional bool (N, K) or :class:`RowDrop` of terms to leave
+    out.
     """
-    logits = logits.float()
+    logits = logits.float().contiguous()
     num_columns = logits.shape[1]
     pos_rows = torch.nonzero(labels < num_columns, as_tuple=True)[0]
-    return _GumbelBCESum.apply(logits, pos_rows, labels[pos_rows], drop)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _GumbelBCESum.apply(logits, pos_rows, labels[pos_rows], drop, float(scale))
 
 
 class _GumbelBase(ClassificationLoss):
@@ -191,7 +224,7 @@ class GumbelCrossEntropy(_GumbelBase):
         self._check(logits, labels)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        loss = gumbel_bce_sum(logits, labels) / logits.shape[0]
+        loss = gumbel_bce_sum(logits, labels, scale=1.0 / logits.shape[0])
         return {"loss_cls": loss.clamp(LOSS_MIN, LOSS_MAX)}
 
     def predict_probs(self, logits):
@@ -211,12 +244,12 @@ class GumbelDropLoss(_GumbelBase):
         self._last = None
 
     @torch.no_grad()
-    def drop_mask(self, labels: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    def drop_terms(self, labels: torch.Tensor, tail: torch.Tensor) -> RowDrop:
         """
-        (N, C) bool: the terms DropLoss leaves out (w = 0), i.e. ``T·T_λ·(1 − y)`` = 1.
-        A foreground RoI's row is T_λ itself (its own class, a positive, is always kept by
-        :func:`gumbel_bce_sum`); a background RoI drops each tail class with probability
-        1 − ρ: one :func:`exceeds_uniform` (n_bg, C), ``U > ρ``.
+        The terms DropLoss leaves out (w = 0), i.e. ``T·T_λ·(1 − y)`` = 1, as a
+        :class:`RowDrop`: a foreground RoI's row is T_λ itself (its own class, a positive,
+        is always kept by :func:`gumbel_bce_sum`); a background RoI drops each tail class
+        with probability 1 − ρ: one :func:`exceeds_uniform` (n_bg, C), ``U > ρ``.
         """
         num_classes = self.num_classes
         fg = labels < num_classes
@@ -226,14 +259,20 @@ class GumbelDropLoss(_GumbelBase):
         else:  # the authors' ρ is NaN here and u > NaN is false: nothing dropped
             tail_fraction = torch.ones((), device=labels.device)
         self._last = tail_fraction
-        drop = tail[None, :].expand(labels.shape[0], num_classes).clone()  # the foreground RoIs' rows
         bg_rows = torch.nonzero(~fg, as_tuple=True)[0]
-        if bg_rows.numel():
-            # one draw per (background RoI, class), used on the tail columns only:
-            # elementwise, no scatter into the tail columns
-            above = exceeds_uniform(bg_rows.numel(), num_classes, tail_fraction, labels.device)
-            drop.index_copy_(0, bg_rows, above.logical_and_(tail[None, :]))
-        return drop
+        num_bg = bg_rows.numel()
+        table = torch.empty((num_bg + 1, num_classes), dtype=torch.bool, device=labels.device)
+        if num_bg:  # one draw per (background RoI, class), used on the tail columns only
+            above = exceeds_uniform(num_bg, num_classes, tail_fraction, labels.device).to(labels.device)
+            torch.logical_and(above, tail[None, :], out=table[:num_bg])
+        table[num_bg] = tail
+        row_index = torch.full(labels.shape, num_bg, dtype=torch.long, device=labels.device)
+        row_index[bg_rows] = torch.arange(num_bg, device=labels.device)
+        return RowDrop(table, row_index)
+
+    def drop_mask(self, labels: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        """(N, C) bool: :meth:`drop_terms` as a dense mask."""
+        return self.drop_terms(labels, tail).dense()
 
     def forward(self, logits, labels, **context):
         self._check(logits, labels)
@@ -241,9 +280,8 @@ class GumbelDropLoss(_GumbelBase):
         self._last = None
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        drop = self.drop_mask(labels, tail)
-        loss = gumbel_bce_sum(logits, labels, drop) / logits.shape[0]
-        return {"loss_cls": loss}
+        drop = self.drop_terms(labels, tail)
+        return {"loss_cls": gumbel_bce_sum(logits, labels, drop, scale=1.0 / logits.shape[0])}
 
     def predict_probs(self, logits):
         return with_background_column(gumbel_activation(logits.float()))

@@ -60,13 +60,16 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
     (``entropy_term`` = Σ_fg Σ_k t_k log t_k makes it the KL form's value) with its
     analytic gradient ``(p − w_i·onehot(y) − α·t) / N`` (w = 1 − α on positive rows, 1 on
     background rows), in row chunks into one (N, C + 1) buffer (see :mod:`.fused`).
-    ``soft_labels`` (n_fg, C) are the foreground rows' t, in the order of ``fg_rows``
-    (ascending). With log p_k = z_k − lse: Σ_k t_k log p_k = t·z − (Σ_k t_k)·lse.
+
+    The soft labels come per class: the foreground row ``fg_rows[k]`` (ascending) has
+    ``t = class_rows[inverse[k]] · class_scale[inverse[k]]`` (a column of the confusion
+    matrix and its normalizer), gathered chunk by chunk. With log p_k = z_k − lse:
+    Σ_k t_k log p_k = t·z − (Σ_k t_k)·lse.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, fg_rows, soft_labels, alpha, entropy_term):
-        num_rows, num_classes = logits.shape[0], soft_labels.shape[1]
+    def forward(ctx, logits, labels, fg_rows, class_rows, class_scale, inverse, alpha, entropy_term):
+        num_rows, num_classes = logits.shape[0], class_rows.shape[1]
         scale = 1.0 / num_rows
         grad = torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
@@ -76,7 +79,8 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
             g.copy_(logits[start:stop])
             logit_y = g.gather(1, rows).squeeze(1)
             local = fg_rows[first:last] - start
-            t = soft_labels[first:last]
+            which = inverse[first:last]
+            t = class_rows.index_select(0, which).mul_(class_scale.index_select(0, which)[:, None])
             weight = torch.ones(stop - start, dtype=g.dtype, device=g.device).index_fill_(0, local, 1.0 - alpha)
             soft_dot = (t * g.index_select(0, local)[:, :num_classes]).sum(dim=1)
             lse = softmax_(g, scale)  # g: p / N
@@ -90,7 +94,7 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return scaled_stashed_grad(ctx, grad_output, "PCB loss"), None, None, None, None, None
+        return scaled_stashed_grad(ctx, grad_output, "PCB loss"), None, None, None, None, None, None, None
 
 
 @register_loss
@@ -135,10 +139,14 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
     def update(self, logits: torch.Tensor, labels: torch.Tensor):
         """Fold this batch's positive RoIs (all processes) into the confusion matrix."""
         num_classes = self.num_classes
-        fg = labels < num_classes
-        fg_labels = labels[fg]
-        scores = logits[fg, :num_classes].float()
-        probs = F.softmax(scores, dim=1) if self._score == "softmax" else torch.sigmoid(scores)
+        fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
+        fg_labels = labels[fg_rows]
+        # the positives' class scores, one contiguous (n_fg, C) buffer
+        probs = torch.index_select(logits[:, :num_classes].float(), 0, fg_rows)
+        if self._score == "softmax":
+            softmax_(probs)
+        else:
+            probs.sigmoid_()
         counts = torch.bincount(fg_labels, minlength=num_classes).to(self.instance_count)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # one collective for both (every process calls it, with or without positives)
@@ -153,9 +161,12 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
             sums = torch.zeros(present.numel(), num_classes, dtype=probs.dtype, device=probs.device)
             sums.index_add_(0, inverse, probs)
         if present.numel():
-            mean = sums / counts[present, None].to(sums)
-            rows = self.confusion[present] * self.momentum + mean * (1.0 - self.momentum)
-            self.confusion[present] = rows / rows.sum(dim=1, keepdim=True) if self._renormalize_rows else rows
+            # μ·M[c] + (1 − μ)·mean_c, in place on the sums
+            rows = sums.mul_(((1.0 - self.momentum) / counts[present]).to(sums)[:, None])
+            rows.add_(self.confusion.index_select(0, present), alpha=self.momentum)
+            if self._renormalize_rows:
+                rows.mul_(rows.sum(dim=1, keepdim=True).reciprocal_())
+            self.confusion.index_copy_(0, present, rows)
         self.instance_count += counts
 
     def is_active(self, progress) -> bool:
@@ -164,17 +175,20 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
     def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
         """(n, C) contiguous: column y of the confusion matrix (column-normalized for
         softmax bases), for each label y of ``fg_labels``."""
-        t, inverse = self._soft_label_rows(fg_labels)
-        return t.index_select(0, inverse)
+        class_rows, class_scale, inverse = self._soft_label_rows(fg_labels)
+        return (class_rows * class_scale[:, None]).index_select(0, inverse)
 
     def _soft_label_rows(self, fg_labels: torch.Tensor):
-        """The soft labels of the distinct classes of ``fg_labels`` (U, C), and each
-        label's row in them (a column gather once per class, not once per RoI)."""
+        """Per distinct class of ``fg_labels``: its column of the confusion matrix as a row
+        (U, C) and the factor that normalizes it (U,) (1 when columns are not normalized);
+        and each label's row in them (a column gather once per class, not once per RoI)."""
         present, inverse = torch.unique(fg_labels, return_inverse=True)
-        t = self.confusion.index_select(1, present).t()
+        class_rows = self.confusion.index_select(1, present).t().contiguous()
         if self._normalize_columns:
-            t = t / self.confusion.sum(dim=0).index_select(0, present)[:, None]
-        return t.contiguous(), inverse
+            class_scale = class_rows.sum(dim=1).reciprocal_()
+        else:
+            class_scale = torch.ones_like(class_rows[:, 0])
+        return class_rows, class_scale, inverse
 
     def forward(self, logits, labels, progress=None, pass_index=None, num_passes=1, **context):
         """``progress``: training progress in [0, 1] (None: never active). With the
@@ -200,14 +214,16 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if not active:
             return {"loss_cls": F.cross_entropy(logits, labels, reduction="sum") / num_rois}
         fg_rows = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
-        t_rows, inverse = self._soft_label_rows(labels[fg_rows])
-        t_rows = t_rows.to(logits)
-        # Σ_fg Σ_k t log t, one row per class (0 log 0 = 0: the clamp only meets t = 0)
-        entropy = (t_rows * t_rows.clamp(min=torch.finfo(t_rows.dtype).tiny).log()).sum(dim=1)
-        entropy_term = entropy.double().index_select(0, inverse).sum()
-        t = t_rows.index_select(0, inverse)  # (n_fg, C), background 0
+        class_rows, class_scale, inverse = self._soft_label_rows(labels[fg_rows])
+        # Σ_fg Σ_k t log t with t = m·s (m a column, s = 1 / Σ m): per class s·Σ m log m + log s
+        # (0 log 0 = 0: the clamp only meets m = 0)
+        m_log_m = (class_rows * class_rows.clamp(min=torch.finfo(class_rows.dtype).tiny).log()).sum(dim=1)
+        per_class = m_log_m.double() * class_scale.double() + class_scale.double().log()
+        entropy_term = per_class.index_select(0, inverse).sum()
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _SoftLabelCrossEntropy.apply(logits.contiguous(), labels.long(), fg_rows, t, alpha, entropy_term)
+            loss = _SoftLabelCrossEntropy.apply(
+                logits.contiguous(), labels.long(), fg_rows, class_rows, class_scale, inverse, alpha, entropy_term
+            )
         return {"loss_cls": loss}
 
     def predict_probs(self, logits):
