@@ -5,11 +5,14 @@ Speed of the classification losses and of a training iteration with each of them
 1. Loss forward+backward at N RoIs x C classes (default the LVIS scale, 8192 x 1203) against
    the plain counterpart on the same input: softmax CE (F.cross_entropy) for losses with a
    background logit, sigmoid BCE (F.binary_cross_entropy_with_logits) for the others.
-   Target: <= 1.5x.
+   Target: <= 1.5x. Two label sets: an LVIS-like batch (16 images of 512 RoIs, each image
+   holding a few classes drawn from the image counts; what the target is about) and
+   labels uniform over all classes (about a thousand distinct classes in one batch, the
+   worst case for methods with per-class work such as PCB's confusion matrix).
 2. One training iteration of the quickstart Mask R-CNN with each loss against the softmax
    baseline (same data, same seed). Target: <= 1.05x.
 
-    python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--iters 0]
+    python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--labels both] [--iters 0]
 
 Prints Markdown tables; times are medians over repeats, interleaved so that machine
 load affects all rows alike.
@@ -64,11 +67,54 @@ def lvis_like_stats(num_classes, generator):
     return ClassStatsBuffers(num_classes).set_from(stats)
 
 
-def bench_losses(num_rois, num_classes, repeats):
+def image_batch_labels(num_rois, num_classes, stats, generator, images=16, fg_fraction=0.25, rois_per_instance=8):
+    """
+    Labels and matched-instance ids of the RoIs of a Detectron2 LVIS batch (16 images of
+    512 RoIs at N = 8192): every image holds each class c independently with probability
+    image_count_c / images (at least one class; a class's image frequency is then what
+    the statistics say), a quarter of its RoIs are foreground, spread uniformly over its
+    classes and matched ``rois_per_instance`` at a time to one instance; the rest are
+    background (label C). Rows are in Detectron2's order: an image's foreground, then its
+    background.
+    """
+    presence = (stats.image_count.double() / float(stats.num_images)).clamp(max=1.0)
+    labels, instance_ids, next_id = [], [], 0
+    for image in range(images):
+        rois = num_rois // images + (num_rois % images if image == images - 1 else 0)
+        present = torch.zeros(0, dtype=torch.long)
+        while not present.numel():
+            present = torch.nonzero(torch.rand(num_classes, generator=generator, dtype=torch.float64) < presence)[:, 0]
+        num_fg = round(rois * fg_fraction)
+        classes = present[torch.randint(0, present.numel(), (num_fg,), generator=generator)].sort().values
+        ids = torch.empty(num_fg, dtype=torch.long)
+        for c in present.tolist():
+            rows = torch.nonzero(classes == c)[:, 0]
+            ids[rows] = next_id + torch.arange(rows.numel()) // rois_per_instance
+            next_id += -(-rows.numel() // rois_per_instance)
+        labels += [classes, torch.full((rois - num_fg,), num_classes)]
+        instance_ids += [ids, torch.full((rois - num_fg,), -1)]
+    return torch.cat(labels), torch.cat(instance_ids)
+
+
+def uniform_labels(num_rois, num_classes, generator, rois_per_instance=8):
+    """The worst case for per-class work: a quarter of the RoIs foreground with labels
+    uniform over all classes (about a thousand distinct classes in one batch, which no
+    LVIS batch has), consecutive foreground RoIs matched ``rois_per_instance`` at a time."""
+    labels = torch.randint(0, num_classes, (num_rois,), generator=generator)
+    labels[torch.rand(num_rois, generator=generator) < 0.75] = num_classes
+    fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
+    instance_ids = torch.full_like(labels, -1)
+    instance_ids[fg_rows] = torch.arange(fg_rows.numel()) // rois_per_instance
+    return labels, instance_ids
+
+
+def bench_losses(num_rois, num_classes, repeats, label_kind):
     g = torch.Generator().manual_seed(0)
     stats = lvis_like_stats(num_classes, g)
-    labels = torch.randint(0, num_classes, (num_rois,), generator=g)
-    labels[torch.rand(num_rois, generator=g) < 0.75] = num_classes  # 25% foreground, as Detectron2 samples
+    if label_kind == "images":
+        labels, instance_ids = image_batch_labels(num_rois, num_classes, stats, g)
+    else:
+        labels, instance_ids = uniform_labels(num_rois, num_classes, g)
     rows = []
     plain = {}
     for extra in (0, 1):
@@ -87,10 +133,6 @@ def bench_losses(num_rois, num_classes, repeats):
                 x = logits.clone().requires_grad_()
                 (F.binary_cross_entropy_with_logits(x, target, reduction="sum") / num_rois).backward()
             plain["sigmoid BCE"] = run
-    # matched instances for LOCE's entries: 8 foreground RoIs per ground-truth instance
-    fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
-    instance_ids = torch.full_like(labels, -1)
-    instance_ids[fg_rows] = torch.arange(fg_rows.numel()) // 8
     for name in sorted(LOSS_REGISTRY):
         loss = build_loss(name, num_classes, class_stats=stats)
         logits = torch.randn(num_rois, loss.num_logits, generator=g)
@@ -110,8 +152,11 @@ def bench_losses(num_rois, num_classes, repeats):
     timed = list(plain.items()) + [(r[0], r[2]) for r in rows]
     med = {k: v * 1000 for k, v in interleaved_medians(timed, repeats).items()}
     memory = "glibc defaults" if "--system-malloc" in sys.argv else "freed memory reused"
-    print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes "
-          f"(CPU, {torch.get_num_threads()} threads, {memory})\n")
+    fg = labels < num_classes
+    batch = {"images": "LVIS-like batch of 16 images", "uniform": "uniform labels"}[label_kind]
+    print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes, {batch} "
+          f"({int(fg.sum())} foreground RoIs of {torch.unique(labels[fg]).numel()} classes; "
+          f"CPU, {torch.get_num_threads()} threads, {memory})\n")
     print("| loss | ms | plain counterpart | ms | ratio |")
     print("|---|---|---|---|---|")
     for name, baseline, _ in rows:
@@ -198,10 +243,13 @@ def main():
     parser.add_argument("--rois", type=int, default=8192)
     parser.add_argument("--classes", type=int, default=1203)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--labels", choices=("images", "uniform", "both"), default="both",
+                        help="RoI labels: an LVIS-like batch of 16 images, uniform over all classes, or both")
     parser.add_argument("--iters", type=int, default=0, help="training iterations per repeat (0: skip)")
     parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
     args = parser.parse_args()
-    bench_losses(args.rois, args.classes, args.repeats)
+    for label_kind in ("images", "uniform") if args.labels == "both" else (args.labels,):
+        bench_losses(args.rois, args.classes, args.repeats, label_kind)
     if args.iters:
         bench_iterations(args.iters, args.repeats)
     print_memory_table()

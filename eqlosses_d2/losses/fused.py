@@ -18,22 +18,26 @@ from torch.nn import functional as F
 
 from .base import scaled_stashed_grad
 
-__all__ = ["CHUNK_ELEMENTS", "row_chunks", "rows_in_chunks", "softmax_", "masked_sigmoid_bce"]
+__all__ = ["CHUNK_ELEMENTS", "masked_sigmoid_bce", "row_chunks", "row_ranges", "rows_in_chunks", "softmax_"]
 
 #: entries of the logit matrix processed at once on the CPU (a module attribute, so that
 #: tests can make it small and cross chunk boundaries)
 CHUNK_ELEMENTS = 1 << 19
 
 
-def row_chunks(matrix: torch.Tensor) -> List[Tuple[int, int]]:
-    """``[(start, stop), ...]`` row ranges covering ``matrix`` (N, K): cache-sized on the
-    CPU, the whole matrix on other devices."""
-    num_rows, num_cols = matrix.shape
-    if matrix.device.type != "cpu":
+def row_ranges(num_rows: int, num_cols: int, device) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``num_rows`` rows of ``num_cols`` entries:
+    cache-sized on the CPU, all rows at once on other devices."""
+    if torch.device(device).type != "cpu":
         step = max(num_rows, 1)
     else:
         step = max(1, CHUNK_ELEMENTS // max(num_cols, 1))
     return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+def row_chunks(matrix: torch.Tensor) -> List[Tuple[int, int]]:
+    """:func:`row_ranges` of an (N, K) matrix."""
+    return row_ranges(matrix.shape[0], matrix.shape[1], matrix.device)
 
 
 def rows_in_chunks(sorted_rows: torch.Tensor, chunks: List[Tuple[int, int]]) -> List[Tuple[int, int]]:

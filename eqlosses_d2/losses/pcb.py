@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from .base import ClassificationLoss, all_reduce_sum, empty_loss, scaled_stashed_grad
-from .fused import row_chunks, rows_in_chunks, softmax_
+from .fused import row_chunks, row_ranges, rows_in_chunks, softmax_
 from .registry import build_loss, loss_hparams_from_cfg, register_loss
 
 #: base losses PCB composes with, and how each reads scores into the confusion matrix:
@@ -62,15 +62,16 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
     background rows), in row chunks into one (N, C + 1) buffer (see :mod:`.fused`).
 
     The soft labels come per class: the foreground row ``fg_rows[k]`` (ascending) has
-    ``t = class_rows[inverse[k]] · class_scale[inverse[k]]`` (a column of the confusion
-    matrix and its normalizer), gathered chunk by chunk. With log p_k = z_k − lse:
-    Σ_k t_k log p_k = t·z − (Σ_k t_k)·lse.
+    ``t = class_t[inverse[k]]``. With log p_k = z_k − lse,
+    Σ_fg Σ_k t_k log p_k = Σ_fg t·z − Σ_fg (Σ_k t_k)·lse; the first sum, ``soft_dot``, is
+    per class Σ_u t_u·(Σ_{i: y_i = u} z_i), from the class sums of the logits.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, fg_rows, class_rows, class_scale, inverse, alpha, entropy_term):
-        num_rows, num_classes = logits.shape[0], class_rows.shape[1]
+    def forward(ctx, logits, labels, fg_rows, class_t, inverse, soft_dot, alpha, entropy_term):
+        num_rows, num_classes = logits.shape[0], class_t.shape[1]
         scale = 1.0 / num_rows
+        class_t_sum = class_t.sum(dim=1)
         grad = torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         chunks = row_chunks(logits)
@@ -78,17 +79,14 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
             g, rows = grad[start:stop], labels[start:stop, None]
             g.copy_(logits[start:stop])
             logit_y = g.gather(1, rows).squeeze(1)
-            local = fg_rows[first:last] - start
-            which = inverse[first:last]
-            t = class_rows.index_select(0, which).mul_(class_scale.index_select(0, which)[:, None])
+            local, which = fg_rows[first:last] - start, inverse[first:last]
             weight = torch.ones(stop - start, dtype=g.dtype, device=g.device).index_fill_(0, local, 1.0 - alpha)
-            soft_dot = (t * g.index_select(0, local)[:, :num_classes]).sum(dim=1)
             lse = softmax_(g, scale)  # g: p / N
             total += (weight * (lse - logit_y)).sum()
-            total += alpha * (t.sum(dim=1) * lse.index_select(0, local) - soft_dot).sum()
+            total += alpha * (class_t_sum.index_select(0, which) * lse.index_select(0, local)).sum()
             g.scatter_add_(1, rows, weight.mul_(-scale)[:, None])
-            g[:, :num_classes].index_add_(0, local, t, alpha=-alpha * scale)
-        total += alpha * entropy_term
+            g[:, :num_classes].index_add_(0, local, class_t.index_select(0, which), alpha=-alpha * scale)
+        total += alpha * (entropy_term - soft_dot)
         ctx.grad = grad  # handed to autograd (not copied) in backward
         return (total * scale).to(logits.dtype)
 
@@ -136,38 +134,48 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         return self.base.classifier_bias_init()
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor):
-        """Fold this batch's positive RoIs (all processes) into the confusion matrix."""
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, logit_sums: bool = False):
+        """
+        Fold this batch's positive RoIs (all processes) into the confusion matrix. Returns
+        this process's distinct positive classes (U,), each positive's index into them
+        and, with ``logit_sums``, the per-class sums of the positives' class logits (U, C)
+        (else None), gathered in the same pass.
+        """
         num_classes = self.num_classes
         fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
         fg_labels = labels[fg_rows]
-        # the positives' class scores, one contiguous (n_fg, C) buffer
-        probs = torch.index_select(logits[:, :num_classes].float(), 0, fg_rows)
-        if self._score == "softmax":
-            softmax_(probs)
-        else:
-            probs.sigmoid_()
         counts = torch.bincount(fg_labels, minlength=num_classes).to(self.instance_count)
+        present, inverse = torch.unique(fg_labels, return_inverse=True)
+        sums = torch.zeros(present.numel(), num_classes, dtype=torch.float32, device=logits.device)
+        class_logit_sums = torch.zeros_like(sums) if logit_sums else None
+        # the positives' class scores, summed per class, a cache-sized block of rows at a time
+        class_logits = logits[:, :num_classes]
+        for first, last in row_ranges(fg_rows.numel(), num_classes, logits.device):
+            scores = torch.index_select(class_logits, 0, fg_rows[first:last]).float()
+            if logit_sums:
+                class_logit_sums.index_add_(0, inverse[first:last], scores)
+            if self._score == "softmax":
+                softmax_(scores)
+            else:
+                scores.sigmoid_()
+            sums.index_add_(0, inverse[first:last], scores)
+        updated, batch_counts = present, counts
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # one collective for both (every process calls it, with or without positives)
-            sums = torch.zeros_like(self.confusion).index_add_(0, fg_labels, probs)
-            packed = all_reduce_sum(torch.cat([sums.flatten().double(), counts]))
-            sums = packed[: num_classes * num_classes].view(num_classes, num_classes).to(self.confusion)
-            counts = packed[num_classes * num_classes :]
-            present = torch.nonzero(counts > 0, as_tuple=True)[0]
-            sums = sums[present]
-        else:  # one process: only the rows of the classes present
-            present, inverse = torch.unique(fg_labels, return_inverse=True)
-            sums = torch.zeros(present.numel(), num_classes, dtype=probs.dtype, device=probs.device)
-            sums.index_add_(0, inverse, probs)
-        if present.numel():
+            # every class's row, in one collective with the counts (every process calls it)
+            full = torch.zeros_like(self.confusion).index_copy_(0, present, sums)
+            packed = all_reduce_sum(torch.cat([full.flatten().double(), counts]))
+            batch_counts = packed[num_classes * num_classes :]
+            updated = torch.nonzero(batch_counts > 0, as_tuple=True)[0]
+            sums = packed[: num_classes * num_classes].view(num_classes, num_classes)[updated].to(self.confusion)
+        if updated.numel():
             # μ·M[c] + (1 − μ)·mean_c, in place on the sums
-            rows = sums.mul_(((1.0 - self.momentum) / counts[present]).to(sums)[:, None])
-            rows.add_(self.confusion.index_select(0, present), alpha=self.momentum)
+            rows = sums.mul_(((1.0 - self.momentum) / batch_counts[updated]).to(sums)[:, None])
+            rows.add_(self.confusion.index_select(0, updated), alpha=self.momentum)
             if self._renormalize_rows:
                 rows.mul_(rows.sum(dim=1, keepdim=True).reciprocal_())
-            self.confusion.index_copy_(0, present, rows)
-        self.instance_count += counts
+            self.confusion.index_copy_(0, updated, rows)
+        self.instance_count += batch_counts
+        return present, inverse, class_logit_sums
 
     def is_active(self, progress) -> bool:
         return progress is not None and progress >= self.start and bool((self.instance_count > 0).all())
@@ -175,20 +183,16 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
     def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
         """(n, C) contiguous: column y of the confusion matrix (column-normalized for
         softmax bases), for each label y of ``fg_labels``."""
-        class_rows, class_scale, inverse = self._soft_label_rows(fg_labels)
-        return (class_rows * class_scale[:, None]).index_select(0, inverse)
-
-    def _soft_label_rows(self, fg_labels: torch.Tensor):
-        """Per distinct class of ``fg_labels``: its column of the confusion matrix as a row
-        (U, C) and the factor that normalizes it (U,) (1 when columns are not normalized);
-        and each label's row in them (a column gather once per class, not once per RoI)."""
         present, inverse = torch.unique(fg_labels, return_inverse=True)
-        class_rows = self.confusion.index_select(1, present).t().contiguous()
+        return self._class_soft_labels(present).index_select(0, inverse)
+
+    def _class_soft_labels(self, classes: torch.Tensor) -> torch.Tensor:
+        """(U, C): the soft label of each class of ``classes``, its column of the confusion
+        matrix as a row (normalized for softmax bases), one column gather per class."""
+        t = self.confusion.index_select(1, classes).t().contiguous()
         if self._normalize_columns:
-            class_scale = class_rows.sum(dim=1).reciprocal_()
-        else:
-            class_scale = torch.ones_like(class_rows[:, 0])
-        return class_rows, class_scale, inverse
+            t.mul_(t.sum(dim=1, keepdim=True).reciprocal_())
+        return t
 
     def forward(self, logits, labels, progress=None, pass_index=None, num_passes=1, **context):
         """``progress``: training progress in [0, 1] (None: never active). With the
@@ -197,7 +201,10 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         alpha = self.alpha
         if num_passes > 1 and pass_index is not None:
             alpha = self.alpha * pass_index / (num_passes - 1)
-        self.update(logits, labels)  # before the loss, on every process
+        # before the loss, on every process; the fused kernel below needs the class sums of
+        # the positives' logits, gathered with the scores
+        may_be_active = self.base_name == "softmax" and progress is not None and progress >= self.start
+        present, inverse, class_logit_sums = self.update(logits, labels, logit_sums=may_be_active)
         active = self.is_active(progress)
         self._last_active = active
         if self.base_name != "softmax":
@@ -214,15 +221,14 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if not active:
             return {"loss_cls": F.cross_entropy(logits, labels, reduction="sum") / num_rois}
         fg_rows = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
-        class_rows, class_scale, inverse = self._soft_label_rows(labels[fg_rows])
-        # Σ_fg Σ_k t log t with t = m·s (m a column, s = 1 / Σ m): per class s·Σ m log m + log s
-        # (0 log 0 = 0: the clamp only meets m = 0)
-        m_log_m = (class_rows * class_rows.clamp(min=torch.finfo(class_rows.dtype).tiny).log()).sum(dim=1)
-        per_class = m_log_m.double() * class_scale.double() + class_scale.double().log()
-        entropy_term = per_class.index_select(0, inverse).sum()
+        class_t = self._class_soft_labels(present).to(logits)  # (U, C), background 0
+        # Σ_fg Σ_k t log t, per class (0 log 0 = 0: the clamp only meets t = 0); Σ_fg t·z
+        t_log_t = (class_t * class_t.clamp(min=torch.finfo(class_t.dtype).tiny).log()).sum(dim=1)
+        entropy_term = t_log_t.double().index_select(0, inverse).sum()
+        soft_dot = (class_t * class_logit_sums).sum(dtype=torch.float64)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss = _SoftLabelCrossEntropy.apply(
-                logits.contiguous(), labels.long(), fg_rows, class_rows, class_scale, inverse, alpha, entropy_term
+                logits.contiguous(), labels.long(), fg_rows, class_t, inverse, soft_dot, alpha, entropy_term
             )
         return {"loss_cls": loss}
 
