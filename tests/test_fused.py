@@ -1,0 +1,212 @@
+"""
+The fused, row-chunked loss computations (``eqlosses_d2.losses.fused`` and the losses built
+on it): against float64 autograd through the plain formulas, across chunk boundaries
+(``CHUNK_ELEMENTS`` made small so that a batch spans many chunks, with the positives and
+the dropped terms spread over them), and with an output gradient other than 1 (the
+backward multiplication that a gradient of exactly 1 skips on the CPU).
+"""
+import types
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from eqlosses_d2.losses import build_loss, fused
+from eqlosses_d2.losses.base import tail_class_mask
+
+C = 12
+ROWS = 203  # 16-row chunks below: 13 chunks, the last one partial
+
+
+def _stats():
+    g = torch.Generator().manual_seed(1)
+    image_count = torch.randint(1, 300, (C,), generator=g)
+    image_count[:5] = torch.tensor([1, 2, 3, 4, 5])  # tail classes under λ = 0.0011 (of 10000 images)
+    return types.SimpleNamespace(
+        image_count=image_count,
+        instance_count=image_count * 3,
+        frequency_group=torch.randint(0, 3, (C,), generator=g),
+        num_images=torch.tensor(12000),
+        num_images_with_annotations=torch.tensor(10000),
+        is_set=torch.tensor(True),
+    )
+
+
+def _batch(num_logits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(ROWS, num_logits, generator=g) * 3
+    labels = torch.randint(0, C, (ROWS,), generator=g)
+    labels[torch.rand(ROWS, generator=g) < 0.6] = C  # background
+    labels[:3] = torch.tensor([C, 0, 4])  # a background row and tail positives in the first chunk
+    return logits, labels
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 16 * (C + 2))
+    return fused
+
+
+def _run(loss, logits, labels, output_grad=1.0, **context):
+    x = logits.clone().requires_grad_()
+    values = loss(x, labels, **context)
+    (sum(values.values()) * output_grad).backward()
+    return {k: v.detach().double() for k, v in values.items()}, x.grad.double()
+
+
+def _reference(fn, logits, output_grad=1.0):
+    """Value and gradient of ``fn`` (a formula in float64, through autograd)."""
+    z = logits.double().requires_grad_()
+    value = fn(z)
+    (value * output_grad).backward()
+    return value.detach(), z.grad
+
+
+def test_chunks_cover_the_rows(small_chunks):
+    chunks = fused.row_chunks(torch.empty(ROWS, C + 2))
+    assert chunks[0] == (0, 16) and chunks[-1] == (192, ROWS) and len(chunks) == 13
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    rows = torch.tensor([0, 5, 16, 17, 100, 202])
+    assert fused.rows_in_chunks(rows, chunks)[:2] == [(0, 2), (2, 4)]
+    assert sum(b - a for a, b in fused.rows_in_chunks(rows, chunks)) == rows.numel()
+    assert fused.row_ranges(5, 3, "cpu") == [(0, 5)]
+
+
+def test_softmax_in_place_matches_log_softmax():
+    x = torch.randn(7, 9) * 30  # large logits: the max shift matters
+    buffer = x.clone()
+    lse = fused.softmax_(buffer, scale=0.25)
+    torch.testing.assert_close(lse, torch.logsumexp(x, dim=1))
+    torch.testing.assert_close(buffer, torch.softmax(x, dim=1) * 0.25)
+
+
+@pytest.mark.parametrize("output_grad", [1.0, 2.5])
+def test_masked_sigmoid_bce(small_chunks, output_grad):
+    logits, labels = _batch(C)
+    g = torch.Generator().manual_seed(2)
+    bg_weight, fg_weight = torch.rand(C, generator=g), torch.rand(C, generator=g)
+    x = logits.clone().requires_grad_()
+    (fused.masked_sigmoid_bce(x, labels, bg_weight, fg_weight) * output_grad).backward()
+    value = fused.masked_sigmoid_bce(logits, labels, bg_weight, fg_weight)
+
+    target = F.one_hot(labels, C + 1)[:, :C].double()
+    row_weight = torch.where((labels < C)[:, None], fg_weight.double(), bg_weight.double())
+    weight = torch.where(target > 0, torch.ones_like(target), row_weight)
+    expected, grad = _reference(
+        lambda z: (F.binary_cross_entropy_with_logits(z, target, reduction="none") * weight).sum() / ROWS,
+        logits, output_grad)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), grad, rtol=1e-5, atol=1e-8)
+
+
+def _margins(shift, labels):
+    """Softmax-EQL's margins: a_j − a_y on a foreground RoI's foreground logits j (0 at j = y),
+    nothing on its background logit or on a background RoI."""
+    row = torch.where(labels < C, shift[labels.clamp(max=C - 1)], torch.zeros((), dtype=torch.float64))
+    margins = (shift[None, :] - row[:, None]) * (labels < C).double()[:, None]
+    margins[:, C] = 0.0
+    return margins
+
+
+def _softmax_reference(name, loss, logits, labels):
+    """The plain formula of each softmax-family loss, as autograd sees it."""
+    if name == "iif":
+        weights = loss.logit_weights().double()
+        return lambda z: F.cross_entropy(z * weights, labels)
+    if name == "equilibrium":
+        shift = loss.mean_score.double().log()
+        return lambda z: F.cross_entropy(z + shift, labels)
+    if name == "softmax_eql":
+        shift = torch.cat([loss.logit_shifts().double(), torch.zeros(1, dtype=torch.float64)])
+        return lambda z: F.cross_entropy(z + _margins(shift, labels), labels)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("output_grad", [1.0, 3.0])
+@pytest.mark.parametrize("name", ["iif", "equilibrium", "softmax_eql"])
+def test_softmax_family_across_chunks(small_chunks, name, output_grad):
+    stats = _stats()
+    loss = build_loss(name, C, class_stats=stats)
+    logits, labels = _batch(loss.num_logits)
+    context = {}
+    if name == "equilibrium":
+        loss.mean_score[:C] = torch.rand(C, generator=torch.Generator().manual_seed(3)) + 0.01
+        loss.eval()  # no update: the shift is the state above
+        context = {"instance_labels": labels[:0], "instance_means": torch.zeros(0)}
+    if name == "softmax_eql":
+        loss.gradient_stats.pos_grad.copy_(torch.rand(C, dtype=torch.float64) * 10)
+        loss.eval()
+    expected, grad = _reference(_softmax_reference(name, loss, logits, labels), logits, output_grad)
+    values, ours = _run(loss, logits, labels, output_grad, **context)
+    torch.testing.assert_close(values["loss_cls"], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, grad, rtol=1e-4, atol=1e-8)
+
+
+def test_softmax_eql_statistics_across_chunks(small_chunks):
+    loss = build_loss("softmax_eql", C)
+    logits, labels = _batch(C + 1)
+    loss.gradient_stats.pos_grad.copy_(torch.rand(C, dtype=torch.float64) * 10)
+    before = loss.gradient_stats.pos_grad.clone()
+    shift = torch.cat([loss.logit_shifts().double(), torch.zeros(1, dtype=torch.float64)])
+    shifted = logits.double() + _margins(shift, labels)
+    error = (torch.softmax(shifted, dim=1) - F.one_hot(labels, C + 1).double()).abs() / ROWS
+    onehot = F.one_hot(labels, C + 1).double()
+    loss(logits, labels)
+    torch.testing.assert_close(loss.gradient_stats.pos_grad - before, (error * onehot).sum(0)[:C])
+    torch.testing.assert_close(loss.gradient_stats.neg_grad, (error * (1 - onehot)).sum(0)[:C])
+
+
+def test_pcb_across_chunks(small_chunks, monkeypatch):
+    """PCB's fused soft-label loss: the same value, gradient and state in many chunks as in one."""
+    results = []
+    for elements in (16 * (C + 2), 1 << 30):
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", elements)
+        loss = build_loss("pcb", C, start=0.0)
+        logits, labels = _batch(C + 1, seed=4)
+        loss(logits, labels, progress=0.0)  # every class seen: active from now on
+        assert loss.is_active(0.5)
+        values, grad = _run(loss, logits * 0.5, labels, 2.0, progress=0.5)
+        results.append((values["loss_cls"], grad, loss.confusion.clone()))
+    (v1, g1, m1), (v2, g2, m2) = results
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(m1, m2)
+
+
+@pytest.mark.parametrize("output_grad", [1.0, 0.5])
+def test_gumbel_losses_across_chunks(small_chunks, output_grad):
+    """Gumbel BCE and DropLoss: many chunks give what one chunk gives (the same draw)."""
+    stats = _stats()
+    for name in ("gumbel", "gumbel_droploss", "eql", "federated"):
+        results = []
+        for elements in (16 * (C + 2), 1 << 30):
+            small_chunks.CHUNK_ELEMENTS = elements
+            loss = build_loss(name, C, class_stats=stats)
+            logits, labels = _batch(loss.num_logits, seed=5)
+            torch.manual_seed(7)
+            results.append(_run(loss, logits, labels, output_grad))
+        (v1, g1), (v2, g2) = results
+        torch.testing.assert_close(v1["loss_cls"], v2["loss_cls"], rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_droploss_compact_mask_matches_dense(small_chunks):
+    stats = _stats()
+    loss = build_loss("gumbel_droploss", C, class_stats=stats)
+    logits, labels = _batch(C, seed=6)
+    tail = tail_class_mask(stats, loss.tail_threshold)
+    torch.manual_seed(8)
+    compact = loss.drop_terms(labels, tail)
+    dense = compact.dense()
+    assert dense.shape == (ROWS, C)
+    fg = labels < C
+    assert (dense[fg] == tail).all()  # a foreground RoI drops every tail class (its positive is kept anyway)
+    assert not dense[~fg][:, ~tail].any() and dense[~fg][:, tail].any()
+    from eqlosses_d2.losses.gumbel import gumbel_bce_sum
+
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    v1, v2 = gumbel_bce_sum(x1, labels, compact), gumbel_bce_sum(x2, labels, dense)
+    (v1 * 2).backward()
+    (v2 * 2).backward()
+    torch.testing.assert_close(v1, v2)
+    torch.testing.assert_close(x1.grad, x2.grad)
