@@ -32,10 +32,9 @@ Differences from the authors' code (tztztztztz/eqlv2, ``mmdet/models/losses/eqlv
 - the statistics are updated only in training mode (the authors update on every call).
 """
 import torch
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, empty_loss
+from .base import ClassificationLoss, empty_loss, scaled_stashed_grad
 from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
 from .registry import register_loss
 from .sigmoid import prior_bias
@@ -76,15 +75,13 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
         # gradient of the normalized loss: r_j σ / N off the label, q_y (σ - 1) / N on it
         grad = prob.mul_(neg_weight / num_rois)
         grad.scatter_(1, rows, (pos_w * (prob_y - 1.0) / num_rois)[:, None])
-        ctx.save_for_backward(grad)
+        ctx.grad = grad  # handed to autograd (not copied) in backward
         ctx.mark_non_differentiable(pos_grad, neg_grad)
         return loss / num_rois, pos_grad, neg_grad
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "EQLv2"), None, None, None
 
 
 class _SoftWeightedSigmoidBCE(torch.autograd.Function):
@@ -104,15 +101,13 @@ class _SoftWeightedSigmoidBCE(torch.autograd.Function):
         weighted_abs = error.abs() * weight
         pos_grad = (weighted_abs * target).sum(dim=0)
         neg_grad = (weighted_abs * (1.0 - target)).sum(dim=0)
-        ctx.save_for_backward(error.mul_(weight).div_(num_rois))
+        ctx.grad = error.mul_(weight).div_(num_rois)
         ctx.mark_non_differentiable(pos_grad, neg_grad)
         return loss / num_rois, pos_grad, neg_grad
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "EQLv2"), None, None, None
 
 
 @register_loss

@@ -24,7 +24,7 @@ Pure PyTorch, no Detectron2 import.
 import torch
 from torch.nn import functional as F
 
-from .base import empty_loss, take_stashed_grad
+from .base import empty_loss, scaled_stashed_grad
 from .dense import DenseClassificationLoss, register_dense_loss
 
 __all__ = ["SigmoidFocalLoss", "focal_loss_sum"]
@@ -109,8 +109,7 @@ class _FocalLossSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        grad = take_stashed_grad(ctx, "focal loss")
-        return grad.mul_(grad_loss), None, None, None, None, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "focal loss"), None, None, None, None, None, None, None
 
 
 def focal_loss_sum(logits, labels, gamma=2.0, weight=1.0, alpha=0.25, normalizer=1.0, stats_scale=1.0,
