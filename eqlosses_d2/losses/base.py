@@ -46,9 +46,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def check_finite_logits(logits: torch.Tensor, who: str):
-    """Reject NaN/inf logits with one clear line, before they poison the statistics."""
-    if logits.numel() == 0 or torch.isfinite(logits.sum(dtype=torch.float32)):
+def check_finite_logits(logits: torch.Tensor, who: str, total: Optional[torch.Tensor] = None):
+    """Reject NaN/inf logits with one clear line, before they poison the statistics.
+    ``total``: the sum of all of ``logits`` when a fused computation has already taken it
+    (chunk by chunk, from cache), instead of a pass of its own over them."""
+    if logits.numel() == 0:
+        return
+    if total is None:
+        total = logits.sum(dtype=torch.float32)
+    if torch.isfinite(total):
         return  # fast path: one reduction (a float32 sum of finite values may still overflow)
     bad = (~torch.isfinite(logits)).sum().item()
     if bad:
@@ -142,14 +148,17 @@ class ClassificationLoss(nn.Module):
             )
         return stats
 
-    def _check(self, logits: torch.Tensor, labels: torch.Tensor):
+    def _check(self, logits: torch.Tensor, labels: torch.Tensor, finite: bool = True):
+        """Shapes, and (``finite``) no NaN/inf logit; a loss whose fused computation sums the
+        logits as it goes passes ``finite=False`` and checks that sum instead."""
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:
             raise ValueError(
                 f"loss '{self.name}' expects logits of shape (N, {self.num_logits}), got {tuple(logits.shape)}"
             )
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} logits")
-        check_finite_logits(logits, f"loss '{self.name}'")
+        if finite:
+            check_finite_logits(logits, f"loss '{self.name}'")
 
 
 def empty_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .base import ClassificationLoss, empty_loss, scaled_stashed_grad, tail_class_mask
+from .base import ClassificationLoss, check_finite_logits, empty_loss, scaled_stashed_grad, tail_class_mask
 from .fused import row_chunks, rows_in_chunks
 from .registry import register_loss
 from .sigmoid import with_background_column
@@ -137,7 +137,7 @@ class _GumbelBCESum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, pos_rows, pos_cols, drop, scale):
+    def forward(ctx, logits, pos_rows, pos_cols, drop, scale, who):
         num_rows, num_cols = logits.shape
         grad = torch.empty_like(logits)
         chunks = row_chunks(logits)
@@ -153,8 +153,10 @@ class _GumbelBCESum(torch.autograd.Function):
             drop_bytes = torch.empty((rows, num_cols), dtype=torch.uint8, device=logits.device)
             table_bytes = drop.table.view(torch.uint8)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        logit_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
         for k, (start, stop) in enumerate(chunks):
             z = logits[start:stop]
+            logit_sum += z.sum()  # the finite check, the chunk's first read (the rest hits the cache)
             e = torch.clamp(z, LOGIT_MIN, LOGIT_MAX, out=e_buf[: stop - start]).neg_().exp_()
             r = torch.expm1(e, out=r_buf[: stop - start]).reciprocal_()
             if compact:  # a row gather (a scatter of bool rows is much slower on the CPU)
@@ -174,6 +176,7 @@ class _GumbelBCESum(torch.autograd.Function):
             torch.ops.aten.hardtanh_backward.grad_input(g, z, LOGIT_MIN, LOGIT_MAX, grad_input=g)
             if scale != 1.0:
                 g.mul_(scale)
+        check_finite_logits(logits, who, total=logit_sum)
         z_pos = logits[pos_rows, pos_cols]
         e_pos = z_pos.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
         total += e_pos.sum()
@@ -184,22 +187,25 @@ class _GumbelBCESum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return scaled_stashed_grad(ctx, grad_output, "Gumbel BCE"), None, None, None, None
+        return scaled_stashed_grad(ctx, grad_output, "Gumbel BCE"), None, None, None, None, None
 
 
-def gumbel_bce_sum(logits: torch.Tensor, labels: torch.Tensor, drop=None, scale: float = 1.0) -> torch.Tensor:
+def gumbel_bce_sum(
+    logits: torch.Tensor, labels: torch.Tensor, drop=None, scale: float = 1.0, who: str = "Gumbel BCE"
+) -> torch.Tensor:
     """
     ``scale`` times the Σ of Gumbel BCE terms over an (N, K) float32 logit matrix, the
     logits clamped to [−4, 10] as in training (no gradient outside). ``labels`` (N,): the
     column of each row's positive; a label ≥ K (background when K = C) means an
     all-negative row. ``drop``: optional bool (N, K) or :class:`RowDrop` of terms to leave
-    out.
+    out. NaN/inf logits raise ``FloatingPointError`` (``who`` names the caller), checked on
+    the way (no pass of its own).
     """
     logits = logits.float().contiguous()
     num_columns = logits.shape[1]
     pos_rows = torch.nonzero(labels < num_columns, as_tuple=True)[0]
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return _GumbelBCESum.apply(logits, pos_rows, labels[pos_rows], drop, float(scale))
+        return _GumbelBCESum.apply(logits, pos_rows, labels[pos_rows], drop, float(scale), who)
 
 
 class _GumbelBase(ClassificationLoss):
@@ -221,10 +227,10 @@ class GumbelCrossEntropy(_GumbelBase):
     extra_logits = 1
 
     def forward(self, logits, labels, **context):
-        self._check(logits, labels)
+        self._check(logits, labels, finite=False)  # checked by gumbel_bce_sum on the way
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        loss = gumbel_bce_sum(logits, labels, scale=1.0 / logits.shape[0])
+        loss = gumbel_bce_sum(logits, labels, scale=1.0 / logits.shape[0], who=f"loss '{self.name}'")
         return {"loss_cls": loss.clamp(LOSS_MIN, LOSS_MAX)}
 
     def predict_probs(self, logits):
@@ -275,13 +281,14 @@ class GumbelDropLoss(_GumbelBase):
         return self.drop_terms(labels, tail).dense()
 
     def forward(self, logits, labels, **context):
-        self._check(logits, labels)
+        self._check(logits, labels, finite=False)  # checked by gumbel_bce_sum on the way (no state)
         tail = tail_class_mask(self.require_class_stats(), self.tail_threshold).to(labels.device)
         self._last = None
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
         drop = self.drop_terms(labels, tail)
-        return {"loss_cls": gumbel_bce_sum(logits, labels, drop, scale=1.0 / logits.shape[0])}
+        loss = gumbel_bce_sum(logits, labels, drop, scale=1.0 / logits.shape[0], who=f"loss '{self.name}'")
+        return {"loss_cls": loss}
 
     def predict_probs(self, logits):
         return with_background_column(gumbel_activation(logits.float()))
