@@ -12,7 +12,8 @@ Speed of the classification losses and of a training iteration with each of them
 2. One training iteration of the quickstart Mask R-CNN with each loss against the softmax
    baseline (same data, same seed). Target: <= 1.05x.
 
-    python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--labels both] [--iters 0]
+    python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--labels both]
+        [--losses eql,iif] [--iters 0]
 
 Prints Markdown tables; times are medians over repeats, interleaved so that machine
 load affects all rows alike.
@@ -108,7 +109,7 @@ def uniform_labels(num_rois, num_classes, generator, rois_per_instance=8):
     return labels, instance_ids
 
 
-def bench_losses(num_rois, num_classes, repeats, label_kind):
+def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
     g = torch.Generator().manual_seed(0)
     stats = lvis_like_stats(num_classes, g)
     if label_kind == "images":
@@ -133,7 +134,7 @@ def bench_losses(num_rois, num_classes, repeats, label_kind):
                 x = logits.clone().requires_grad_()
                 (F.binary_cross_entropy_with_logits(x, target, reduction="sum") / num_rois).backward()
             plain["sigmoid BCE"] = run
-    for name in sorted(LOSS_REGISTRY):
+    for name in losses:
         loss = build_loss(name, num_classes, class_stats=stats)
         logits = torch.randn(num_rois, loss.num_logits, generator=g)
         if name == "pcb":  # its active phase: past START and every class seen
@@ -163,7 +164,7 @@ def bench_losses(num_rois, num_classes, repeats, label_kind):
         print(f"| {name} | {med[name]:.1f} | {baseline} | {med[baseline]:.1f} | {med[name] / med[baseline]:.2f}x |")
 
 
-def bench_iterations(iters, repeats):
+def bench_iterations(iters, repeats, losses):
     import train_net  # noqa: F401  (registration, Trainer)
     from detectron2.config import get_cfg
     from detectron2.engine import SimpleTrainer
@@ -174,9 +175,9 @@ def bench_iterations(iters, repeats):
 
     prepare_dataset("synthetic_lvis_v1_train")
     # (row, loss, RoI head): every loss in the standard head, plus the methods with a head of their own
-    rows = [("softmax", "softmax", None)] + [(n, n, None) for n in sorted(LOSS_REGISTRY) if n != "softmax"]
-    rows += [("pcb + iterative head", "pcb", "LongTailIterativeROIHeads"),
-             ("loce (equilibrium + MFS)", "equilibrium", "LongTailLOCEROIHeads")]
+    rows = [("softmax", "softmax", None)] + [(n, n, None) for n in losses if n != "softmax"]
+    rows += [row for row in [("pcb + iterative head", "pcb", "LongTailIterativeROIHeads"),
+                             ("loce (equilibrium + MFS)", "equilibrium", "LongTailLOCEROIHeads")] if row[1] in losses]
     names = [row[0] for row in rows]
     trainers = {}
     batches = None
@@ -245,13 +246,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--labels", choices=("images", "uniform", "both"), default="both",
                         help="RoI labels: an LVIS-like batch of 16 images, uniform over all classes, or both")
+    parser.add_argument("--losses", default="", help="comma-separated loss names (default: every registered loss)")
     parser.add_argument("--iters", type=int, default=0, help="training iterations per repeat (0: skip)")
     parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
     args = parser.parse_args()
+    losses = sorted(LOSS_REGISTRY)
+    if args.losses:
+        losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+        unknown = [name for name in losses if name not in LOSS_REGISTRY]
+        if unknown:
+            parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(sorted(LOSS_REGISTRY))})")
     for label_kind in ("images", "uniform") if args.labels == "both" else (args.labels,):
-        bench_losses(args.rois, args.classes, args.repeats, label_kind)
+        bench_losses(args.rois, args.classes, args.repeats, label_kind, losses)
     if args.iters:
-        bench_iterations(args.iters, args.repeats)
+        bench_iterations(args.iters, args.repeats, losses)
     print_memory_table()
 
 
