@@ -91,7 +91,7 @@ class _MaskedSigmoidBCE(torch.autograd.Function):
             # the rows' weighted negative terms (matrix-vector products: one read each)
             total += torch.where(is_fg[start:stop], softplus.mv(fg_weight), softplus.mv(bg_weight)).sum()
             torch.sigmoid(z, out=g).mul_(torch.addr(base, fg, delta))
-        rows = torch.nonzero(labels < num_cols, as_tuple=True)[0]
+        rows = torch.nonzero(is_fg, as_tuple=True)[0]
         if rows.numel():
             cols = labels[rows]
             z_pos = logits[rows, cols]
