@@ -26,40 +26,17 @@ processes as per-class sums and counts (an all-reduce) instead of an all-gather 
 entries (the same update); ``mean_score`` is a buffer, so it is saved in checkpoints and
 restored exactly by ``--resume`` (the authors keep it as a plain tensor, reset to 0.01
 when training restarts); the cross-entropy and its analytic gradient come from one
-fused computation in row chunks (:mod:`.fused`), the same values as autograd's.
+fused computation (:func:`~.fused.affine_softmax_cross_entropy`), the same values as
+autograd's.
 """
 import torch
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss, scaled_stashed_grad
-from .fused import row_chunks, softmax_
+from .base import ClassificationLoss, all_reduce_sum, empty_loss
+from .fused import affine_softmax_cross_entropy
 from .registry import register_loss
 
 __all__ = ["EquilibriumLoss"]
-
-
-class _ShiftedCrossEntropy(torch.autograd.Function):
-    """``Σ_i CE(z_i + b, y_i) / N`` for a (K,) shift ``b`` (log s), with its gradient
-    ``(softmax(z + b) − onehot(y)) / N`` computed in the same pass, in row chunks (see
-    :mod:`.fused`)."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, shift):
-        num_rows = logits.shape[0]
-        grad = torch.empty_like(logits)
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start, stop in row_chunks(logits):
-            g, rows = grad[start:stop], labels[start:stop, None]
-            torch.add(logits[start:stop], shift, out=g)
-            shifted_y = g.gather(1, rows).squeeze(1)
-            total += (softmax_(g, 1.0 / num_rows) - shifted_y).sum()
-            g.scatter_add_(1, rows, g.new_full(rows.shape, -1.0 / num_rows))
-        ctx.grad = grad
-        return (total / num_rows).to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return scaled_stashed_grad(ctx, grad_output, "equilibrium loss"), None, None
 
 
 @register_loss
@@ -114,10 +91,7 @@ class EquilibriumLoss(ClassificationLoss):
             self.update(instance_labels, instance_means)  # before the loss
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        logits = logits.float().contiguous()
-        log_score = self.mean_score.log().to(logits)
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            return {"loss_cls": _ShiftedCrossEntropy.apply(logits, labels.long(), log_score)}
+        return {"loss_cls": affine_softmax_cross_entropy(logits, labels, shift=self.mean_score.log())}
 
     def predict_probs(self, logits):
         return F.softmax(logits.float(), dim=-1)

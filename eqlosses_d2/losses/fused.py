@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .base import scaled_stashed_grad
 
-__all__ = ["CHUNK_ELEMENTS", "masked_sigmoid_bce", "row_chunks", "row_ranges", "rows_in_chunks", "softmax_"]
+__all__ = ["CHUNK_ELEMENTS", "affine_softmax_cross_entropy", "masked_sigmoid_bce", "row_chunks", "row_ranges", "rows_in_chunks", "softmax_"]
 
 #: entries of the logit matrix processed at once on the CPU (a module attribute, so that
 #: tests can make it small and cross chunk boundaries)
@@ -59,6 +59,56 @@ def softmax_(buffer: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     normalizer = buffer.sum(dim=1, keepdim=True)
     buffer.mul_(normalizer.reciprocal().mul_(scale))
     return normalizer.log_().add_(top).squeeze(1)
+
+
+class _AffineSoftmaxCE(torch.autograd.Function):
+    """
+    ``Σ_i CE(w ⊙ z_i + b, y_i) / N`` for per-column factors ``w`` and shifts ``b`` (K,)
+    (None: 1 and 0), with its analytic gradient ``w ⊙ (softmax(w ⊙ z + b) − onehot(y)) / N``
+    computed in the same pass, in row chunks, into the buffer handed to autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, scale, shift):
+        num_rows = logits.shape[0]
+        grad = torch.empty_like(logits)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start, stop in row_chunks(logits):
+            g, rows = grad[start:stop], labels[start:stop, None]
+            z = logits[start:stop]
+            if scale is not None and shift is not None:
+                torch.addcmul(shift, z, scale, out=g)
+            elif scale is not None:
+                torch.mul(z, scale, out=g)
+            elif shift is not None:
+                torch.add(z, shift, out=g)
+            else:
+                g.copy_(z)
+            adjusted_y = g.gather(1, rows).squeeze(1)
+            total += (softmax_(g, 1.0 / num_rows) - adjusted_y).sum()
+            g.scatter_add_(1, rows, g.new_full(rows.shape, -1.0 / num_rows))
+            if scale is not None:
+                g.mul_(scale)
+        ctx.grad = grad
+        return (total / num_rows).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return scaled_stashed_grad(ctx, grad_output, "softmax cross-entropy"), None, None, None
+
+
+def affine_softmax_cross_entropy(logits, labels, scale=None, shift=None) -> torch.Tensor:
+    """
+    The mean softmax cross-entropy of the (N, K) logits adjusted per column,
+    ``CE(scale ⊙ z + shift, y)`` (``scale``, ``shift``: (K,) or None), with the gradient
+    computed in the same pass (IIF's weights, the equilibrium loss's log mean scores).
+    Float32, outside autocast.
+    """
+    logits = logits.float().contiguous()
+    scale = None if scale is None else scale.to(logits).contiguous()
+    shift = None if shift is None else shift.to(logits).contiguous()
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _AffineSoftmaxCE.apply(logits, labels.long(), scale, shift)
 
 
 class _MaskedSigmoidBCE(torch.autograd.Function):

@@ -36,15 +36,15 @@ Differences from the authors' code: the weights are computed from the class
 statistics (in float64, then used in float32) instead of read from a csv file, and
 follow the model's statistics (a checkpoint carries them, so inference needs no json);
 ``iif_weights`` is the pure function (reused by post-hoc calibration). The loss and its
-analytic gradient ``w ⊙ (softmax(w ⊙ z) − y) / N`` come from one autograd function
-(same values as autograd through the product and the CE), computed in cache-sized row
-chunks (:mod:`.fused`). M ≥ 2 is assumed.
+analytic gradient ``w ⊙ (softmax(w ⊙ z) − y) / N`` come from one fused computation
+(:func:`~.fused.affine_softmax_cross_entropy`: the same values as autograd through the
+product and the CE, in cache-sized row chunks). M ≥ 2 is assumed.
 """
 import torch
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, empty_loss, scaled_stashed_grad
-from .fused import row_chunks, softmax_
+from .base import ClassificationLoss, empty_loss
+from .fused import affine_softmax_cross_entropy
 from .registry import register_loss
 
 __all__ = ["IIFLoss", "IIF_VARIANTS", "iif_weights"]
@@ -82,30 +82,6 @@ def iif_weights(counts, total, variant: str = "raw") -> torch.Tensor:
     return -torch.log(-torch.log1p(-frequency))  # gombit
 
 
-class _ScaledSoftmaxCrossEntropy(torch.autograd.Function):
-    """``Σ_i CE(w ⊙ z_i, y_i) / N`` with its analytic gradient
-    ``w ⊙ (softmax(w ⊙ z) − onehot(y)) / N``, computed in row chunks into the gradient
-    buffer (see :mod:`.fused`) and handed to autograd in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, weights):
-        num_rows = logits.shape[0]
-        grad = torch.empty_like(logits)
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start, stop in row_chunks(logits):
-            g, rows = grad[start:stop], labels[start:stop, None]
-            torch.mul(logits[start:stop], weights, out=g)  # w ⊙ z
-            weighted_y = g.gather(1, rows).squeeze(1)
-            total += (softmax_(g, 1.0 / num_rows) - weighted_y).sum()
-            g.scatter_add_(1, rows, g.new_full(rows.shape, -1.0 / num_rows)).mul_(weights)
-        ctx.grad = grad
-        return (total / num_rows).to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return scaled_stashed_grad(ctx, grad_output, "IIF loss"), None, None
-
-
 @register_loss
 class IIFLoss(ClassificationLoss):
     name = "iif"
@@ -134,10 +110,7 @@ class IIFLoss(ClassificationLoss):
         weights = self.logit_weights().to(logits.device)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        logits = logits.float().contiguous()
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _ScaledSoftmaxCrossEntropy.apply(logits, labels.long(), weights.contiguous())
-        return {"loss_cls": loss}
+        return {"loss_cls": affine_softmax_cross_entropy(logits, labels, scale=weights)}
 
     softmax_logits = True
 

@@ -4,7 +4,6 @@ Softmax cross-entropy: the baseline (Detectron2's default box classifier).
 C + 1 logits, the last one background; ``L = CE(z, y)`` averaged over the N sampled
 RoIs; inference ``p = softmax(z)``. No state.
 """
-import torch
 from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss
