@@ -80,6 +80,26 @@ def test_softmax_in_place_matches_log_softmax():
     torch.testing.assert_close(buffer, torch.softmax(x, dim=1) * 0.25)
 
 
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_affine_softmax_cross_entropy(small_chunks, with_scale, with_shift):
+    logits, labels = _batch(C + 1)
+    g = torch.Generator().manual_seed(9)
+    scale = torch.rand(C + 1, generator=g) * 3 if with_scale else None
+    shift = torch.randn(C + 1, generator=g) if with_shift else None
+    x = logits.clone().requires_grad_()
+    value = fused.affine_softmax_cross_entropy(x, labels, scale, shift)
+    (value * 1.5).backward()
+
+    def formula(z):
+        z = z * scale.double() if with_scale else z
+        return F.cross_entropy(z + shift.double() if with_shift else z, labels)
+
+    expected, grad = _reference(formula, logits, 1.5)
+    torch.testing.assert_close(value.detach().double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), grad, rtol=1e-4, atol=1e-8)
+
+
 @pytest.mark.parametrize("output_grad", [1.0, 2.5])
 def test_masked_sigmoid_bce(small_chunks, output_grad):
     logits, labels = _batch(C)
