@@ -180,13 +180,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
     def is_active(self, progress) -> bool:
         return progress is not None and progress >= self.start and bool((self.instance_count > 0).all())
 
-    def soft_labels(self, fg_labels: torch.Tensor) -> torch.Tensor:
-        """(n, C) contiguous: column y of the confusion matrix (column-normalized for
-        softmax bases), for each label y of ``fg_labels``."""
-        present, inverse = torch.unique(fg_labels, return_inverse=True)
-        return self._class_soft_labels(present).index_select(0, inverse)
-
-    def _class_soft_labels(self, classes: torch.Tensor) -> torch.Tensor:
+    def class_soft_labels(self, classes: torch.Tensor) -> torch.Tensor:
         """(U, C): the soft label of each class of ``classes``, its column of the confusion
         matrix as a row (normalized for softmax bases), one column gather per class."""
         t = self.confusion.index_select(1, classes).t().contiguous()
@@ -212,7 +206,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
             if active:
                 fg_labels = labels[labels < self.num_classes]
                 class_target = F.one_hot(fg_labels, self.num_classes).to(self.confusion) * (1.0 - alpha)
-                class_target += self.soft_labels(fg_labels) * alpha
+                class_target += self.class_soft_labels(present).index_select(0, inverse) * alpha
             return self.base(logits, labels, class_target=class_target)
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
@@ -221,7 +215,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if not active:
             return {"loss_cls": F.cross_entropy(logits, labels, reduction="sum") / num_rois}
         fg_rows = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
-        class_t = self._class_soft_labels(present).to(logits)  # (U, C), background 0
+        class_t = self.class_soft_labels(present).to(logits)  # (U, C), background 0
         # Σ_fg Σ_k t log t, per class (0 log 0 = 0: the clamp only meets t = 0); Σ_fg t·z
         t_log_t = (class_t * class_t.clamp(min=torch.finfo(class_t.dtype).tiny).log()).sum(dim=1)
         entropy_term = t_log_t.double().index_select(0, inverse).sum()
