@@ -386,3 +386,63 @@ def test_calibrates_a_checkpoint_trained_by_plain_detectron2(tiny_dataset, tmp_p
         "MODEL.WEIGHTS", str(tmp_path / "detectron2_model.pth"), "TEST.EQLOSSES.CALIBRATION.METHOD", "norcal",
         "TEST.EQLOSSES.CALIBRATION.GAMMA", "0.6"])
     assert set(results["bbox"]) >= {"AP", "APr", "APc", "APf"}
+
+
+def _allocated_bytes(function):
+    """Bytes the CPU allocator handed out while ``function`` ran (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = function()
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0), out
+
+
+def test_norcal_inference_allocates_only_its_output(monkeypatch):
+    """NorCal (exps, renormalized) on a softmax head: one output-sized allocation plus a
+    chunk of scratch (before: the softmax, the scaled copy and the renormalized copy, 3x),
+    and the scores equal the softmax-then-calibrate definition across chunk boundaries."""
+    import eqlosses_d2.losses.fused as fused
+
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 64 * (C + 1))  # 64 rows a chunk
+    rows = 1000
+    loss = build_loss("softmax", C, class_stats=_stats())
+    logits = _logits(C + 1, seed=10, rows=rows) * 5
+    calibration = ScoreCalibration("norcal", gamma=0.6)
+    allocated, out = _allocated_bytes(lambda: calibration.probs_from_logits(logits, loss))
+    output_bytes = out.numel() * out.element_size()
+    assert allocated <= 1.1 * output_bytes, allocated / output_bytes
+    reference = norcal_softmax_probs(torch.softmax(logits, dim=1), norcal_factors(IMAGE_COUNT, 0.6))
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-7)
+    expected = _softmax(logits.double().numpy() - np.append(0.6 * np.log(IMAGE_COUNT), 0.0))
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_calibrations_equal_the_whole_matrix(monkeypatch):
+    """The row-chunked kernels (logits variant, IIF, binary rule, probs renormalization)
+    give bit for bit what one pass over the whole matrix gives."""
+    import eqlosses_d2.losses.fused as fused
+
+    logits = _logits(C + 1, seed=11, rows=50)
+    factors = norcal_factors(IMAGE_COUNT, 0.7)
+    scale = torch.cat([factors.float(), torch.ones(1)])
+    probs = torch.softmax(logits, dim=1)
+    expected = {
+        "logits": torch.softmax(logits * scale, dim=1),
+        "iif": torch.softmax(logits * scale, dim=1),
+        "probs": (lambda q: q / q.sum(dim=1, keepdim=True))(probs * scale),
+        "binary": torch.cat([(lambda s: s / (s + (1.0 - probs[:, :C])))(probs[:, :C] * factors.float()),
+                             probs[:, C:]], dim=1),
+    }
+    from eqlosses_d2.calibration import iif_softmax
+
+    for chunk_rows in (1, 7, 50):
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk_rows * (C + 1))
+        got = {
+            "logits": norcal_softmax_logits(logits, factors),
+            "iif": iif_softmax(logits, factors),
+            "probs": norcal_softmax_probs(probs, factors),
+            "binary": norcal_binary(probs, factors),
+        }
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), (name, chunk_rows)
+    assert torch.equal(probs, torch.softmax(logits, dim=1))  # the inputs are left alone

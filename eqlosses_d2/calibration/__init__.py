@@ -22,6 +22,7 @@ from .norcal import (
     norcal_binary,
     norcal_factors,
     norcal_softmax_exps,
+    norcal_softmax_from_logits,
     norcal_softmax_logits,
     norcal_softmax_probs,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "iif_softmax",
     "norcal_binary",
     "norcal_factors",
+    "norcal_softmax_from_logits",
     "norcal_softmax_logits",
     "norcal_softmax_probs",
     "tau_normalized_logits",
@@ -129,6 +131,10 @@ class ScoreCalibration:
             return iif_softmax(loss.activation_logits(logits), iif_class_weights(stats, self.iif_variant))
         # NorCal
         if self.acts_on_probs(loss):
+            if not defer and loss.softmax_logits and self.renorm:
+                # softmax(z + log f): the head's softmax and the calibration in one pass
+                factors = self._norcal_factors(stats)
+                return norcal_softmax_from_logits(loss.activation_logits(logits), factors)
             probs = loss.predict_probs(logits)
             return probs if defer else self.finish(probs, loss)
         factors = self._norcal_factors(stats)

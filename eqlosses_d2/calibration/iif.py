@@ -9,6 +9,7 @@ head trained with the IIF loss: its already weighted logits).
 import torch
 
 from ..losses.iif import IIF_VARIANTS, iif_weights
+from .rowwise import affine_softmax, column_scale
 
 __all__ = ["IIF_VARIANTS", "iif_class_weights", "iif_softmax"]
 
@@ -25,6 +26,4 @@ def iif_class_weights(class_stats, variant: str = "raw") -> torch.Tensor:
 def iif_softmax(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """softmax of the (N, C + 1) logits with the foreground columns multiplied by ``weights``."""
     logits = logits.float()
-    num_classes = weights.numel()
-    scale = torch.cat([weights.float(), logits.new_ones(logits.shape[1] - num_classes)]).to(logits.device)
-    return torch.softmax(logits * scale, dim=1)
+    return affine_softmax(logits, scale=column_scale(weights, logits.shape[1], logits))

@@ -18,9 +18,12 @@ Variants (``variant``), as the authors' code names them:
 
 - ``exps`` (default): the exponentials of the softmax logits are scaled;
 - ``probs``: the softmax probabilities are scaled. With renormalization, ``exps`` and
-  ``probs`` are the same function (the softmax's denominator cancels); both are
-  computed from the probabilities, which is what lets the cascade head calibrate its
-  averaged stage scores. Without renormalization, ``exps`` returns exp(z_c)·f_c itself
+  ``probs`` are the same function (the softmax's denominator cancels): on a plain
+  softmax head it is computed from the logits as ``softmax(z + log f)`` in one pass
+  (:func:`norcal_softmax_from_logits`; the softmax and the calibration at the cost of a
+  softmax alone), and from the probabilities where the head's scores are not a plain
+  softmax (Seesaw's objectness) or are an average (the cascade head calibrates its
+  averaged stage scores). Without renormalization, ``exps`` returns exp(z_c)·f_c itself
   (unbounded scores, the authors' ablation) and ``probs`` returns p_c·f_c;
 - ``logits``: the foreground logits are *multiplied* by f_c before the softmax (the
   authors' "logits" option; always normalized).
@@ -38,8 +41,11 @@ IIF weights do; on LVIS every class has at least one training image.
 """
 import torch
 
-__all__ = ["NORCAL_FACTORS", "NORCAL_VARIANTS", "norcal_factors", "norcal_binary", "norcal_softmax_probs",
-           "norcal_softmax_logits"]
+from ..losses.fused import row_chunks
+from .rowwise import affine_softmax, column_scale
+
+__all__ = ["NORCAL_FACTORS", "NORCAL_VARIANTS", "norcal_factors", "norcal_binary", "norcal_softmax_from_logits",
+           "norcal_softmax_probs", "norcal_softmax_logits"]
 
 NORCAL_VARIANTS = ("exps", "probs", "logits")
 NORCAL_FACTORS = ("power", "effective_number")
@@ -65,27 +71,36 @@ def norcal_softmax_probs(probs: torch.Tensor, factors: torch.Tensor, renorm: boo
     (N, C + 1) probabilities of a softmax head (background last) → NorCal's: foreground
     columns times f_c, background unchanged, rows renormalized (``renorm``).
     """
-    num_classes = factors.numel()
-    scale = torch.cat([factors.to(probs), probs.new_ones(probs.shape[1] - num_classes)])
-    out = probs * scale
+    out = probs * column_scale(factors, probs.shape[1], probs)
     if renorm:
-        out = out / out.sum(dim=1, keepdim=True)
+        for start, stop in row_chunks(out):
+            rows = out[start:stop]
+            rows.div_(rows.sum(dim=1, keepdim=True))
     return out
+
+
+def norcal_softmax_from_logits(logits: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """
+    ``norcal_softmax_probs(softmax(logits), factors)`` of a plain-softmax head, straight
+    from its (N, C + 1) logits: ``softmax(z_c + log f_c)`` with the background logit
+    unchanged (the ``exps`` / ``probs`` variants with renormalization), in one pass of
+    row chunks into one output (no full-size temporary).
+    """
+    logits = logits.float()
+    shift = column_scale(factors.to(torch.float64).log(), logits.shape[1], logits, fill=0.0)
+    return affine_softmax(logits, shift=shift)
 
 
 def norcal_softmax_exps(logits: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """The ``exps`` variant without renormalization: exp(z_c)·f_c, exp(z_bg)."""
-    num_classes = factors.numel()
-    scale = torch.cat([factors.to(logits.dtype), logits.new_ones(logits.shape[1] - num_classes)])
-    return torch.exp(logits.float()) * scale.to(logits.device).float()
+    out = torch.exp(logits.float())
+    return out.mul_(column_scale(factors, out.shape[1], out))
 
 
 def norcal_softmax_logits(logits: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """The ``logits`` variant: softmax of the foreground logits times f_c (background unchanged)."""
-    num_classes = factors.numel()
     logits = logits.float()
-    scale = torch.cat([factors.float(), logits.new_ones(logits.shape[1] - num_classes)]).to(logits.device)
-    return torch.softmax(logits * scale, dim=1)
+    return affine_softmax(logits, scale=column_scale(factors, logits.shape[1], logits))
 
 
 def norcal_binary(probs: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -94,8 +109,13 @@ def norcal_binary(probs: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     remaining columns are passed through.
     """
     num_classes = factors.numel()
-    fg = probs[:, :num_classes]
-    scaled = fg * factors.to(probs)
-    calibrated = scaled / (scaled + (1.0 - fg))
-    # 0/0 cannot happen: p f + 1 − p ≥ min(f, 1) > 0 for p in [0, 1]
-    return torch.cat([calibrated, probs[:, num_classes:]], dim=1)
+    out = probs.clone()
+    fg = out[:, :num_classes]
+    factors = factors.to(probs)
+    for start, stop in row_chunks(fg):
+        p = fg[start:stop]
+        scaled = p * factors
+        # p f + 1 − p ≥ min(f, 1) > 0 for p in [0, 1]: no 0/0
+        p.neg_().add_(1.0).add_(scaled)
+        torch.div(scaled, p, out=p)
+    return out
