@@ -229,7 +229,7 @@ def test_evaluator_pools_are_bounded_exact_and_feed_the_score_floor(tmp_path):
         classes += rng.randint(0, 4, n).tolist()
         scores = np.round(rng.rand(len(boxes)), 1).clip(0.05).tolist()
         evaluator.process([{"image_id": img["id"]}], [{"instances": _instances(boxes, scores, classes)}])
-        largest_pool = max(largest_pool, max(len(p) for p in evaluator._pools.values()))
+        largest_pool = max(largest_pool, max(evaluator._pools.held().values()))
         for b, s, c in zip(boxes, scores, classes):
             flat.append({"image_id": img["id"], "category_id": c + 1, "score": float(np.float32(s)),
                          "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
@@ -304,3 +304,221 @@ def test_fixed_protocol_end_to_end_and_bad_keys(tiny_dataset, tmp_path, capsys):
     assert [line for line in err.splitlines() if "error" in line] == [
         "train_net.py: error: TEST.EQLOSSES.PROTOCOL must be one of standard, fixed, boundary; got 'pooled'"
     ]
+
+
+def test_result_arrays_cut_per_category_as_the_dicts_are():
+    from eqlosses_d2.evaluation import ResultArrays
+
+    scores = [0.5, 0.7, 0.9, 0.5, 0.1, 0.5]
+    arrays = ResultArrays(np.arange(6), np.array([2, 1, 2, 2, 1, 2]), np.ones((6, 4), np.float32),
+                          np.array(scores, np.float32))
+    # the example of test_top_detections_per_category_by_hand, on arrays
+    assert arrays.top_per_category(3).tolist() == [2, 0, 3, 1, 4]
+    with pytest.raises(ValueError, match="must be > 0"):
+        arrays.top_per_category(0)
+
+
+# ---------------------------------------------------------------------------
+# Bounded memory: the mask head in chunks, compact pools, the per-process cut
+# ---------------------------------------------------------------------------
+
+
+def _quickstart_model(num_classes=30):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from eqlosses_d2 import add_eqlosses_config
+
+    from test_training import QUICKSTART
+
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    cfg.merge_from_file(QUICKSTART)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "TEST.EQLOSSES.PROTOCOL", "fixed",
+                         "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes)])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def _random_detections(num, seed, size=128, num_classes=30):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(num, 2, generator=g) * (size - 30)
+    extent = torch.rand(num, 2, generator=g) * 60 + 2
+    inst = Instances((size, size))
+    inst.pred_boxes = Boxes(torch.cat([corner, (corner + extent).clamp(max=size)], 1))
+    inst.scores = torch.rand(num, generator=g)
+    inst.pred_classes = torch.randint(0, num_classes, (num,), generator=g)
+    return inst
+
+
+def test_mask_head_runs_in_bounded_chunks_with_the_masks_of_one_call():
+    """Without a per-image cap the mask head would see every detection at once; in chunks
+    of at most mask_inference_chunk it gives the same masks (float rounding aside: a
+    convolution may round differently for another batch size, as Detectron2's one call
+    does between images with 1 and 2 detections)."""
+    model = _quickstart_model()
+    heads = model.roi_heads
+    assert heads.mask_inference_chunk == 300
+    calls = []
+    heads.mask_head.register_forward_pre_hook(lambda m, args: calls.append(sum(len(x) for x in args[1])))
+    with torch.no_grad():
+        features = model.backbone(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1)))
+        for sizes, chunk, expected_calls in (
+            ([700, 301], 300, [233, 233, 234, 150, 151]),
+            ([0, 45], 16, [0, 15, 15, 15]),
+            ([120, 80], 300, [200]),  # under the chunk: one call for the batch, as Detectron2
+        ):
+            detections = [_random_detections(n, seed) for seed, n in enumerate(sizes)]
+            heads.mask_inference_chunk = 0  # one call
+            calls.clear()
+            whole = heads.forward_with_given_boxes(features, [x[:] for x in detections])
+            assert calls == [sum(sizes)]
+            heads.mask_inference_chunk = chunk
+            calls.clear()
+            chunked = heads.forward_with_given_boxes(features, [x[:] for x in detections])
+            assert calls == expected_calls and max(calls) <= chunk
+            for one, parts, n in zip(whole, chunked, sizes):
+                assert len(parts) == n and parts.pred_masks.shape == (n, 1, 28, 28)
+                assert torch.equal(parts.pred_boxes.tensor, one.pred_boxes.tensor)
+                assert torch.equal(parts.pred_classes, one.pred_classes)
+                assert torch.allclose(parts.pred_masks, one.pred_masks, rtol=0, atol=1e-6)
+                assert torch.equal(parts.pred_masks > 0.5, one.pred_masks > 0.5)
+
+
+def _fixed_ap_data(num_images=24, num_cats=4, dets_per_image=120, size=64, seed=0):
+    """Small LVIS ground truth (64 px images, every category annotated or negative in each
+    image) and a model's outputs for it: near-hits on the ground truth and random boxes,
+    scores with ties, box-shaped masks."""
+    from detectron2.structures import Boxes, Instances
+
+    rng = np.random.RandomState(seed)
+    cats = [{"id": c + 1, "name": f"c{c}", "frequency": "rcf"[c % 3], "image_count": 10} for c in range(num_cats)]
+    images, anns, inputs, outputs = [], [], [], []
+    for n in range(num_images):
+        img_id = 1 + n
+        present = sorted(rng.choice(num_cats, 2, replace=False).tolist())
+        images.append({"id": img_id, "height": size, "width": size, "not_exhaustive_category_ids": [],
+                       "neg_category_ids": [c + 1 for c in range(num_cats) if c not in present]})
+        hits, hit_classes = [], []
+        for c in present:
+            x, y = rng.uniform(0, size / 2, 2)
+            w, h = rng.uniform(8, size / 2, 2)
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": c + 1, "bbox": [x, y, w, h],
+                         "area": w * h, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            hits += [[x + 1, y, x + w, y + h]] * 3
+            hit_classes += [c] * 3
+        num_random = dets_per_image - len(hits)
+        corner = rng.uniform(0, size - 10, (num_random, 2))
+        boxes = np.concatenate([np.array(hits), np.concatenate([corner, corner + rng.uniform(2, 30, (num_random, 2))], 1)])
+        boxes = boxes.clip(0, size)
+        inst = Instances((size, size))
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        inst.scores = torch.tensor(np.round(rng.rand(len(boxes)), 2), dtype=torch.float32)  # ties
+        inst.pred_classes = torch.tensor(hit_classes + rng.randint(0, num_cats, num_random).tolist())
+        masks = torch.zeros(len(boxes), size, size, dtype=torch.bool)
+        for j, (a, b, c, d) in enumerate(boxes.round().astype(int)):
+            masks[j, b:d, a:c] = True
+        inst.pred_masks = masks
+        inputs.append({"image_id": img_id, "height": size, "width": size})
+        outputs.append({"instances": inst})
+    gt = {"images": images, "annotations": anns, "categories": cats}
+    return gt, inputs, outputs
+
+
+def _as_lvis_results(inputs, outputs):
+    """What Detectron2's LVISEvaluator makes of the outputs (dicts, 1-based category ids)."""
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    results = []
+    for inp, out in zip(inputs, outputs):
+        results += instances_to_coco_json(out["instances"], inp["image_id"])
+    for d in results:
+        d["category_id"] += 1
+    return results
+
+
+def _register(tmp_path, gt):
+    from detectron2.data import MetadataCatalog
+
+    json_file = tmp_path / f"gt_{uuid.uuid4().hex}.json"
+    json_file.write_text(json.dumps(gt))
+    name = f"eqlosses_test_fixed_{uuid.uuid4().hex}"
+    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=[c["name"] for c in gt["categories"]])
+    return name
+
+
+def test_evaluator_pools_are_compact_arrays_and_stay_under_2k(tmp_path):
+    """Each category pool holds fewer than 2K results after every image, as arrays: under
+    400 bytes a result here (measured 240: the numbers, the RLE string, the arrays'
+    headers), where the pools of result dicts held 9.5 KB per kept result; the metrics are
+    those of one cut of all results."""
+    import tracemalloc
+
+    gt, inputs, outputs = _fixed_ap_data()
+    k = 40
+    evaluator = LVISEvaluator(_register(tmp_path, gt), distributed=False, max_dets_per_image=-1,
+                              max_dets_per_category=k)
+    evaluator.reset()
+    largest = 0
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for inp, out in zip(inputs, outputs):
+            evaluator.process([inp], [out])
+            largest = max(largest, max(evaluator._pools.held().values()))
+        held = sum(evaluator._pools.held().values())
+        pool_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert k < largest <= 2 * k - 1
+    assert evaluator._predictions == []  # nothing per image besides the pools
+    assert pool_bytes / held < 400, (pool_bytes, held)
+    results = evaluator.evaluate()
+    flat = _as_lvis_results(inputs, outputs)
+    assert len(flat) > 4 * 2 * k
+    for task in ("bbox", "segm"):
+        expected = evaluate_lvis(gt, flat, task, max_dets_per_image=-1, max_dets_per_category=k)
+        assert 0 < expected["AP"] < 100
+        for key in LVIS_FIXED_METRICS:
+            assert _same(results[task][key], expected[key], tol=0), (task, key)
+
+
+def test_each_process_sends_only_its_top_k_and_the_result_is_that_of_one_cut(tmp_path, monkeypatch):
+    """Two ranks (Detectron2's gather simulated): each sends at most K results per category,
+    and rank 0's Fixed AP (and Pooled AP) equal those of one cut of all results in
+    Detectron2's gather order (rank 0's images, then rank 1's)."""
+    import detectron2.utils.comm as comm
+
+    gt, inputs, outputs = _fixed_ap_data(seed=1)
+    k = 40
+    name = _register(tmp_path, gt)
+    shards = [(inputs[:12], outputs[:12]), (inputs[12:], outputs[12:])]
+    sent = {}
+    results = None
+    for rank in (1, 0):
+        monkeypatch.setattr(comm, "is_main_process", lambda rank=rank: rank == 0)
+        monkeypatch.setattr(comm, "gather", lambda data, dst=0, rank=rank: sent.update({rank: data}) or (
+            [sent[0], sent[1]] if rank == 0 else []))
+        evaluator = LVISEvaluator(name, distributed=True, output_dir=str(tmp_path / f"rank{rank}"),
+                                  max_dets_per_image=-1, max_dets_per_category=k, pooled=True)
+        evaluator.reset()
+        for inp, out in zip(*shards[rank]):
+            evaluator.process([inp], [out])
+        results = evaluator.evaluate()
+        assert (results is None) == (rank == 1)
+    for rank in (0, 1):
+        (entry,) = sent[rank]
+        per_class = np.bincount(entry["instances"]["classes"], minlength=4)
+        assert per_class.max() == k  # the cut bit: every class has more than K on each rank
+        all_of_rank = np.bincount(
+            np.concatenate([out["instances"].pred_classes.numpy() for out in shards[rank][1]]), minlength=4)
+        assert all_of_rank.min() > k
+    flat = _as_lvis_results(inputs, outputs)
+    for task in ("bbox", "segm"):
+        expected = evaluate_lvis(gt, flat, task, max_dets_per_image=-1, max_dets_per_category=k, pooled=True)
+        assert 0 < expected["AP"] < 100 and 0 < expected["AP-pooled-all"] < 100
+        assert list(results[task]) == list(expected)
+        for key in expected:
+            assert _same(results[task][key], expected[key], tol=0), (task, key)

@@ -583,3 +583,98 @@ def test_evaluator_keeps_arrays_and_writes_detectron2s_results_file(tmp_path):
         for key in LVIS_METRICS:
             assert _same(results[task][key], reference[key], tol=0), (task, key)
     assert not [f for f in os.listdir(out_dir) if f.endswith(".part")]
+
+
+# ---------------------------------------------------------------------------
+# Edge cases of an outside parity run against lvis-api
+# ---------------------------------------------------------------------------
+
+
+def test_annotation_id_0_is_evaluated_as_lvis_api_does(monkeypatch, tmp_path, caplog):
+    """lvis-api records a match by the ground truth's id, so a detection matched to an
+    annotation with id 0 is a false positive there (hotcoco: a true positive). Every path
+    (dicts, arrays, Fixed AP) falls back to lvis-api and gives its numbers."""
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    gt = _tiny_gt()
+    gt["annotations"][0]["id"] = 0  # the category-1 box, hit by PERFECT's 0.9 detection
+    ref, _ = run_lvis_api(monkeypatch, tmp_path, gt, PERFECT, "bbox", 300)
+    assert ref["AP"] == pytest.approx(0.5, abs=1e-9)  # lvis-api: category 1 has AP 0, category 2 AP 100
+    with caplog.at_level(logging.WARNING):
+        ours = evaluate_lvis_detailed(gt, PERFECT, "bbox")
+    assert "annotation with id 0 (image_id 1, category_id 1)" in caplog.text
+    assert ours.backend == "lvis-api"
+    assert ours.per_category_ap[1] == near(0) and ours.per_category_ap[2] == near(100)
+    for key in LVIS_METRICS:
+        assert _same(ours.metrics[key], NAN if ref[key] == -1 else float(ref[key] * 100)), key
+    arrays = evaluate_lvis_detailed(gt, ResultArrays.from_dicts(PERFECT), "bbox")
+    assert arrays.backend == "lvis-api"
+    assert all(_same(arrays.metrics[key], ours.metrics[key], tol=0) for key in LVIS_METRICS)
+    fixed = evaluate_lvis_detailed(gt, ResultArrays.from_dicts(PERFECT), "bbox", -1, max_dets_per_category=5)
+    assert fixed.backend == "lvis-api" and fixed.metrics["AP"] == near(50)
+    # a zero-area annotation with id 0 is dropped anyway (rule 2): hotcoco stays exact
+    gt["annotations"][0]["area"] = 0.0
+    assert evaluate_lvis_detailed(gt, PERFECT, "bbox").backend == "hotcoco"
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_nan_score_is_an_error_even_where_the_cut_would_drop_it(fixed):
+    """Image 1 holds 3 results; the cap of 1 per image (or Fixed AP's 1 per category) would
+    sort the NaN last and drop it: one clear error instead, on dicts and on arrays."""
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    dets = PERFECT + [_det(1, 1, [0, 0, 5, 5], NAN)]
+    kwargs = dict(max_dets_per_image=-1, max_dets_per_category=1) if fixed else dict(max_dets_per_image=1)
+    message = r"1 result\(s\) have a NaN score, the first is result 2 \(image_id 1, category_id 1\)"
+    for predictions in (dets, ResultArrays.from_dicts(dets)):
+        with pytest.raises(ValueError, match=message):
+            evaluate_lvis(_tiny_gt(), predictions, "bbox", **kwargs)
+
+
+def test_evaluator_refuses_nan_scores_before_its_pools_cut_them(tmp_path):
+    import torch
+
+    from detectron2.data import MetadataCatalog
+    from detectron2.structures import Boxes, Instances
+
+    json_file = tmp_path / "tiny_lvis.json"
+    json_file.write_text(json.dumps(_tiny_gt()))
+    name = f"eqlosses_test_lvis_{uuid.uuid4().hex}"
+    MetadataCatalog.get(name).set(json_file=str(json_file), thing_classes=["one", "two", "three"])
+    evaluator = LVISEvaluator(name, distributed=False, max_dets_per_image=-1, max_dets_per_category=1)
+    evaluator.reset()
+    inst = Instances((100, 100))
+    inst.pred_boxes = Boxes(torch.tensor([[10.0, 10, 30, 30], [0, 0, 5, 5]]))
+    inst.scores = torch.tensor([0.9, float("nan")])
+    inst.pred_classes = torch.tensor([0, 0])
+    with pytest.raises(ValueError, match=r"image_id 1: 1 detection\(s\) have a NaN score"):
+        evaluator.process([{"image_id": 1}], [{"instances": inst}])
+
+
+@pytest.mark.parametrize(
+    "segmentation, kind",
+    [
+        ([[10, 10, 20, 10, 20, 20, 10, 20]], "a polygon list"),
+        ({"size": [100, 100], "counts": [0, 5, 9995]}, "a dict without a compressed RLE"),
+        (None, "missing"),
+    ],
+)
+def test_a_mask_result_that_is_no_rle_is_one_clear_error(segmentation, kind):
+    from eqlosses_d2.evaluation import evaluate_lvis_boundary
+    from eqlosses_d2.evaluation.results import ResultArrays
+
+    good = {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9,
+            "segmentation": _rle([10, 10, 20, 10, 20, 20, 10, 20], 100, 100)}
+    bad = dict(good, image_id=2, category_id=3, segmentation=segmentation)
+    if segmentation is None:
+        del bad["segmentation"]
+    message = rf"segm result 1 \(image_id 2, category_id 3\): 'segmentation' is {kind}"
+    with pytest.raises(ValueError, match=message):
+        evaluate_lvis(_tiny_gt(), [good, bad], "segm")
+    with pytest.raises(ValueError, match=message):
+        evaluate_lvis_boundary(_tiny_gt(), [good, bad])
+    if segmentation is not None:
+        with pytest.raises(ValueError, match=message):
+            ResultArrays.from_dicts([good, bad])
+    # box evaluation with boxes does not read the masks (rule 6)
+    assert evaluate_lvis(_tiny_gt(), [good, bad], "bbox")["AP"] == near(100 / 2)

@@ -81,9 +81,13 @@ def evaluate_lvis_boundary(
     """
     from lvis import LVISResults
 
-    from .lvis_evaluation import LVISGroundTruth, _numpy_float_alias
+    from .lvis_evaluation import LVISGroundTruth, _check_scores, _numpy_float_alias
+    from .results import check_mask_results
 
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
+    predictions = list(predictions)
+    check_mask_results(predictions)
+    _check_scores(predictions)
     keys = ("image_id", "category_id", "score", "segmentation")
     # new top-level dicts (lvis-api writes area/id/bbox into them; the RLEs it only reads);
     # no bbox: mask areas, as for segm

@@ -71,10 +71,12 @@ lvis-api rules applied around hotcoco
    ignored; a result on an image that is not in the ground truth is an error.
 4. lvis-api ignores ``iscrowd`` (all ground truth is matched as non-crowd);
    hotcoco honours it, so it is set to 0 on our copy. lvis-api honours a ground
-   truth ``ignore`` flag, which hotcoco does not: if any (kept) ground truth
-   has a truthy ``ignore``, the evaluation falls back to lvis-api with
-   ``np.float`` aliased to ``float`` for the duration of the call (LVIS json
-   files carry no such flag).
+   truth ``ignore`` flag, which hotcoco does not; and lvis-api records a match by
+   the ground truth's ``id``, so a detection matched to an annotation with id 0
+   counts as a false positive there (hotcoco counts it as a true positive). If
+   any kept ground truth has a truthy ``ignore`` or the id 0, the evaluation
+   falls back to lvis-api with ``np.float`` aliased to ``float`` for the
+   duration of the call (LVIS json files have neither).
 5. No per-(image, category) limit: hotcoco's LVIS mode cuts each
    (image, category) at ``params.max_dets`` (300) even when the per-image cap
    is larger or off; lvis-api does not, so that limit is raised to the largest
@@ -92,7 +94,12 @@ lvis-api rules applied around hotcoco
    to result dicts and ``ignore``/``_ignore`` and RLEs to ground truth).
 
 An empty results list gives NaN for every metric and a warning, as Detectron2
-does (lvis-api itself would raise).
+does (lvis-api itself would raise). A NaN score is an error (one line naming the
+first such result), checked before the per-image cap or Fixed AP's cut could drop
+it silently; hotcoco refuses one that survives them, lvis-api ranks it arbitrarily.
+A mask result whose ``segmentation`` is not a compressed RLE (a polygon, an
+uncompressed RLE) is an error naming the result; lvis-api fails on one with a
+``TypeError``, hotcoco scores an uncompressed RLE as an empty mask.
 
 Fixed AP (Dave et al., "Evaluating Large-Vocabulary Object Detectors: The Devil is
 in the Details", 2021)
@@ -104,10 +111,11 @@ evaluation runs with no per-image cap. This is the authors' ``evaluate_ap_fixed.
 (per-category cut, ``LVISResults(max_dets=-1)``, ``params.max_dets = -1``), so the
 recall keys read ``AR@-1`` etc. as lvis-api prints them (:data:`LVIS_FIXED_METRICS`).
 :class:`LVISEvaluator` with ``max_dets_per_category`` keeps only each category's
-running top K while it collects results (memory bounded by 2K per category) and can
-hand the K-th best score of each category to the model (``score_floor_consumers``),
-which then skips the mask head for detections that cannot enter the top K; both are
-exact: the final top K is unchanged.
+running top K while it collects results, as arrays (:class:`~.results.CategoryPools`:
+fewer than 2K per category after every image), sends only each category's top K to
+the main process, and can hand the K-th best score of each category to the model
+(``score_floor_consumers``), which then skips the mask head for detections that cannot
+enter the top K; all exact: the final top K is unchanged.
 
 Pooled AP (same paper): ``pooled=True`` adds ``AP-pooled-all``, ``-r``, ``-c``, ``-f``:
 the per-(image, category) matching is the standard one, but each pool of categories
@@ -124,7 +132,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -134,7 +141,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..compat import apply_detectron2_patches
-from .results import ResultArrays, compact_instances
+from .results import CategoryPools, ResultArrays, check_mask_results, compact_instances
 
 apply_detectron2_patches()  # idempotent; detectron2.evaluation needs it without the C++ extension
 
@@ -210,11 +217,26 @@ class LVISGroundTruth:
             ]
         # lvis-api honours a ground-truth "ignore" flag; hotcoco does not (rule 4).
         self.has_ignore_flags = any(ann.get("ignore") for ann in self.annotations)
+        # lvis-api never counts a match to an annotation with id 0 (rule 4).
+        self.zero_id_annotation = next((ann for ann in self.annotations if ann.get("id") == 0), None)
         # lvis-api's LVISEval._prepare_freq_group: indices into the sorted cat_ids.
         self.freq_groups: List[List[int]] = [[] for _ in _FREQ_LBL]
         for idx, cat in enumerate(self.categories):
             self.freq_groups[_FREQ_LBL.index(cat["frequency"])].append(idx)
         self._hotcoco_gt = None
+
+    @property
+    def lvis_api_reason(self) -> Optional[str]:
+        """Why only lvis-api evaluates this ground truth exactly (rule 4), or None."""
+        if self.has_ignore_flags:
+            return "'ignore' flags, which hotcoco does not honour"
+        if self.zero_id_annotation is not None:
+            ann = self.zero_id_annotation
+            return (
+                f"an annotation with id 0 (image_id {ann['image_id']}, category_id {ann['category_id']}), "
+                "to which lvis-api never counts a match (its detection is a false positive) and hotcoco does"
+            )
+        return None
 
     def _dataset(self):
         return {"images": self.images, "categories": self.categories, "annotations": self.annotations}
@@ -278,6 +300,26 @@ def _gc_paused():
     finally:
         if enabled:
             gc.enable()
+
+
+def _check_scores(predictions):
+    """One clear error if a result's score is NaN (before any cut could drop it unseen)."""
+    if isinstance(predictions, ResultArrays):
+        scores = predictions.scores
+    else:
+        scores = np.fromiter((d["score"] for d in predictions), dtype=np.float64, count=len(predictions))
+    bad = np.flatnonzero(np.isnan(scores))
+    if bad.size:
+        first = int(bad[0])
+        if isinstance(predictions, ResultArrays):
+            image_id, category_id = int(predictions.image_ids[first]), int(predictions.category_ids[first])
+        else:
+            image_id, category_id = predictions[first].get("image_id"), predictions[first].get("category_id")
+        raise ValueError(
+            f"LVIS results: {bad.size} result(s) have a NaN score, the first is result {first} "
+            f"(image_id {image_id}, category_id {category_id}); scores rank the detections, so every metric "
+            "would be undefined"
+        )
 
 
 def _cap_per_image(dts, max_dets):
@@ -582,15 +624,20 @@ def evaluate_lvis_detailed(
         max_dets_per_image = _DEFAULT_MAX_DETS
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
     arrays = predictions if isinstance(predictions, ResultArrays) else None
-    if arrays is not None and (max_dets_per_category is not None or gt.has_ignore_flags):
-        predictions, arrays = arrays.to_dicts(), None  # those paths take dicts (Fixed AP's pools are bounded)
-    if arrays is not None:
-        ar_max_dets, metric_names = _DEFAULT_MAX_DETS, LVIS_METRICS
-    elif max_dets_per_category is not None:
-        predictions = top_detections_per_category(predictions, max_dets_per_category)
+    if arrays is None:
+        predictions = list(predictions)
+        if predictions and (iou_type == "segm" or "bbox" not in predictions[0]):  # masks are read
+            check_mask_results(predictions)
+    _check_scores(predictions)
+    if arrays is not None and gt.lvis_api_reason:
+        predictions, arrays = arrays.to_dicts(), None  # lvis-api takes dicts
+    if max_dets_per_category is not None:
+        if arrays is not None:
+            predictions = arrays = arrays.take(arrays.top_per_category(max_dets_per_category))
+        else:
+            predictions = top_detections_per_category(predictions, max_dets_per_category)
         ar_max_dets, metric_names = -1, LVIS_FIXED_METRICS
     else:
-        predictions = list(predictions)
         ar_max_dets, metric_names = _DEFAULT_MAX_DETS, LVIS_METRICS
     if not len(predictions):
         logger.warning("No predictions from the model! LVIS %s metrics are NaN.", iou_type)
@@ -602,12 +649,8 @@ def evaluate_lvis_detailed(
             categories=gt.categories,
             backend="none",
         )
-    if gt.has_ignore_flags:
-        logger.warning(
-            "LVIS ground truth has 'ignore' flags, which hotcoco does not honour: "
-            "evaluating %s with lvis-api (slow).",
-            iou_type,
-        )
+    if gt.lvis_api_reason:
+        logger.warning("LVIS ground truth has %s: evaluating %s with lvis-api (slow).", gt.lvis_api_reason, iou_type)
         precision, recall, num, records = _accumulate_lvis_api(gt, predictions, iou_type, max_dets_per_image)
         backend = "lvis-api"
     else:
@@ -702,13 +745,18 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
     (:mod:`eqlosses_d2.evaluation.boundary`).
 
     ``max_dets_per_category=K`` evaluates Fixed AP (pass ``max_dets_per_image=-1``):
-    results are pooled per category as they arrive and each pool is cut back to its top
-    K whenever it holds 2K, so memory stays bounded by 2K results per category. After
-    each cut the K-th best score of the category is handed to every object in
-    ``score_floor_consumers`` as ``test_score_floor`` ((C,) tensor, -inf where the pool
-    is not full; the RoI heads of eqlosses_d2 drop detections below it before their mask
-    head). Both are exact: a result below this process's K-th best can never be in the
-    final top K.
+    results are pooled per category as they arrive, as arrays
+    (:class:`~.results.CategoryPools`: a pool is cut back to its top K whenever it holds
+    2K, so it holds fewer than 2K after every image), and each process sends only each
+    category's top K to the main process, which keeps the top K of those: the same
+    results as one cut of everything. After each cut the K-th best score of the category
+    is handed to every object in ``score_floor_consumers`` as ``test_score_floor`` ((C,)
+    tensor, -inf where the pool was never cut; the RoI heads of eqlosses_d2 drop
+    detections below it before their mask head). All exact: a result below this
+    process's K-th best can never be in the final top K. Per process, the pools hold at
+    most ``sum over classes of min(n_c, 2K - 1)`` results (n_c: the class's results on
+    that process), about 60 bytes each plus the mask's RLE string; the main process
+    receives at most ``world_size x sum_c min(n_c, K)``.
     """
 
     def __init__(self, dataset_name, tasks=None, distributed=True, output_dir=None, *,
@@ -724,8 +772,9 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
 
     def reset(self):
         super().reset()
-        self._pools = {}
-        self._floor = torch.full((len(self._metadata.thing_classes),), float("-inf"))
+        k = self._max_dets_per_category
+        num_classes = len(self._metadata.thing_classes)
+        self._pools = None if k is None else CategoryPools(k, num_classes)
         self._set_score_floor(None)
 
     def _set_score_floor(self, floor):
@@ -733,42 +782,40 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             consumer.test_score_floor = floor
 
     def process(self, inputs, outputs):
-        k = self._max_dets_per_category
-        if k is None:
-            # Detectron2's per-image entries, with the results as arrays (.results)
-            for input, output in zip(inputs, outputs):
-                prediction = {"image_id": input["image_id"]}
-                if "instances" in output:
-                    instances = output["instances"].to(self._cpu_device)
-                    prediction["instances"] = compact_instances(instances, input["image_id"])
-                if "proposals" in output:
-                    prediction["proposals"] = output["proposals"].to(self._cpu_device)
+        # Detectron2's per-image entries, with the results as arrays (compact_instances);
+        # under Fixed AP the results go to the category pools instead
+        for input, output in zip(inputs, outputs):
+            prediction = {"image_id": input["image_id"]}
+            if "instances" in output:
+                record = compact_instances(output["instances"], input["image_id"])
+                if self._pools is None:
+                    prediction["instances"] = record
+                else:
+                    self._pool(record)
+            if "proposals" in output:
+                prediction["proposals"] = output["proposals"].to(self._cpu_device)
+            if self._pools is None or "proposals" in prediction:
                 self._predictions.append(prediction)
-            return
-        start = len(self._predictions)
-        super().process(inputs, outputs)
-        cut = False
-        for prediction in self._predictions[start:]:
-            for result in prediction.pop("instances", []):
-                pool = self._pools.setdefault(result["category_id"], [])
-                pool.append(result)
-                if len(pool) >= 2 * k:
-                    pool[:] = _best(pool, k)
-                    self._floor[result["category_id"]] = pool[-1]["score"]  # the K-th best so far
-                    cut = True
-        if cut:
-            self._set_score_floor(self._floor.clone())
+
+    def _pool(self, record):
+        nan = np.isnan(record["scores"])
+        if nan.any():  # the cut would sort them last and drop them unseen
+            raise ValueError(
+                f"image_id {record['image_id']}: {int(nan.sum())} detection(s) have a NaN score; scores rank the "
+                "detections, so Fixed AP's per-category cut (and every metric) would be undefined"
+            )
+        results = ResultArrays.from_records([record], np.arange(len(self._pools.floor)))  # contiguous classes
+        if self._pools.add(results):
+            self._set_score_floor(torch.from_numpy(self._pools.floor.copy()))
 
     def evaluate(self):
         self._set_score_floor(None)
-        if self._max_dets_per_category is not None:
-            # one entry holding every pooled result (category by category), before
+        if self._pools is not None:
+            # one entry with each category's top K (as a plain record of arrays) before
             # Detectron2 gathers the processes' lists
-            pooled = [result for pool in self._pools.values() for result in pool]
-            self._predictions = [{"image_id": None, "instances": pooled}] + [
-                p for p in self._predictions if "proposals" in p
-            ]
-            self._pools = {}
+            pooled = self._pools.results()
+            self._predictions = [{"image_id": None, "instances": pooled.to_record()}] + self._predictions
+            self._pools = CategoryPools(self._max_dets_per_category, len(self._pools.floor))
         return super().evaluate()
 
     def _lvis_ground_truth(self) -> LVISGroundTruth:
@@ -778,39 +825,6 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
         return gt
 
     def _eval_predictions(self, predictions):
-        if isinstance(predictions[0].get("instances"), dict):  # arrays (process)
-            return self._eval_result_arrays(predictions)
-        # Fixed AP's pooled dicts: Detectron2's _eval_predictions (v0.6 and main) maps category ids, saves the
-        # results json, then calls its module function _evaluate_predictions_on_lvis per
-        # task; swap that one function for the duration of the call.
-        module = sys.modules[_Detectron2LVISEvaluator.__module__]
-        original = module._evaluate_predictions_on_lvis  # AttributeError if Detectron2 renames it
-        tasks_done = []
-
-        boundary = {}
-
-        def evaluate_task(lvis_gt, lvis_results, iou_type, max_dets_per_image=None, class_names=None):
-            tasks_done.append(iou_type)
-            if max_dets_per_image is None:
-                max_dets_per_image = _DEFAULT_MAX_DETS  # LVIS's official value, as in Detectron2
-            if iou_type == "segm" and self._boundary:
-                boundary.update(self._evaluate_boundary(lvis_results, max_dets_per_image))
-            return self._evaluate_task(lvis_results, iou_type, max_dets_per_image)
-
-        module._evaluate_predictions_on_lvis = evaluate_task
-        try:
-            super()._eval_predictions(predictions)
-        finally:
-            module._evaluate_predictions_on_lvis = original
-        if boundary:
-            self._results["boundary"] = boundary
-        if self._do_evaluation and not tasks_done:
-            raise RuntimeError(
-                "Detectron2's LVISEvaluator._eval_predictions no longer calls "
-                "_evaluate_predictions_on_lvis; eqlosses_d2.evaluation.LVISEvaluator needs updating"
-            )
-
-    def _eval_result_arrays(self, predictions):
         """Detectron2's ``_eval_predictions`` on the arrays of :meth:`process`: the same
         category-id mapping, results file (byte for byte) and tasks, without building a
         dict per detection."""

@@ -7,7 +7,10 @@ RoI heads of eqlosses_d2: Detectron2's standard and cascade heads, subclassed. E
 - optionally normalizes its mask predictor (``MODEL.EQLOSSES.MASK_PREDICTOR_SCALE``, by
   overriding ``_init_mask_head``);
 - at inference, drops detections scored below ``test_score_floor[class]`` (set by the
-  Fixed-AP evaluator: the K-th best score of each class so far) before its mask head;
+  Fixed-AP evaluator: the K-th best score of each class so far) before its mask head, and
+  runs the mask head on at most ``mask_inference_chunk`` detections at a time (the same
+  masks as one call: without a per-image cap, as under Fixed AP, one call would hold
+  C x 28 x 28 float32 mask logits, 3.8 MB at LVIS's 1203 classes, for every detection);
 - owns the training set's per-class statistics (:class:`ClassStatsBuffers`,
   ``self.class_stats``), which the losses and the calibration read and a checkpoint carries;
 - splits box inference into :meth:`box_outputs` (the network: pooling, box head(s),
@@ -45,6 +48,10 @@ class _LongTailHeadsMixin:
     #: (C,) per-class score below which inference drops a detection before the mask
     #: head, or None; set by ``eqlosses_d2.evaluation.LVISEvaluator`` for Fixed AP.
     test_score_floor = None
+    #: Inference: most detections per mask-head call (<= 0: all in one call). 300, LVIS's
+    #: per-image cap, keeps the standard protocol at one call per image and bounds Fixed AP's
+    #: mask logits at what the standard protocol holds (300 x C x 28 x 28 float32).
+    mask_inference_chunk = 300
 
     @configurable
     def __init__(self, **kwargs):
@@ -59,6 +66,28 @@ class _LongTailHeadsMixin:
             floor = floor.to(instances[0].scores.device) if instances else floor
             instances = [x[x.scores >= floor[x.pred_classes]] for x in instances]
         return super().forward_with_given_boxes(features, instances)
+
+    def _forward_mask(self, features, instances):
+        chunk = self.mask_inference_chunk
+        if self.training or not self.mask_on or chunk <= 0 or sum(len(x) for x in instances) <= chunk:
+            return super()._forward_mask(features, instances)
+        # One image at a time (its slice of the feature maps), in near-equal chunks of at most
+        # `chunk` detections. Pooling and the mask head treat each box on its own, so the
+        # masks are those of one call up to float rounding: convolution kernels may round
+        # differently for another batch size (1 ulp seen on the CPU, as between an image
+        # with 1 and with 2 detections in one call); equal chunks avoid a batch of 1.
+        out = []
+        for index, image_instances in enumerate(instances):
+            image_features = {name: value[index : index + 1] for name, value in features.items()}
+            num = len(image_instances)
+            num_chunks = max(1, -(-num // chunk))
+            bounds = [num * k // num_chunks for k in range(num_chunks + 1)]
+            pieces = [
+                super(_LongTailHeadsMixin, self)._forward_mask(image_features, [image_instances[start:stop]])[0]
+                for start, stop in zip(bounds[:-1], bounds[1:])
+            ]
+            out.append(pieces[0] if len(pieces) == 1 else Instances.cat(pieces))
+        return out
 
     def instances_from_box_outputs(self, head_outputs, image_sizes, calibration=None):
         """
