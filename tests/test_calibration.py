@@ -164,11 +164,11 @@ def test_iif_at_inference_on_a_softmax_head():
     ):
         out = ScoreCalibration("iif", iif_variant=variant).probs_from_logits(logits, loss)
         np.testing.assert_allclose(out, _softmax(z * np.append(weights, 1.0)), rtol=1e-5, atol=1e-30)
-    # on a head trained with IIF: its weighted logits are what the softmax reads
+    # on a head trained with IIF the weights would apply twice (w * w): refused
     iif_loss = build_loss("iif", C, class_stats=_stats())
-    w = np.append([math.log(NUM_IMAGES / n) for n in IMAGE_COUNT], 1.0)
-    out = ScoreCalibration("iif", iif_variant="raw").probs_from_logits(logits, iif_loss)
-    np.testing.assert_allclose(out, _softmax(z * w * w), rtol=1e-5, atol=1e-30)
+    with pytest.raises(ValueError, match="would apply the IIF weights twice"):
+        ScoreCalibration("iif", iif_variant="raw").check_head(iif_loss, cosine=False)
+    ScoreCalibration("norcal", gamma=0.5).check_head(iif_loss, cosine=False)  # other calibrations are fine
 
 
 def test_tau_norm_rescales_foreground_weights():
@@ -214,11 +214,23 @@ def test_config_errors_are_one_line():
         (dict(TEST__EQLOSSES__CALIBRATION__FACTOR="effective_number", TEST__EQLOSSES__CALIBRATION__GAMMA=1.5),
          "TEST.EQLOSSES.CALIBRATION.GAMMA must be in [0, 1)"),
         (dict(TEST__EQLOSSES__CALIBRATION__IIF_VARIANT="nope"), "TEST.EQLOSSES.CALIBRATION.IIF_VARIANT: unknown 'nope'"),
+        (dict(TEST__EQLOSSES__CALIBRATION__METHOD="iif", MODEL__EQLOSSES__LOSS="iif"),
+         "TEST.EQLOSSES.CALIBRATION.METHOD iif on a head trained with the IIF loss (MODEL.EQLOSSES.LOSS iif) "
+         "would apply the IIF weights twice"),
     ]
     for keys, message in cases:
         with pytest.raises(ConfigError) as info:
             validate_eval_protocol(cfg_with(**keys))
         assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+    # the softmax-head errors name every loss with a plain-softmax head
+    for keys in (dict(TEST__EQLOSSES__CALIBRATION__METHOD="iif", MODEL__EQLOSSES__LOSS="sigmoid"),
+                 dict(TEST__EQLOSSES__CALIBRATION__METHOD="norcal", TEST__EQLOSSES__CALIBRATION__VARIANT="logits",
+                      MODEL__EQLOSSES__LOSS="seesaw")):
+        with pytest.raises(ConfigError) as info:
+            validate_eval_protocol(cfg_with(**keys))
+        assert "(equilibrium, iif, softmax, softmax_eql, pcb with PCB.BASE softmax)" in str(info.value)
+    for name in ("softmax", "softmax_eql", "equilibrium", "pcb"):  # ... and each of them is accepted
+        validate_eval_protocol(cfg_with(TEST__EQLOSSES__CALIBRATION__METHOD="iif", MODEL__EQLOSSES__LOSS=name))
 
 
 def _model(head, tiny_dataset, calibration_opts=()):

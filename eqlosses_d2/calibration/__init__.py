@@ -45,6 +45,17 @@ CALIBRATION_METHODS = ("none", "norcal", "iif", "tau_norm")
 _COUNTS = ("image", "instance")
 
 
+def softmax_heads() -> str:
+    """The losses whose head is a plain softmax over C + 1 logits (what IIF at inference and
+    NorCal's logit variants act on), from the loss registry: for the one-line errors."""
+    from ..losses import LOSS_REGISTRY
+
+    names = sorted(name for name, cls in LOSS_REGISTRY.items() if getattr(cls, "softmax_logits", False) is True)
+    if "pcb" in LOSS_REGISTRY:  # PCB's head is its base loss's
+        names.append("pcb with PCB.BASE softmax")
+    return ", ".join(names)
+
+
 class ScoreCalibration:
     """
     One calibration setting. ``probs_from_logits`` turns a head's raw logits into its
@@ -87,12 +98,17 @@ class ScoreCalibration:
         class) and classifier."""
         softmax_logits = loss.softmax_logits
         if self.method == "iif" and not softmax_logits:
-            raise ValueError(f"METHOD iif needs a softmax head (softmax, softmax_eql, iif), not '{loss.name}'")
+            raise ValueError(f"METHOD iif needs a softmax head ({softmax_heads()}), not '{loss.name}'")
+        if self.method == "iif" and loss.name == "iif":
+            raise ValueError(
+                "METHOD iif on a head trained with the IIF loss (MODEL.EQLOSSES.LOSS iif) would apply the IIF "
+                "weights twice (its softmax already reads weighted logits): use METHOD none"
+            )
         if self.method == "tau_norm" and cosine:
             raise ValueError(f"METHOD tau_norm does nothing with a cosine classifier (MODEL.EQLOSSES.COSINE_SCALE > 0)")
         if self.method == "norcal" and self._needs_logits(loss) and not softmax_logits:
             what = "VARIANT logits" if self.variant == "logits" else f"RENORM False (VARIANT {self.variant})"
-            raise ValueError(f"{what} of NorCal needs a softmax head (softmax, softmax_eql, iif), not '{loss.name}'")
+            raise ValueError(f"{what} of NorCal needs a softmax head ({softmax_heads()}), not '{loss.name}'")
 
     def _needs_logits(self, loss) -> bool:
         if self.method in ("iif", "tau_norm"):
