@@ -15,6 +15,8 @@ What is handled (each function says how it detects the need):
   ``collect_env`` reports the extension as missing). Any use of an op it would
   provide (rotated boxes, deformable convolution, rotated RoIAlign, rotated NMS,
   the C++ COCO evaluator) raises :class:`MissingExtensionError` with one clear line.
+  Main looks its rotated ops up in ``torch.ops.detectron2`` instead (v0.6: only
+  ``nms_rotated``); that namespace gets the same treatment.
 - Pillow >= 10 removed ``Image.LINEAR`` (v0.6 uses it as a default argument).
 - numpy >= 1.24 removed ``np.int`` (v0.6's class histogram uses it).
 - setuptools >= 82 has no ``pkg_resources`` (``detectron2.model_zoo`` imports it,
@@ -117,6 +119,30 @@ def _patch_missing_extension():
     return True
 
 
+class _MissingOpNamespace:
+    """Stands in for ``torch.ops.detectron2``, where Detectron2 main looks up its compiled
+    ops (``box_iou_rotated``, ``roi_align_rotated_forward``/``backward``, ``nms_rotated``;
+    v0.6 uses ``nms_rotated`` there too): any op looked up raises one clear error instead of
+    torch's ``AttributeError`` ('_OpNamespace' 'detectron2' object has no attribute ...)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingExtensionError(
+            f"torch.ops.detectron2.{name} is unavailable: this Detectron2 was installed without its "
+            f"C++ extension, which rotated boxes (IoU, NMS, RoIAlign) need; {_INSTALL_HINT}"
+        )
+
+
+def _patch_missing_torch_ops():
+    """Without the extension no op is registered under ``torch.ops.detectron2``: bind the
+    namespace to :class:`_MissingOpNamespace` (torch caches namespaces as attributes of
+    ``torch.ops``; Detectron2's own docs build mocks it the same way)."""
+    import torch
+
+    torch.ops.detectron2 = _MissingOpNamespace()
+
+
 def _patch_rotated_nms():
     """v0.6 and main call ``torch.ops.detectron2.nms_rotated``, which only the extension
     registers; without it, say so in one line instead of 'no such operator'."""
@@ -210,6 +236,7 @@ def apply_detectron2_patches():
     applied = []
     if _patch_missing_extension():
         applied.append("missing-extension")
+        _patch_missing_torch_ops()
         _patch_rotated_nms()
     if _patch_pillow():
         applied.append("pillow-linear")

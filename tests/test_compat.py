@@ -125,3 +125,22 @@ def test_torch_load_prefers_weights_only():
         compat.torch_load(buf)
     buf.seek(0)
     assert isinstance(compat.torch_load(buf, trusted=True)["obj"], _Custom)
+
+
+@no_extension
+def test_rotated_ops_looked_up_in_torch_ops_fail_with_clear_message():
+    """Detectron2 main calls its rotated ops as torch.ops.detectron2.<op> (box_iou_rotated,
+    roi_align_rotated_forward/backward, nms_rotated): without the extension each is the
+    one-line MissingExtensionError, not torch's AttributeError."""
+    boxes = torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]])
+    for op, args in (
+        ("box_iou_rotated", (boxes, boxes)),  # main's pairwise_iou_rotated
+        ("roi_align_rotated_forward", (torch.ones(1, 1, 4, 4), torch.zeros(1, 6), 1.0, 2, 2, 0)),
+        ("roi_align_rotated_backward", (torch.ones(1, 1, 2, 2), torch.zeros(1, 6), 1.0, 2, 2, 1, 1, 4, 4, 0)),
+        ("nms_rotated", (boxes, torch.ones(1), 0.5)),
+    ):
+        with pytest.raises(compat.MissingExtensionError) as info:
+            getattr(torch.ops.detectron2, op)(*args)
+        message = str(info.value)
+        assert f"torch.ops.detectron2.{op} is unavailable" in message and "\n" not in message
+    assert not hasattr(torch.ops.detectron2, "__wrapped__")  # dunder probes stay AttributeErrors
