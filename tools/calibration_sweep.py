@@ -6,8 +6,11 @@ and a plot of AP/APr/APc/APf against it, and print the best setting.
     python tools/calibration_sweep.py --config-file CONFIG --dataset HELD_OUT_SPLIT \\
         --method norcal --values 0 0.2 0.4 0.6 0.8 1.0 --output-dir OUT MODEL.WEIGHTS model.pth
 
-Other calibration options (VARIANT, FACTOR, RENORM, COUNT) come from the config's
-``TEST.EQLOSSES.CALIBRATION`` and the trailing KEY VALUE pairs. Choose the value on a
+Single process: one GPU (or the CPU) runs the network once and evaluates every setting;
+``--num-gpus`` above 1 is refused (the sweep's evaluators are not distributed), and so is
+a launch under torchrun with several processes. Other calibration options (VARIANT,
+FACTOR, RENORM, COUNT) come from the config's ``TEST.EQLOSSES.CALIBRATION`` and the
+trailing KEY VALUE pairs. Choose the value on a
 split you don't report on, then evaluate the test split once with it
 (``--eval-only TEST.EQLOSSES.CALIBRATION.METHOD norcal TEST.EQLOSSES.CALIBRATION.GAMMA v``).
 """
@@ -31,8 +34,15 @@ def main(argv=None):
     parser.add_argument("--method", default="norcal", choices=["norcal", "tau_norm"])
     parser.add_argument("--values", type=float, nargs="+", default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--output-dir", default="output/calibration_sweep")
+    parser.add_argument("--num-gpus", type=int, default=1, help="must be 1: the sweep runs in one process")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (MODEL.WEIGHTS ...)")
     args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_gpus != 1 or world_size != 1:
+        what = f"--num-gpus {args.num_gpus}" if args.num_gpus != 1 else f"WORLD_SIZE={world_size}"
+        print(f"calibration_sweep.py: error: {what}: the sweep runs in one process (one network pass, every "
+              f"setting evaluated in it); run it with one GPU", file=sys.stderr)
+        return 2
     try:
         cfg = train_net.setup_cfg(argparse.Namespace(config_file=args.config_file, opts=args.opts))
         if not cfg.MODEL.WEIGHTS or ("://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS)):

@@ -9,6 +9,9 @@ APr, APc and APf against the swept value.
 
 Memory: each setting's evaluator holds its results until the end (LVIS val: 20k images
 × 300 detections per setting); sweep a handful of values at a time on LVIS.
+
+Single process: the evaluators are not distributed, so :func:`calibration_sweep` refuses
+to run in a process group of several processes (each would evaluate its own shard).
 """
 import copy
 import json
@@ -19,11 +22,13 @@ import torch
 
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.utils import comm
 
 from ..atomic import atomic_write
 from ..calibration import ScoreCalibration
 from ..modeling.box_predictor import CosineClassifier
 from .lvis_evaluation import LVISEvaluator
+from .plot import plot_or_warn
 
 __all__ = ["SWEPT_PARAMETER", "best_row", "calibration_sweep", "format_sweep_table", "plot_sweep"]
 
@@ -55,6 +60,11 @@ def calibration_sweep(cfg, model, dataset_name, method, values, base=None, outpu
     """
     from ..calibration import calibration_from_cfg
 
+    if comm.get_world_size() > 1:
+        raise ValueError(
+            f"the calibration sweep runs in one process, not in {comm.get_world_size()} (its evaluators are "
+            f"not distributed): run it with one GPU"
+        )
     base = base if base is not None else calibration_from_cfg(cfg)
     settings = _settings(base, method, values)
     roi_heads = model.roi_heads
@@ -91,7 +101,7 @@ def calibration_sweep(cfg, model, dataset_name, method, values, base=None, outpu
                      lambda f: f.write(json.dumps(payload, indent=2).encode()))
         table = format_sweep_table(rows, method)
         atomic_write(os.path.join(output_dir, "calibration_sweep.md"), lambda f: f.write(table.encode()))
-        plot_sweep(rows, method, os.path.join(output_dir, "calibration_sweep.png"))
+        plot_or_warn(plot_sweep, rows, method, path=os.path.join(output_dir, "calibration_sweep.png"))
     return rows
 
 

@@ -871,12 +871,14 @@ class LVISEvaluator(_Detectron2LVISEvaluator):
             f"Evaluation results for {iou_type} ({result.backend}): \n" + create_small_table(result.metrics)
         )
         if self._output_dir:
-            from .plot import plot_per_category_ap
+            from .plot import plot_or_warn, plot_per_category_ap
 
             records = per_category_records(result)
             path = os.path.join(self._output_dir, f"lvis_per_category_{iou_type}.json")
             _atomic_write_json(path, records)
             plot = os.path.splitext(path)[0] + ".png"
-            plot_per_category_ap(records, plot, title=f"{self._metadata.name}: {iou_type} AP per category")
-            self._logger.info(f"Per-category {iou_type} AP saved to {path} and plotted in {plot}")
+            title = f"{self._metadata.name}: {iou_type} AP per category"
+            plotted = plot_or_warn(plot_per_category_ap, records, path=plot, title=title) is not None  # never raises
+            where = f"{path}, plotted in {plot}" if plotted else path
+            self._logger.info(f"Per-category {iou_type} AP saved to {where}")
         return dict(result.metrics)

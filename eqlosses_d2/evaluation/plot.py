@@ -5,14 +5,21 @@ The long-tail picture: per-category AP against the category's number of training
 :func:`plot_per_category_ap` reads the records :func:`per_category_records` returns (or
 the ``lvis_per_category_<task>.json`` the evaluator writes) and saves a PNG atomically.
 CLI: ``python -m eqlosses_d2.evaluation.plot lvis_per_category_segm.json [out.png]``.
+
+A plot is a by-product: :func:`plot_or_warn` runs a plotting function so that its failure
+(matplotlib missing or broken, an unwritable font cache or output directory, a full disk)
+is one warning, never an exception that would discard the metrics computed before it.
 """
 import argparse
 import json
+import logging
 import os
 
 from ..atomic import atomic_write
 
-__all__ = ["plot_per_category_ap"]
+__all__ = ["plot_or_warn", "plot_per_category_ap"]
+
+logger = logging.getLogger(__name__)
 
 GROUP_STYLE = {"r": ("rare", "tab:red"), "c": ("common", "tab:orange"), "f": ("frequent", "tab:blue")}
 
@@ -53,6 +60,17 @@ def plot_per_category_ap(records, path, title=None):
     finally:
         plt.close(fig)
     return len(plotted)
+
+
+def plot_or_warn(function, *args, path, **kwargs):
+    """``function(*args, path=path, **kwargs)``; on any exception, log one warning naming
+    ``path`` and the error and return None (the caller's results stand)."""
+    try:
+        return function(*args, path=path, **kwargs)
+    except Exception as e:  # noqa: BLE001  # a plot must never cost the metrics
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        logger.warning(f"plot {path} not written ({type(e).__name__}: {message}); the metrics are unaffected")
+        return None
 
 
 def main(argv=None):
