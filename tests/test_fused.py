@@ -230,3 +230,118 @@ def test_droploss_compact_mask_matches_dense(small_chunks):
     (v2 * 2).backward()
     torch.testing.assert_close(v1, v2)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU chunking policy (issue 17, item 3), forced on the CPU
+
+
+@pytest.fixture
+def gpu_policy(monkeypatch):
+    from eqlosses_d2.losses import base
+
+    monkeypatch.setattr(base, "DEVICE_POLICY", "gpu")
+    return fused
+
+
+@pytest.mark.parametrize("rows,cols,buffers", [(100000, 1203, 4), (8192, 1204, 1), (20000, 1203, 4), (2000, 80, 4),
+                                               (7, 5, 4), (1, 1203, 1)])
+def test_gpu_policy_chunks_are_bounded(gpu_policy, rows, cols, buffers):
+    """Every chunk's buffers hold at most GPU_CHUNK_ELEMENTS entries (256 MB of float32) and
+    at most one copy of the matrix (so the kernel's temporaries plus the gradient it hands to
+    autograd stay within two copies), and the chunks cover the rows in order."""
+    chunks = fused.row_ranges(rows, cols, "cpu", buffers)
+    assert chunks[0][0] == 0 and chunks[-1][1] == rows and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    for start, stop in chunks:
+        assert (stop - start) * cols * buffers <= fused.GPU_CHUNK_ELEMENTS or stop - start == 1
+        assert (stop - start) * buffers <= rows + buffers - 1  # at most ceil(rows / buffers) rows
+    if (rows, cols, buffers) == (100000, 1203, 4):  # the LVIS RetinaNet batch: 8 chunks of 64 MB buffers
+        assert len(chunks) == 8 and (chunks[0][1] * cols * 4) <= 64 << 20
+
+
+def test_cpu_policy_chunks_are_unchanged():
+    """The CPU policy keeps the cache-sized chunks (2 MB of float32 in all)."""
+    assert fused.row_ranges(8192, 1204, "cpu") == [(s, min(s + 435, 8192)) for s in range(0, 8192, 435)]
+    assert fused.row_ranges(100000, 1203, "cpu", 4)[0] == (0, 108)  # the focal kernel's 2^17 per buffer
+
+
+def _dense_run(name, logits, labels, **kwargs):
+    from eqlosses_d2.losses.dense import build_dense_loss
+
+    loss = build_dense_loss(name, logits.shape[1])
+    if name == "efl":  # statistics, so that the factors differ per class
+        g = torch.Generator().manual_seed(13)
+        loss.gradient_stats.pos_grad.copy_(torch.rand(logits.shape[1], dtype=torch.float64, generator=g))
+        loss.gradient_stats.neg_grad.copy_(torch.rand(logits.shape[1], dtype=torch.float64, generator=g) + 0.5)
+    x = logits.clone().requires_grad_()
+    value = loss(x, labels, normalizer=7.0)["loss_cls"]
+    value.backward()
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    return value.detach(), x.grad, state
+
+
+@pytest.mark.parametrize("name", ["focal", "efl"])
+def test_dense_losses_in_bounded_chunks_match_one_chunk(gpu_policy, monkeypatch, name):
+    """Focal loss and EFL under the GPU policy with small chunks (many of them, positives in
+    each) give the value, gradient and statistics of one chunk to float rounding (the
+    per-chunk column sums are added in another order; the vectorized loops split rows
+    differently)."""
+    g = torch.Generator().manual_seed(11)
+    num_classes = 9
+    logits = torch.randn(301, num_classes, generator=g) * 3 - 2
+    labels = torch.full((301,), num_classes)
+    positive = torch.rand(301, generator=g) < 0.2
+    labels[positive] = torch.randint(0, num_classes, (int(positive.sum()),), generator=g)
+    monkeypatch.setattr(fused, "GPU_CHUNK_ELEMENTS", 4 * 16 * num_classes)
+    assert len(fused.row_ranges(301, num_classes, "cpu", 4)) == 19
+    v1, g1, s1 = _dense_run(name, logits, labels)
+    monkeypatch.setattr(fused, "GPU_CHUNK_ELEMENTS", 1 << 40)
+    assert len(fused.row_ranges(301, num_classes, "cpu", 4)) == 4  # at most a quarter of the rows
+    v4, g4, s4 = _dense_run(name, logits, labels)
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 1 << 40)
+    from eqlosses_d2.losses import base
+
+    monkeypatch.setattr(base, "DEVICE_POLICY", "auto")
+    assert len(fused.row_ranges(301, num_classes, "cpu", 4)) == 1
+    v0, g0, s0 = _dense_run(name, logits, labels)
+    for value, grad, state in ((v1, g1, s1), (v4, g4, s4)):
+        torch.testing.assert_close(grad, g0, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(value, v0, rtol=1e-6, atol=0)
+        for key in state:
+            torch.testing.assert_close(state[key], s0[key], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["gumbel", "gumbel_droploss", "pcb", "eql", "iif", "softmax_eql"])
+def test_gpu_policy_kernels_match_cpu_policy(small_chunks, monkeypatch, name):
+    """The GPU policy's paths without host reads (the positives of a chunk located on the
+    device, PCB's soft labels added after the chunks) give the CPU policy's values and
+    gradients, across many chunks."""
+    from eqlosses_d2.losses import base
+
+    stats = _stats()
+    results = []
+    for policy in ("auto", "gpu"):
+        monkeypatch.setattr(base, "DEVICE_POLICY", policy)
+        monkeypatch.setattr(fused, "GPU_CHUNK_ELEMENTS", 16 * (C + 2))
+        loss = build_loss(name, C, class_stats=stats, **({"start": 0.0} if name == "pcb" else {}))
+        logits, labels = _batch(loss.num_logits, seed=12)
+        if name == "pcb":
+            loss(logits, labels, progress=0.0)  # every class seen
+        drop = None
+        if name == "gumbel_droploss":  # the same drop mask under both policies (the draws differ)
+            torch.manual_seed(3)
+            monkeypatch.setattr(base, "DEVICE_POLICY", "auto")
+            drop = loss.drop_terms(labels, tail_class_mask(stats, loss.tail_threshold))
+            monkeypatch.setattr(base, "DEVICE_POLICY", policy)
+        x = logits.clone().requires_grad_()
+        if drop is not None:
+            from eqlosses_d2.losses.gumbel import gumbel_bce_sum
+
+            value = gumbel_bce_sum(x, labels, drop, scale=1.0 / ROWS)
+        else:
+            value = loss(x, labels, progress=1.0)["loss_cls"]
+        (value * 1.5).backward()
+        results.append((value.detach().double(), x.grad.double()))
+    (v_cpu, g_cpu), (v_gpu, g_gpu) = results
+    torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-6, atol=1e-9)

@@ -393,3 +393,68 @@ def test_iterative_head_trains_and_evaluates(tiny_dataset, tmp_path):
         "MODEL.EQLOSSES.PCB.BASE", "eqlv2", "MODEL.EQLOSSES.ITERATIVE_HEAD.LAYER_NORM", "True",
         "TEST.DETECTIONS_PER_IMAGE", "50"])
     assert set(results["segm"]) >= {"AP", "APr"}
+
+
+WIDE = 40  # classes of the all-reduce test: a few present per batch
+
+
+def _reduce_worker(rank, init_file, out_dir):
+    """Two processes, PCB (softmax base), recording every all_reduce's size and dtype."""
+    import json
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = []
+    original = dist.all_reduce
+
+    def recording(tensor, *args, **kwargs):
+        calls.append([tensor.numel(), str(tensor.dtype)])
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        loss = PairwiseClassBalanceLoss(WIDE, start=0.0)
+        for it, (logits, labels) in enumerate(_wide_batches()[rank]):
+            loss(logits, labels, progress=1.0)
+        torch.save(loss.state_dict(), os.path.join(out_dir, f"wide{rank}.pt"))
+        with open(os.path.join(out_dir, f"calls{rank}.json"), "w") as f:
+            json.dump(calls, f)
+    finally:
+        dist.all_reduce = original
+        dist.destroy_process_group()
+
+
+def _wide_batches():
+    """Per rank, 3 batches of 8 RoIs with labels among a few classes (rank 0: 1, 2, 3;
+    rank 1: 3, 7; and background)."""
+    g = torch.Generator().manual_seed(8)
+    out = []
+    for classes in ([1, 2, 3, WIDE], [3, 7, WIDE]):
+        choices = torch.tensor(classes)
+        out.append([(torch.randn(8, WIDE + 1, generator=g) * 2,
+                     choices[torch.randint(0, len(classes), (8,), generator=g)]) for _ in range(3)])
+    return out
+
+
+def test_confusion_all_reduce_sends_only_present_rows_in_float32(tmp_path):
+    """Per update: the (C,) counts in float64, then the rows of the classes present in some
+    process (at most 4 here) in float32, not the dense C x C float64 matrix; the state is
+    the same on both processes and equals one process seeing both batches."""
+    import json
+
+    mp.spawn(_reduce_worker, args=(str(tmp_path / "dist_init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        calls = json.loads((tmp_path / f"calls{rank}.json").read_text())
+        assert len(calls) == 6  # 3 updates x (counts, rows)
+        for counts, rows in zip(calls[::2], calls[1::2]):
+            assert counts == [WIDE, "torch.float64"]
+            assert rows[1] == "torch.float32" and rows[0] % WIDE == 0 and rows[0] <= 4 * WIDE
+        assert sum(n * (8 if "64" in t else 4) for n, t in calls) < WIDE * WIDE * 8 / 4
+    rank0, rank1 = torch.load(tmp_path / "wide0.pt"), torch.load(tmp_path / "wide1.pt")
+    single = PairwiseClassBalanceLoss(WIDE, start=0.0)
+    batches = _wide_batches()
+    for (l0, y0), (l1, y1) in zip(*batches):
+        single(torch.cat([l0, l1]), torch.cat([y0, y1]), progress=1.0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single.state_dict()[key], rtol=1e-6, atol=1e-7)
+    assert (single.confusion[[1, 2, 3, 7]].sum(dim=1) > 0.99).all() and single.confusion[0].sum() == 0

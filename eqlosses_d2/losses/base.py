@@ -21,6 +21,8 @@ Per-class statistics (image counts, frequency groups) come from the model's
 ``ClassStatsBuffers``, handed to the loss as ``class_stats`` (any object with the same
 tensor attributes works, which keeps the losses testable on their own).
 """
+import math
+import os
 from typing import Dict, Optional
 
 import torch
@@ -29,8 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
+    "DEVICE_POLICY",
     "ClassificationLoss",
     "all_reduce_sum",
+    "gpu_policy",
+    "nan_unless",
     "check_finite_logits",
     "empty_loss",
     "tail_class_mask",
@@ -46,22 +51,81 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+#: How the losses treat a device. "auto": the CPU policy on the CPU (cache-sized chunks, host reads
+#: of CPU tensors, which cost no device synchronization), the GPU policy on any other device (large
+#: but bounded chunks, no host read of a device value during the training step). "gpu": the GPU
+#: policy on every device, so that tests and benchmarks on the CPU see what a GPU run does. Set it
+#: here or with the environment variable ``EQLOSSES_DEVICE_POLICY``.
+DEVICE_POLICY = os.environ.get("EQLOSSES_DEVICE_POLICY", "auto")
+_POLICIES = ("auto", "gpu")
+
+
+def gpu_policy(device) -> bool:
+    """True when tensors on ``device`` are treated with the GPU policy (see :data:`DEVICE_POLICY`)."""
+    if DEVICE_POLICY not in _POLICIES:
+        raise ValueError(
+            f"EQLOSSES_DEVICE_POLICY / losses.base.DEVICE_POLICY must be one of {', '.join(_POLICIES)}, "
+            f"got '{DEVICE_POLICY}'"
+        )
+    return DEVICE_POLICY == "gpu" or torch.device(device).type != "cpu"
+
+
 def check_finite_logits(logits: torch.Tensor, who: str, total: Optional[torch.Tensor] = None):
-    """Reject NaN/inf logits with one clear line, before they poison the statistics.
-    ``total``: the sum of all of ``logits`` when a fused computation has already taken it
-    (chunk by chunk, from cache), instead of a pass of its own over them."""
+    """
+    Reject NaN/inf logits before they poison a loss's statistics. ``total``: the sum of all of
+    ``logits`` when a fused computation has already taken it (chunk by chunk, from cache),
+    instead of a pass of its own over them.
+
+    CPU policy (:func:`gpu_policy` false): raises ``FloatingPointError`` with one clear line
+    at once (reading a CPU value costs no device synchronization) and returns None.
+    GPU policy: no host synchronization; returns a 0-dim bool tensor, true when the sum is
+    finite (logits so large that their float32 sum overflows, |z| ~ 1e30, count as non-finite
+    there; the CPU policy tells them apart with a second pass). The loss then keeps its
+    state unchanged when it is false and its returned losses are NaN (:func:`nan_unless`),
+    so Detectron2's trainer, which checks the losses every iteration, raises
+    ``FloatingPointError`` in the same iteration, before the optimizer step.
+    """
     if logits.numel() == 0:
-        return
+        return None
     if total is None:
         total = logits.sum(dtype=torch.float32)
-    if torch.isfinite(total):
-        return  # fast path: one reduction (a float32 sum of finite values may still overflow)
+    finite = torch.isfinite(total)
+    if gpu_policy(logits.device):
+        return finite
+    if finite:
+        return None  # fast path: one reduction
     bad = (~torch.isfinite(logits)).sum().item()
     if bad:
         raise FloatingPointError(
             f"{who}: {bad} of {logits.numel()} classification logits are NaN or inf "
             f"(diverged training? try a lower SOLVER.BASE_LR or SOLVER.CLIP_GRADIENTS)"
         )
+    return None
+
+
+def nan_unless(finite: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``finite`` (a 0-dim bool tensor from :func:`check_finite_logits`) holds,
+    else NaN; ``value`` itself when ``finite`` is None (checked already)."""
+    if finite is None:
+        return value
+    return torch.where(finite, value, value.new_full((), math.nan))
+
+
+def keep_unless_nonfinite(finite: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``finite`` holds, else zeros (a state contribution left out); ``value``
+    itself when ``finite`` is None."""
+    if finite is None:
+        return value
+    return torch.where(finite, value, torch.zeros_like(value))
+
+
+def nan_unless_finite_hook(module, args, output):
+    """A forward hook of the losses: under the GPU policy, the returned losses are NaN when the
+    logits :meth:`ClassificationLoss._check` saw were not all finite (``module._finite``)."""
+    finite, module._finite = getattr(module, "_finite", None), None
+    if finite is None:
+        return None
+    return {key: nan_unless(finite, value) for key, value in output.items()}
 
 
 def take_stashed_grad(ctx, who: str) -> torch.Tensor:
@@ -77,10 +141,10 @@ def take_stashed_grad(ctx, who: str) -> torch.Tensor:
 def scaled_stashed_grad(ctx, grad_output: torch.Tensor, who: str) -> torch.Tensor:
     """:func:`take_stashed_grad` times ``grad_output``, in place. On the CPU an output
     gradient of exactly 1 (a loss summed with weight 1, the usual case) skips the
-    multiplication, a full pass over the logit-sized gradient; on other devices reading
+    multiplication, a full pass over the logit-sized gradient; under the GPU policy reading
     the value would cost a synchronization, so the product is always taken there."""
     grad = take_stashed_grad(ctx, who)
-    if grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0:
+    if not gpu_policy(grad_output.device) and grad_output.numel() == 1 and float(grad_output) == 1.0:
         return grad
     return grad.mul_(grad_output)
 
@@ -113,6 +177,11 @@ class ClassificationLoss(nn.Module):
         self.num_classes = num_classes
         # not a submodule of the loss: the model owns it (and saves it once)
         object.__setattr__(self, "class_stats", class_stats)
+        #: GPU policy: whether the logits of the running forward are finite (a 0-dim device
+        #: tensor from :meth:`_check`; None when checked on the host); state updates leave out
+        #: a non-finite batch and the returned losses become NaN (a forward hook)
+        self._finite = None
+        self.register_forward_hook(nan_unless_finite_hook)
 
     @property
     def num_logits(self) -> int:
@@ -135,22 +204,36 @@ class ClassificationLoss(nn.Module):
 
     def scalars(self) -> Dict[str, float]:
         """Numbers worth watching in TensorBoard after a training step (EventStorage
-        scalars, logged by the box predictor under ``<loss name>/``)."""
+        scalars, logged by the box predictor under ``<loss name>/``). Reading them costs a
+        host synchronization: the box predictor asks for them on logging steps only."""
         return {}
 
     def require_class_stats(self):
+        """The class statistics, or a one-line error when there are none. Whether they are
+        set is read from the device once per state of the ``is_set`` flag (its version
+        counter changes when the buffer is written, e.g. by ``load_state_dict``), not every
+        iteration."""
         stats = self.class_stats
-        if stats is None or not bool(getattr(stats, "is_set", True)):
+        is_set = getattr(stats, "is_set", True)
+        if torch.is_tensor(is_set):
+            cached = getattr(self, "_class_stats_checked", None)
+            if cached is not None and cached[0] is is_set and cached[1] == is_set._version:
+                return stats
+        if stats is None or not bool(is_set):
             raise RuntimeError(
                 f"loss '{self.name}' needs per-class statistics (image counts), but the model "
                 f"has none: train with a dataset that has an annotation file "
                 f"(MODEL.EQLOSSES.CLASS_STATS_DATASET) or load an eqlosses_d2 checkpoint"
             )
+        if torch.is_tensor(is_set):
+            self._class_stats_checked = (is_set, is_set._version)
         return stats
 
     def _check(self, logits: torch.Tensor, labels: torch.Tensor, finite: bool = True):
-        """Shapes, and (``finite``) no NaN/inf logit; a loss whose fused computation sums the
-        logits as it goes passes ``finite=False`` and checks that sum instead."""
+        """Shapes, and (``finite``) no NaN/inf logit (:func:`check_finite_logits`; under the GPU
+        policy without a host synchronization: the flag is kept in ``self._finite``); a loss
+        whose fused computation sums the logits as it goes passes ``finite=False`` and checks
+        that sum instead."""
         if logits.dim() != 2 or logits.shape[1] != self.num_logits:
             raise ValueError(
                 f"loss '{self.name}' expects logits of shape (N, {self.num_logits}), got {tuple(logits.shape)}"
@@ -158,7 +241,7 @@ class ClassificationLoss(nn.Module):
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} logits")
         if finite:
-            check_finite_logits(logits, f"loss '{self.name}'")
+            self._finite = check_finite_logits(logits, f"loss '{self.name}'")
 
 
 def empty_loss(logits: torch.Tensor) -> torch.Tensor:

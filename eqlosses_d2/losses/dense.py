@@ -10,7 +10,8 @@ returns C + 1 probability columns; a dense loss differs in both, so it has its o
   background, and the normalizer the loss sum is divided by (the model computes it with
   :func:`positive_anchor_normalizer`); returns ``{"loss_cls": ...}``;
 - ``predict_probs(logits)``: (N, C) per-class probabilities (one-vs-all sigmoid);
-- ``scalars()``: numbers worth watching in TensorBoard;
+- ``scalars()``: numbers worth watching in TensorBoard (a host synchronization: the model
+  asks for them on logging steps only);
 - adaptive state in registered buffers, all-reduced before it is accumulated.
 
 Pure PyTorch, no Detectron2 import.
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import all_reduce_sum, check_finite_logits
+from .base import all_reduce_sum, check_finite_logits, gpu_policy, nan_unless_finite_hook
 
 __all__ = [
     "DENSE_LOSS_REGISTRY",
@@ -69,15 +70,21 @@ def world_size() -> int:
     return 1
 
 
-def positive_anchor_normalizer(num_pos_anchors, device=None) -> float:
+def positive_anchor_normalizer(num_pos_anchors, device=None):
     """
     ``max(1, P) / W`` with P the number of positive anchors summed over the W processes
     (the EFL authors' ``get_ave_normalizer``). Each process divides its loss sum by it;
     DDP's gradient average over processes then makes the step exactly that of one process
     seeing all images, normalized by max(1, P). (Detectron2's RetinaNet and FCOS instead
     divide by a per-process moving average of the positive count, not all-reduced.)
-    A collective: every process calls it every iteration.
+    A collective: every process calls it every iteration. ``num_pos_anchors``: a number
+    (returns a float), or a tensor (returns a 0-dim float32 tensor on its device, without a
+    host read: what the models pass).
     """
+    if torch.is_tensor(num_pos_anchors):
+        count = num_pos_anchors.detach().to(dtype=torch.float64, device=device).reshape(())
+        all_reduce_sum(count)
+        return (count.clamp(min=1.0) / world_size()).float()
     count = torch.as_tensor(float(num_pos_anchors), dtype=torch.float64, device=device)
     all_reduce_sum(count)
     return max(float(count), 1.0) / world_size()
@@ -94,6 +101,9 @@ class DenseClassificationLoss(nn.Module):
         self.num_classes = num_classes
         # not a submodule: the model owns the statistics (and saves them once)
         object.__setattr__(self, "class_stats", class_stats)
+        #: GPU policy: whether the running forward's logits are finite (see ``ClassificationLoss``)
+        self._finite = None
+        self.register_forward_hook(nan_unless_finite_hook)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, normalizer: float = 1.0):
         raise NotImplementedError
@@ -105,16 +115,22 @@ class DenseClassificationLoss(nn.Module):
         return {}
 
     def _check(self, logits: torch.Tensor, labels: torch.Tensor, normalizer):
+        """Shapes, label range, normalizer and finite logits. Under the GPU policy the checks
+        that read device values are left out (no host synchronization): the label range
+        (the models' labels come from their anchor matching), a tensor normalizer (the
+        models' ``positive_anchor_normalizer``, at least 1 / W) and the finite check, which
+        becomes a flag (see :func:`.base.check_finite_logits`)."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"loss '{self.name}' expects logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}"
             )
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} anchors")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+        on_host = not gpu_policy(logits.device)
+        if on_host and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
             raise ValueError(
                 f"loss '{self.name}': labels must be in [0, {self.num_classes}] (ignored anchors dropped first)"
             )
-        if not normalizer > 0:
+        if (on_host or not torch.is_tensor(normalizer)) and not normalizer > 0:
             raise ValueError(f"loss '{self.name}': the normalizer must be > 0, got {normalizer}")
-        check_finite_logits(logits, f"loss '{self.name}'")
+        self._finite = check_finite_logits(logits, f"loss '{self.name}'")

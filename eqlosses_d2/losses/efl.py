@@ -80,7 +80,7 @@ class EqualizedFocalLoss(DenseClassificationLoss):
             stats_scale=1.0 / world_size(), with_stats=self.training,
         )
         if self.training:
-            self.gradient_stats.update(pos_grad, neg_grad)
+            self.gradient_stats.update(pos_grad, neg_grad, finite=self._finite)
         return {"loss_cls": loss}
 
     def scalars(self):

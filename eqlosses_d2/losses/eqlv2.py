@@ -163,7 +163,8 @@ class EqualizationLossV2(ClassificationLoss):
                 target[fg, : self.num_classes] = class_target.to(logits)
                 loss, pos_grad, neg_grad = _SoftWeightedSigmoidBCE.apply(logits, target, neg_weight, pos_weight)
         if self.training:
-            self.gradient_stats.update(pos_grad[: self.num_classes], neg_grad[: self.num_classes])
+            num_classes = self.num_classes
+            self.gradient_stats.update(pos_grad[:num_classes], neg_grad[:num_classes], finite=self._finite)
         return {"loss_cls": loss}
 
     def predict_probs(self, logits):

@@ -32,8 +32,9 @@ autograd's.
 import torch
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss
+from .base import ClassificationLoss, all_reduce_sum, empty_loss, keep_unless_nonfinite
 from .fused import affine_softmax_cross_entropy
+from .gradient_stats import frequency_group_means
 from .registry import register_loss
 
 __all__ = ["EquilibriumLoss"]
@@ -60,8 +61,11 @@ class EquilibriumLoss(ClassificationLoss):
         self.register_buffer("mean_score", mean_score)
 
     @torch.no_grad()
-    def update(self, instance_labels: torch.Tensor, instance_means: torch.Tensor):
-        """Fold this iteration's entries (all processes) into the mean scores."""
+    def update(self, instance_labels: torch.Tensor, instance_means: torch.Tensor, finite=None):
+        """Fold this iteration's entries (all processes) into the mean scores. ``finite``:
+        None, or a 0-dim bool tensor (GPU policy): when false this process adds no entry.
+        No host synchronization: the classes without entries keep their score through a
+        ``torch.where`` instead of a host-side test."""
         num_classes = self.num_classes
         sums = torch.zeros(num_classes, dtype=torch.float64, device=self.mean_score.device)
         counts = torch.zeros_like(sums)
@@ -69,15 +73,15 @@ class EquilibriumLoss(ClassificationLoss):
             labels = instance_labels.to(sums.device)
             sums.index_add_(0, labels, instance_means.to(sums))
             counts.index_add_(0, labels, torch.ones_like(sums[labels]))
-        packed = all_reduce_sum(torch.cat([sums, counts]))  # every process, entries or not
+        # every process, entries or not
+        packed = all_reduce_sum(keep_unless_nonfinite(finite, torch.cat([sums, counts])))
         sums, counts = packed[:num_classes], packed[num_classes:]
-        present = counts > 0
-        if present.any():
-            keep = torch.pow(torch.full_like(counts[present], self.alpha), counts[present])
-            old = self.mean_score[:num_classes][present].double()
-            self.mean_score[:num_classes][present] = (keep * old + (1 - keep) * sums[present] / counts[present]).to(
-                self.mean_score
-            )
+        keep = torch.pow(torch.full_like(counts, self.alpha), counts)  # 1 where a class has no entry
+        old = self.mean_score[:num_classes].double()
+        mean = sums / counts.clamp(min=1.0)
+        self.mean_score[:num_classes] = torch.where(counts > 0, keep * old + (1 - keep) * mean, old).to(
+            self.mean_score
+        )
         self.mean_score[num_classes] = self.background_score
 
     def forward(self, logits, labels, instance_labels=None, instance_means=None, **context):
@@ -88,7 +92,7 @@ class EquilibriumLoss(ClassificationLoss):
                 "use it through eqlosses_d2's box predictor"
             )
         if self.training:
-            self.update(instance_labels, instance_means)  # before the loss
+            self.update(instance_labels, instance_means, finite=self._finite)  # before the loss
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
         return {"loss_cls": affine_softmax_cross_entropy(logits, labels, shift=self.mean_score.log())}
@@ -100,15 +104,8 @@ class EquilibriumLoss(ClassificationLoss):
         return logits.float()
 
     def scalars(self):
-        stats = self.class_stats
-        out = {"mean_score": float(self.mean_score[: self.num_classes].mean())}
-        if stats is not None and bool(getattr(stats, "is_set", False)):
-            groups = stats.frequency_group.to(self.mean_score.device)
-            for index, name in enumerate(("r", "c", "f")):
-                members = groups == index
-                if members.any():
-                    out[f"mean_score_{name}"] = float(self.mean_score[: self.num_classes][members].mean())
-        return out
+        """Mean of the classes' mean scores, overall and per r/c/f group (one host synchronization)."""
+        return frequency_group_means(self.mean_score[: self.num_classes], self.class_stats, "mean_score")
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, alpha={self.alpha}, background_score={self.background_score}"
@@ -118,12 +115,11 @@ def instance_mean_scores(logits: torch.Tensor, labels: torch.Tensor, instance_id
     """
     LOCE's entries from one batch: for each instance id (one per matched ground-truth
     instance; −1 for background RoIs), its class and the mean over its RoIs of the plain
-    softmax score of that class (detached). Returns (labels (E,), means (E,)).
+    softmax score of that class (detached). Returns (labels (E,), means (E,)). No host read
+    (the row selection and ``torch.unique`` wait for the device by nature).
     """
     with torch.no_grad():
         fg = (labels < num_classes) & (instance_ids >= 0)
-        if not fg.any():
-            return labels.new_zeros(0), logits.new_zeros(0, dtype=torch.float32)
         scores = F.softmax(logits[fg].float(), dim=1).gather(1, labels[fg][:, None]).squeeze(1)
         ids, inverse = torch.unique(instance_ids[fg], return_inverse=True)
         sums = torch.zeros(ids.numel(), dtype=torch.float32, device=logits.device).index_add_(0, inverse, scores)

@@ -49,12 +49,16 @@ from .sigmoid import prior_bias, with_background_column
 __all__ = ["FederatedLoss", "federated_classes"]
 
 
-def federated_classes(labels: torch.Tensor, num_fed_classes: int, num_classes: int, class_weight: torch.Tensor):
+def federated_classes(labels: torch.Tensor, num_fed_classes: int, num_classes: int, class_weight: torch.Tensor,
+                      num_weighted_classes=None):
     """
     The class set S of one batch: the unique labels (the background index ``num_classes``
     included when present), then negatives drawn without replacement with probability
     ∝ ``class_weight`` (C,) until ``|S| = num_fed_classes``. Returns a 1-D int64 tensor
     (unique labels sorted first, then the drawn classes in draw order).
+    ``num_weighted_classes``: the number of classes with a positive weight, if known; when
+    enough of them remain whatever the labels (at least the places left plus the labels),
+    the draw needs no host read of how many remain.
     """
     unique_labels = torch.unique(labels)
     num_missing = num_fed_classes - len(unique_labels)
@@ -63,6 +67,8 @@ def federated_classes(labels: torch.Tensor, num_fed_classes: int, num_classes: i
     prob = unique_labels.new_zeros(num_classes + 1, dtype=torch.float32)
     prob[:num_classes] = class_weight.to(device=prob.device, dtype=torch.float32)
     prob[unique_labels] = 0
+    if num_weighted_classes is not None and num_weighted_classes - len(unique_labels) > num_missing:
+        return torch.cat([unique_labels, torch.multinomial(prob, num_missing, replacement=False)])
     num_candidates = int((prob > 0).sum())
     if num_candidates <= num_missing:
         sampled = torch.nonzero(prob > 0, as_tuple=True)[0]
@@ -96,6 +102,16 @@ class FederatedLoss(ClassificationLoss):
         stats = self.require_class_stats()
         return stats.image_count.float() ** self.freq_weight_power
 
+    def num_weighted_classes(self, weight: torch.Tensor) -> int:
+        """How many classes have a positive weight: a host read once per state of the
+        statistics (``image_count``'s version counter), not every iteration."""
+        counts = self.class_stats.image_count
+        cached = getattr(self, "_num_weighted", None)
+        if cached is None or cached[0] is not counts or cached[1] != counts._version:
+            cached = (counts, counts._version, int((weight > 0).sum()))
+            self._num_weighted = cached
+        return cached[2]
+
     def forward(self, logits, labels, **context):
         self._check(logits, labels)
         weight = self.class_weight()
@@ -103,7 +119,9 @@ class FederatedLoss(ClassificationLoss):
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
         num_classes = logits.shape[1]
-        fed_classes = federated_classes(labels, self.num_fed_classes, num_classes, weight)
+        fed_classes = federated_classes(
+            labels, self.num_fed_classes, num_classes, weight, self.num_weighted_classes(weight)
+        )
         fed_classes = fed_classes[fed_classes < num_classes]  # the background index takes a place, no column
         self._last_num_fg_classes = fed_classes.numel()
         # BCE over the columns of S: every other column has weight 0 (a RoI's own class is in S)

@@ -16,9 +16,13 @@ The gradient is analytic: with u = 1 − p_t and s = +1 for y = 1, −1 for y = 
 
 and is computed in the forward pass, together with the per-class sums of its absolute
 value over positives (y = 1) and negatives (y = 0), which EFL's gradient statistics need.
-The whole (N, C) matrix is treated as negatives in cache-sized row chunks (one softplus
-and one or two exps per entry); the at most one positive entry per row is then corrected
-from its own logit. Defaults α = 0.25, γ = 2 (Detectron2's and the paper's).
+The whole (N, C) matrix is treated as negatives in row chunks (one softplus and one or two
+exps per entry; :func:`.fused.row_ranges`, the chunking of every fused kernel: cache-sized
+on the CPU, bounded on a GPU); the at most one positive entry per row is then corrected
+from its own logit. Memory: the gradient handed to autograd (one float32 copy of the
+logits) and three chunk-sized temporaries, at most one copy under the GPU policy: the
+peak extra memory stays within two float32 copies of the logits (``bench_one_stage.py``
+measures it). Defaults α = 0.25, γ = 2 (Detectron2's and the paper's).
 Pure PyTorch, no Detectron2 import.
 """
 import torch
@@ -26,11 +30,13 @@ from torch.nn import functional as F
 
 from .base import empty_loss, scaled_stashed_grad
 from .dense import DenseClassificationLoss, register_dense_loss
+from .fused import row_chunks
 
 __all__ = ["SigmoidFocalLoss", "focal_loss_sum"]
 
-#: entries of the logit matrix processed at once on the CPU (cache-resident buffers)
-_CHUNK_ELEMENTS = 1 << 17
+#: chunk-sized buffers of the kernel (:func:`.fused.row_ranges`): three temporaries (softplus,
+#: log p then p^γ, p) and the slice of the gradient it writes
+_CHUNK_BUFFERS = 4
 
 
 def _as_columns(value, num_classes, like):
@@ -62,17 +68,18 @@ class _FocalLossSum(torch.autograd.Function):
         grad = torch.empty_like(logits)
         loss_columns = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
         neg_columns = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
-        rows = num_anchors if logits.is_cuda else max(1, _CHUNK_ELEMENTS // max(num_classes, 1))
-        for start in range(0, num_anchors, rows):
-            x = logits[start : start + rows]
+        for start, stop in row_chunks(logits, _CHUNK_BUFFERS):
+            x, out = logits[start:stop], grad[start:stop]
             softplus = F.softplus(x)  # −log(1 − p) = −log p_t of a negative
             log_p = torch.sub(x, softplus)
             p = torch.exp(log_p)  # = 1 − p_t of a negative
-            p_gamma = p * p if square else log_p.mul_(gamma).exp_()
-            loss_columns += torch.mul(p_gamma, softplus).sum(dim=0)
+            p_gamma = torch.mul(p, p, out=log_p) if square else log_p.mul_(gamma).exp_()
+            # the gradient's slice is scratch until its value is written
+            loss_columns += torch.mul(p_gamma, softplus, out=out).sum(dim=0)
             # u^γ (u + γ (1 − u) softplus) with u = p
             factor = softplus.addcmul_(softplus, p, value=-1.0).mul_(gamma).add_(p).mul_(p_gamma)
-            out = torch.mul(factor, neg_scale, out=grad[start : start + rows])
+            torch.mul(factor, neg_scale, out=out)
+            del softplus, log_p, p, p_gamma, factor  # before the next chunk's are allocated
             if with_stats:
                 neg_columns += out.sum(dim=0)
         loss_columns *= neg_weight if not torch.is_tensor(neg_weight) else neg_weight.double()
@@ -119,15 +126,20 @@ def focal_loss_sum(logits, labels, gamma=2.0, weight=1.0, alpha=0.25, normalizer
     focusing factors ``gamma`` and weights ``weight`` (floats or (C,) tensors), divided by
     ``normalizer``; and the (C,) float64 sums of |∂L/∂z| over positives and negatives,
     times ``stats_scale`` (zeros when ``with_stats`` is False). Float32, outside autocast.
+    ``normalizer``: a number, or a 0-dim tensor (the model's, without a host read).
     """
     logits = logits.float().contiguous()
     labels = labels.long()
     num_classes = logits.shape[1]
     gamma = _as_columns(gamma, num_classes, logits)
     weight = _as_columns(weight, num_classes, logits)
+    if torch.is_tensor(normalizer):
+        scale = normalizer.detach().to(device=logits.device, dtype=logits.dtype).reciprocal()
+    else:
+        scale = 1.0 / float(normalizer)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return _FocalLossSum.apply(
-            logits, labels, gamma, weight, float(alpha), 1.0 / float(normalizer), float(stats_scale), bool(with_stats)
+            logits, labels, gamma, weight, float(alpha), scale, float(stats_scale), bool(with_stats)
         )
 
 

@@ -2,12 +2,20 @@
 Building blocks of the fused loss computations: the losses that compute their value and
 their analytic gradient in one forward pass (custom autograd functions) share them.
 
-On the CPU a full (N, K) logit matrix at LVIS scale (8192 x 1204 float32, 39 MB) does not
-stay in cache, so a computation of a few elementwise passes is bound by memory traffic,
-not arithmetic. The fused losses therefore walk the rows in chunks of about
-:data:`CHUNK_ELEMENTS` entries (2 MB of float32): every pass over a chunk after the first
-reads it from cache, and one pass writes the final gradient. On a GPU the whole matrix
-is one chunk (a few large kernels are best there).
+One chunking policy serves every fused kernel (:func:`row_ranges`), per device policy
+(:data:`.base.DEVICE_POLICY`: the CPU's on the CPU, the GPU's elsewhere, or the GPU's
+everywhere when forced):
+
+- CPU: a full (N, K) logit matrix at LVIS scale (8192 x 1204 float32, 39 MB) does not stay
+  in cache, so a computation of a few elementwise passes is bound by memory traffic, not
+  arithmetic. The rows are walked in chunks whose buffers hold about :data:`CHUNK_ELEMENTS`
+  entries together (2 MB of float32): every pass over a chunk after the first reads it
+  from cache, and one pass writes the final gradient.
+- GPU: few large kernels are best, but a kernel's chunk-sized temporaries must stay
+  bounded (a LVIS RetinaNet batch has about 100k anchors x 1203 classes, 481 MB per float32
+  copy). A chunk's buffers hold at most :data:`GPU_CHUNK_ELEMENTS` entries together
+  (256 MB of float32), and at most one copy of the matrix: with the gradient buffer handed
+  to autograd, a kernel's peak extra memory stays within two float32 copies of its logits.
 
 Pure PyTorch, no Detectron2 import.
 """
@@ -16,38 +24,67 @@ from typing import List, Tuple
 import torch
 from torch.nn import functional as F
 
-from .base import scaled_stashed_grad
+from .base import gpu_policy, scaled_stashed_grad
 
-__all__ = ["CHUNK_ELEMENTS", "affine_softmax_cross_entropy", "masked_sigmoid_bce", "row_chunks", "row_ranges", "rows_in_chunks", "softmax_"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "GPU_CHUNK_ELEMENTS",
+    "affine_softmax_cross_entropy",
+    "masked_sigmoid_bce",
+    "row_chunks",
+    "row_ranges",
+    "rows_in_chunks",
+    "softmax_",
+]
 
-#: entries of the logit matrix processed at once on the CPU (a module attribute, so that
-#: tests can make it small and cross chunk boundaries)
+#: CPU policy: entries of a chunk's buffers together (cache-sized; a module attribute, so
+#: that tests can make it small and cross chunk boundaries)
 CHUNK_ELEMENTS = 1 << 19
+#: GPU policy: the most entries of a chunk's buffers together (256 MB of float32)
+GPU_CHUNK_ELEMENTS = 1 << 26
 
 
-def row_ranges(num_rows: int, num_cols: int, device) -> List[Tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``num_rows`` rows of ``num_cols`` entries:
-    cache-sized on the CPU, all rows at once on other devices."""
-    if torch.device(device).type != "cpu":
-        step = max(num_rows, 1)
+def row_ranges(num_rows: int, num_cols: int, device, buffers: int = 1) -> List[Tuple[int, int]]:
+    """
+    ``[(start, stop), ...]`` covering ``num_rows`` rows of ``num_cols`` entries, for a kernel
+    that works on ``buffers`` chunk-sized buffers per chunk (its temporaries, and the slice of
+    the gradient it writes). CPU policy: ``CHUNK_ELEMENTS`` entries in all (cache-sized). GPU
+    policy: at most ``GPU_CHUNK_ELEMENTS`` entries in all, and at most ``ceil(num_rows /
+    buffers)`` rows, so that the buffers of a chunk never hold more than one copy of the
+    matrix.
+    """
+    per_buffer = max(num_cols, 1) * max(buffers, 1)
+    if gpu_policy(device):
+        step = min(GPU_CHUNK_ELEMENTS // per_buffer, -(-num_rows // max(buffers, 1)))
     else:
-        step = max(1, CHUNK_ELEMENTS // max(num_cols, 1))
+        step = CHUNK_ELEMENTS // per_buffer
+    step = max(1, step)
     return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
-def row_chunks(matrix: torch.Tensor) -> List[Tuple[int, int]]:
+def row_chunks(matrix: torch.Tensor, buffers: int = 1) -> List[Tuple[int, int]]:
     """:func:`row_ranges` of an (N, K) matrix."""
-    return row_ranges(matrix.shape[0], matrix.shape[1], matrix.device)
+    return row_ranges(matrix.shape[0], matrix.shape[1], matrix.device, buffers)
 
 
 def rows_in_chunks(sorted_rows: torch.Tensor, chunks: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """For ascending row indices ``sorted_rows``: per chunk ``(a, b)`` such that
-    ``sorted_rows[a:b]`` are the rows inside it (one host sync for all chunks)."""
+    ``sorted_rows[a:b]`` are the rows inside it (one host read for all chunks: the CPU
+    policy's; the GPU policy's kernels do without, see :func:`chunk_positions`)."""
     if not chunks:
         return []
     bounds = torch.tensor([start for start, _ in chunks] + [chunks[-1][1]], device=sorted_rows.device)
     first = torch.searchsorted(sorted_rows, bounds).tolist()
     return list(zip(first[:-1], first[1:]))
+
+
+def chunk_positions(flat_positions: torch.Tensor, start: int, stop: int, num_cols: int, dummy: int) -> torch.Tensor:
+    """For entries at ``flat_positions`` (row · num_cols + column) of the whole matrix: their
+    flat positions inside the chunk of rows [start, stop), and ``dummy`` for those outside it
+    (a spare slot of the chunk's buffer), without a host read."""
+    local = flat_positions - start * num_cols
+    inside = (local >= 0) & (local < (stop - start) * num_cols)
+    return torch.where(inside, local, torch.full_like(local, dummy))
 
 
 def softmax_(buffer: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

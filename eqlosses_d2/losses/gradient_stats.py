@@ -41,7 +41,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import all_reduce_sum
+from .base import all_reduce_sum, keep_unless_nonfinite
 
 __all__ = ["GradientStats", "frequency_group_means", "label_and_off_label_sums", "FREQUENCY_GROUP_NAMES"]
 
@@ -66,11 +66,12 @@ class GradientStats(nn.Module):
         self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, pos_contrib: torch.Tensor, neg_contrib: torch.Tensor):
+    def update(self, pos_contrib: torch.Tensor, neg_contrib: torch.Tensor, finite=None):
         """
         Add one iteration's (C,) contributions of this process, after summing them over
         all processes. Every process must call it every iteration (it is a collective),
-        with zeros when it had no sample.
+        with zeros when it had no sample. ``finite``: None, or a 0-dim bool tensor (the GPU
+        policy's finite check of the logits): when false this process contributes zeros.
         """
         if pos_contrib.shape != (self.num_classes,) or neg_contrib.shape != (self.num_classes,):
             raise ValueError(
@@ -81,7 +82,7 @@ class GradientStats(nn.Module):
         contrib = torch.cat([pos_contrib.detach(), neg_contrib.detach()]).to(
             device=self.pos_grad.device, dtype=torch.float64
         )
-        all_reduce_sum(contrib)
+        contrib = all_reduce_sum(keep_unless_nonfinite(finite, contrib))
         self.pos_grad += contrib[: self.num_classes]
         self.neg_grad += contrib[self.num_classes :]
 
@@ -119,7 +120,7 @@ def label_and_off_label_sums(column_sums, labels, prob_y, per_row):
 def frequency_group_means(values: torch.Tensor, class_stats, prefix: str) -> Dict[str, float]:
     """
     ``{prefix: mean, prefix_r: mean over rare classes, prefix_c: ..., prefix_f: ...}`` of a
-    (C,) tensor, as Python floats for TensorBoard (one device sync). The per-group entries
+    (C,) tensor, as Python floats for TensorBoard (one host synchronization). The per-group entries
     need ``class_stats`` with frequency groups; groups without classes are left out.
     """
     values = values.detach().double()

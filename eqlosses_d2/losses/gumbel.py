@@ -49,8 +49,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .base import ClassificationLoss, check_finite_logits, empty_loss, scaled_stashed_grad, tail_class_mask
-from .fused import row_chunks, rows_in_chunks
+from .base import (
+    ClassificationLoss,
+    check_finite_logits,
+    empty_loss,
+    gpu_policy,
+    nan_unless,
+    scaled_stashed_grad,
+    tail_class_mask,
+)
+from .fused import chunk_positions, row_chunks, rows_in_chunks
 from .registry import register_loss
 from .sigmoid import with_background_column
 
@@ -69,7 +77,8 @@ def exceeds_uniform(rows: int, cols: int, threshold, device) -> torch.Tensor:
     torch's global generator (``torch.manual_seed`` reproduces it; ``--resume``, which
     restores torch's RNG state, continues it).
 
-    On a GPU: ``torch.rand(rows, cols) > threshold``. On the CPU, where drawing a float per
+    Under the GPU policy (:data:`.base.DEVICE_POLICY`; no host read):
+    ``torch.rand(rows, cols) > threshold``. On the CPU, where drawing a float per
     entry is the most expensive part of DropLoss at LVIS scale, U is read lazily, a byte at
     a time: a NumPy PCG64 stream is seeded by one int64 from torch's generator; its first
     ``ceil(rows·cols/8)`` 64-bit words, as little-endian bytes in row-major order, are the
@@ -80,7 +89,7 @@ def exceeds_uniform(rows: int, cols: int, threshold, device) -> torch.Tensor:
     2^-72 resolution, from about 8 random bits per entry instead of 32.
     """
     device = torch.device(device)
-    if device.type != "cpu":
+    if gpu_policy(device):
         return torch.rand(rows, cols, device=device) > threshold
     threshold = float(threshold)
     seed = int(torch.randint(0, 2**63 - 1, ()))
@@ -132,8 +141,10 @@ class _GumbelBCESum(torch.autograd.Function):
     1/expm1(e): a positive term is ``ℓ = e, dℓ/dc = −e``; a negative term is
     ``ℓ = −log q = log1p(r), dℓ/dc = e·r``. Every quantity is accurate to float32 rounding,
     also where p → 1 (c near 10, tiny e), where 1 − p would lose most digits; a dropped
-    term gets r = 0, so exactly zero loss and gradient. On the CPU the rows are processed
-    in cache-sized chunks (:mod:`.fused`).
+    term gets r = 0, so exactly zero loss and gradient. The rows are processed in chunks
+    (:mod:`.fused`); under the GPU policy the positives of a chunk are found without a host
+    read (:func:`.fused.chunk_positions`), and non-finite logits make the loss NaN instead of
+    raising (:func:`.base.check_finite_logits`).
     """
 
     @staticmethod
@@ -141,12 +152,19 @@ class _GumbelBCESum(torch.autograd.Function):
         num_rows, num_cols = logits.shape
         grad = torch.empty_like(logits)
         chunks = row_chunks(logits)
-        positives = rows_in_chunks(pos_rows, chunks)
+        on_host = not gpu_policy(logits.device)
         compact = isinstance(drop, RowDrop)
         # per-chunk buffers, allocated once (bool arithmetic is slow on the CPU: the drop
         # mask goes through uint8 to float, and r ← r − r·drop)
         rows = chunks[0][1] if chunks else 0
-        e_buf, r_buf = (torch.empty((rows, num_cols), dtype=logits.dtype, device=logits.device) for _ in range(2))
+        e_buf = torch.empty((rows, num_cols), dtype=logits.dtype, device=logits.device)
+        # r's buffer has a spare last slot, where the GPU policy's positives outside a chunk go
+        r_store = torch.empty(rows * num_cols + 1, dtype=logits.dtype, device=logits.device)
+        r_buf = r_store[: rows * num_cols].view(rows, num_cols)
+        if on_host:
+            positives = rows_in_chunks(pos_rows, chunks)
+        else:
+            pos_flat = pos_rows * num_cols + pos_cols
         if drop is not None:
             drop_float = torch.empty_like(e_buf)
         if compact:
@@ -168,22 +186,25 @@ class _GumbelBCESum(torch.autograd.Function):
             if drop is not None:
                 r.addcmul_(r, drop_float[: stop - start].copy_(chunk_drop), value=-1.0)
             # the positives' negative-form terms are left out here and added below
-            first, last = positives[k]
-            r[pos_rows[first:last] - start, pos_cols[first:last]] = 0.0
+            if on_host:
+                first, last = positives[k]
+                r[pos_rows[first:last] - start, pos_cols[first:last]] = 0.0
+            else:
+                r_store.index_fill_(0, chunk_positions(pos_flat, start, stop, num_cols, r_store.numel() - 1), 0.0)
             g = torch.mul(e, r, out=grad[start:stop])
             total += torch.log1p_(r).sum()
             # the clamp: no gradient outside (LOGIT_MIN, LOGIT_MAX)
             torch.ops.aten.hardtanh_backward.grad_input(g, z, LOGIT_MIN, LOGIT_MAX, grad_input=g)
             if scale != 1.0:
                 g.mul_(scale)
-        check_finite_logits(logits, who, total=logit_sum)
+        finite = check_finite_logits(logits, who, total=logit_sum)
         z_pos = logits[pos_rows, pos_cols]
         e_pos = z_pos.clamp(LOGIT_MIN, LOGIT_MAX).neg_().exp_()
         total += e_pos.sum()
         inside = (z_pos > LOGIT_MIN) & (z_pos < LOGIT_MAX)
         grad[pos_rows, pos_cols] = torch.where(inside, e_pos.mul_(-scale), 0.0)
         ctx.grad = grad  # handed to autograd (not copied) in backward
-        return (total * scale).to(logits.dtype)
+        return nan_unless(finite, (total * scale).to(logits.dtype))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -296,7 +317,7 @@ class GumbelDropLoss(_GumbelBase):
     def scalars(self):
         if self._last is None:
             return {}
-        return {"tail_fraction": float(self._last)}
+        return {"tail_fraction": self._last.item()}
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, bias_init={self.bias_init}, tail_threshold={self.tail_threshold}"

@@ -30,20 +30,28 @@ Before activation the base loss alone. N = all sampled RoIs. Inference: the base
 
 Differences from the authors' code (megvii-research/PCB, ``*PCBLoss``):
 
-- the per-batch sums are all-reduced (the authors all-gather and sum: the same numbers);
-  the confusion matrix (float32) and the counts (float64) are buffers, saved in
-  checkpoints and restored by ``--resume``;
+- the per-batch sums are all-reduced (the authors all-gather and sum: the same numbers):
+  first the (C,) counts, then, in float32, only the rows of the classes present in some
+  process's batch (a few hundred rows of a LVIS batch, instead of the dense C × C matrix,
+  11.6 MB in float64); the confusion matrix (float32) and the counts (float64) are
+  buffers, saved in checkpoints and restored by ``--resume``;
 - the start point is a fraction of ``SOLVER.MAX_ITER`` (training progress, passed by the
   box predictor as ``progress`` = iteration / MAX_ITER), instead of an epoch counter;
 - the paper's iterative box head is :class:`LongTailIterativeROIHeads`; as in the
   authors' code each of its passes calls the loss (so the state is updated once per
   pass) with α scaled by pass/(passes − 1).
+
+Host synchronizations of a training step: ``torch.unique`` of the labels and the row
+selections (``torch.nonzero``) wait for the device by nature; the only explicit host read,
+whether every class has been seen, is taken once training has reached ``start``, and only
+until every class has been seen (the counts only grow); in several processes the rows to
+reduce (``torch.nonzero`` of the reduced counts) are one more implicit one.
 """
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss, scaled_stashed_grad
+from .base import ClassificationLoss, all_reduce_sum, empty_loss, gpu_policy, keep_unless_nonfinite, scaled_stashed_grad
 from .fused import row_chunks, row_ranges, rows_in_chunks, softmax_
 from .registry import build_loss, loss_hparams_from_cfg, register_loss
 
@@ -75,17 +83,33 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         chunks = row_chunks(logits)
-        for (start, stop), (first, last) in zip(chunks, rows_in_chunks(fg_rows, chunks)):
-            g, rows = grad[start:stop], labels[start:stop, None]
-            g.copy_(logits[start:stop])
-            logit_y = g.gather(1, rows).squeeze(1)
-            local, which = fg_rows[first:last] - start, inverse[first:last]
-            weight = torch.ones(stop - start, dtype=g.dtype, device=g.device).index_fill_(0, local, 1.0 - alpha)
-            lse = softmax_(g, scale)  # g: p / N
-            total += (weight * (lse - logit_y)).sum()
-            total += alpha * (class_t_sum.index_select(0, which) * lse.index_select(0, local)).sum()
-            g.scatter_add_(1, rows, weight.mul_(-scale)[:, None])
-            g[:, :num_classes].index_add_(0, local, class_t.index_select(0, which), alpha=-alpha * scale)
+        if gpu_policy(logits.device):
+            # no host read of the rows per chunk: the positives' terms over all rows after the loop
+            row_weight = torch.ones(num_rows, dtype=logits.dtype, device=logits.device)
+            row_weight.index_fill_(0, fg_rows, 1.0 - alpha)
+            lse = torch.empty(num_rows, dtype=logits.dtype, device=logits.device)
+            for start, stop in chunks:
+                g, rows = grad[start:stop], labels[start:stop, None]
+                g.copy_(logits[start:stop])
+                logit_y = g.gather(1, rows).squeeze(1)
+                weight = row_weight[start:stop]
+                lse[start:stop] = softmax_(g, scale)  # g: p / N
+                total += (weight * (lse[start:stop] - logit_y)).sum()
+                g.scatter_add_(1, rows, weight.mul(-scale)[:, None])
+            total += alpha * (class_t_sum.index_select(0, inverse) * lse.index_select(0, fg_rows)).sum()
+            grad[:, :num_classes].index_add_(0, fg_rows, class_t.index_select(0, inverse), alpha=-alpha * scale)
+        else:
+            for (start, stop), (first, last) in zip(chunks, rows_in_chunks(fg_rows, chunks)):
+                g, rows = grad[start:stop], labels[start:stop, None]
+                g.copy_(logits[start:stop])
+                logit_y = g.gather(1, rows).squeeze(1)
+                local, which = fg_rows[first:last] - start, inverse[first:last]
+                weight = torch.ones(stop - start, dtype=g.dtype, device=g.device).index_fill_(0, local, 1.0 - alpha)
+                lse = softmax_(g, scale)  # g: p / N
+                total += (weight * (lse - logit_y)).sum()
+                total += alpha * (class_t_sum.index_select(0, which) * lse.index_select(0, local)).sum()
+                g.scatter_add_(1, rows, weight.mul_(-scale)[:, None])
+                g[:, :num_classes].index_add_(0, local, class_t.index_select(0, which), alpha=-alpha * scale)
         total += alpha * (entropy_term - soft_dot)
         ctx.grad = grad  # handed to autograd (not copied) in backward
         return (total * scale).to(logits.dtype)
@@ -121,6 +145,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         self.register_buffer("confusion", torch.zeros(num_classes, num_classes))
         self.register_buffer("instance_count", torch.zeros(num_classes, dtype=torch.float64))
         self._last_active = None
+        self._seen_every_class = False  # cached once true: the counts only grow
 
     @classmethod
     def hparams_from_cfg(cls, eqlosses_cfg) -> dict:
@@ -159,26 +184,46 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
             else:
                 scores.sigmoid_()
             sums.index_add_(0, inverse[first:last], scores)
-        updated, batch_counts = present, counts
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # every class's row, in one collective with the counts (every process calls it)
-            full = torch.zeros_like(self.confusion).index_copy_(0, present, sums)
-            packed = all_reduce_sum(torch.cat([full.flatten().double(), counts]))
-            batch_counts = packed[num_classes * num_classes :]
+        finite = self._finite  # GPU policy: leave out a batch of non-finite logits, without a host read
+        batch_counts = keep_unless_nonfinite(finite, counts)
+        updated = present
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            # the counts, then only the rows of the classes present in some process, in float32
+            # (every process calls both collectives, the same rows in the same order)
+            all_reduce_sum(batch_counts)
             updated = torch.nonzero(batch_counts > 0, as_tuple=True)[0]
-            sums = packed[: num_classes * num_classes].view(num_classes, num_classes)[updated].to(self.confusion)
+            if updated.numel():
+                # this process's classes are among them (sorted, as torch.unique's)
+                slot = torch.searchsorted(updated, present).clamp_(max=updated.numel() - 1)
+                rows = torch.zeros(updated.numel(), num_classes, dtype=torch.float32, device=sums.device)
+                rows.index_add_(0, slot, keep_unless_nonfinite(finite, sums.float()))
+                sums = all_reduce_sum(rows).to(self.confusion)
         if updated.numel():
+            old_rows = self.confusion.index_select(0, updated)
             # μ·M[c] + (1 − μ)·mean_c, in place on the sums
             rows = sums.mul_(((1.0 - self.momentum) / batch_counts[updated]).to(sums)[:, None])
-            rows.add_(self.confusion.index_select(0, updated), alpha=self.momentum)
+            rows.add_(old_rows, alpha=self.momentum)
             if self._renormalize_rows:
                 rows.mul_(rows.sum(dim=1, keepdim=True).reciprocal_())
+            if finite is not None and not distributed:
+                rows = torch.where(finite, rows, old_rows)
             self.confusion.index_copy_(0, updated, rows)
         self.instance_count += batch_counts
         return present, inverse, class_logit_sums
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._seen_every_class = False  # new counts
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def seen_every_class(self) -> bool:
+        """Whether every class has had a positive RoI (a host read, taken until it is true)."""
+        if not self._seen_every_class:
+            self._seen_every_class = bool((self.instance_count > 0).all())
+        return self._seen_every_class
+
     def is_active(self, progress) -> bool:
-        return progress is not None and progress >= self.start and bool((self.instance_count > 0).all())
+        return progress is not None and progress >= self.start and self.seen_every_class()
 
     def class_soft_labels(self, classes: torch.Tensor) -> torch.Tensor:
         """(U, C): the soft label of each class of ``classes``, its column of the confusion
@@ -236,7 +281,7 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if self._last_active is None:
             return {}
         out = dict(self.base.scalars())
-        out.update({"active": float(self._last_active), "classes_seen": float((self.instance_count > 0).sum())})
+        out.update({"active": float(self._last_active), "classes_seen": float((self.instance_count > 0).sum().item())})
         return out
 
     def extra_repr(self):

@@ -157,7 +157,8 @@ class SoftmaxEqualizationLoss(ClassificationLoss):
                 logits, labels, foreground.float(), logit_shift, background_shift
             )
         if self.training:
-            self.gradient_stats.update(pos_grad[: self.num_classes], neg_grad[: self.num_classes])
+            num_classes = self.num_classes
+            self.gradient_stats.update(pos_grad[:num_classes], neg_grad[:num_classes], finite=self._finite)
         return {"loss_cls": loss}
 
     softmax_logits = True

@@ -15,6 +15,17 @@ The box predictor: the one place where Detectron2 and the losses meet.
 
 The per-class statistics the losses read are the RoI head's ``ClassStatsBuffers``,
 linked in by the head (not a submodule here, so a checkpoint stores them once).
+
+Logging: reading a number for the EventStorage costs a host synchronization, so the
+predictor logs on the iterations after which Detectron2's writers write (:func:`is_logging_step`:
+every :data:`LOG_PERIOD` = 20 iterations, the period of ``DefaultTrainer``'s
+``PeriodicWriter``, and the last one) and computes nothing for logging on the others:
+Detectron2's ``fast_rcnn/cls_accuracy``, ``fast_rcnn/fg_cls_accuracy`` and
+``fast_rcnn/false_negative`` (from the argmax of the loss's own probabilities, background
+last), ``fast_rcnn/fg_fraction`` and the loss's ``scalars()`` under ``<loss name>/``, all
+in one host read. They are put without Detectron2's smoothing hint: the value logged is the
+one of that iteration (a median over the writer's 20-iteration window would mix in the
+values of earlier logging steps).
 """
 import torch
 from torch import nn
@@ -30,7 +41,26 @@ from ..losses import build_loss_from_cfg
 from ..losses.base import ClassificationLoss
 from ..losses.equilibrium import instance_mean_scores
 
-__all__ = ["LongTailOutputLayers", "CosineClassifier", "matched_instance_ids"]
+__all__ = ["LOG_PERIOD", "LongTailOutputLayers", "CosineClassifier", "is_logging_step", "matched_instance_ids"]
+
+#: the iterations after which Detectron2's ``DefaultTrainer`` writes its metrics (its
+#: ``PeriodicWriter(period=20)``); a trainer with another period sets this to match
+LOG_PERIOD = 20
+
+
+def is_logging_step(max_iter: int = 0, period: int = None) -> bool:
+    """
+    Whether the metrics put in the EventStorage at this iteration reach the writers:
+    ``(iter + 1) % period == 0`` or the last iteration (``iter == max_iter − 1``, when
+    ``max_iter`` > 0), as Detectron2's ``PeriodicWriter`` decides. False outside a trainer
+    (no EventStorage).
+    """
+    try:
+        storage = get_event_storage()
+    except (AssertionError, IndexError):
+        return False
+    period = LOG_PERIOD if period is None else period
+    return (storage.iter + 1) % period == 0 or (max_iter > 0 and storage.iter >= max_iter - 1)
 
 
 def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
@@ -39,7 +69,9 @@ def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
     is matched to (RoIs of one image with the same matched box and class share it), −1
     for background RoIs. Detectron2's sampled proposals carry the matched ``gt_boxes`` and
     ``gt_classes``, not the instance index; two instances of one class with identical boxes
-    would share an id.
+    would share an id. The ids are not consecutive across images (each image's start after
+    the previous image's largest possible id), which the callers' grouping does not need;
+    no host read.
     """
     ids, offset = [], 0
     for p in proposals:
@@ -47,16 +79,16 @@ def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
             entry = p.loce_entry_ids
             _, inverse = torch.unique(entry, return_inverse=True)
             ids.append(inverse + offset)
-            offset += int(inverse.max()) + 1 if inverse.numel() else 0
+            offset += entry.numel()
             continue
         classes = p.gt_classes
         instance = torch.full_like(classes, -1)
-        positive = (classes >= 0) & (classes < num_classes)
-        if positive.any() and p.has("gt_boxes"):
+        if p.has("gt_boxes"):
+            positive = (classes >= 0) & (classes < num_classes)
             keys = torch.cat([p.gt_boxes.tensor[positive], classes[positive, None].to(p.gt_boxes.tensor)], dim=1)
             _, inverse = torch.unique(keys, dim=0, return_inverse=True)
             instance[positive] = inverse + offset
-            offset += int(inverse.max()) + 1
+        offset += classes.numel()
         ids.append(instance)
     return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
 
@@ -142,7 +174,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
                 scores, gt_classes, matched_instance_ids(proposals, self.num_classes), self.num_classes
             )
         losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
-        self._log_scalars(gt_classes)
+        if is_logging_step(self.max_iter):
+            self._log_scalars(scores, gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
@@ -154,16 +187,29 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             return None
         return storage.iter / self.max_iter if self.max_iter > 0 else None
 
-    def _log_scalars(self, gt_classes):
-        try:
-            storage = get_event_storage()
-        except (AssertionError, IndexError):  # outside a trainer (tests)
-            return
-        if gt_classes.numel():
-            fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
-            storage.put_scalar("fast_rcnn/fg_fraction", fg.sum().item() / gt_classes.numel())
+    def _log_scalars(self, scores, gt_classes):
+        """On logging steps: Detectron2's classification metrics (``_log_classification_stats``
+        of ``FastRCNNOutputLayers``, computed from the loss's own probabilities: a loss's
+        logits need not have a background column last), the foreground fraction and the
+        loss's scalars (see the module docstring)."""
+        storage = get_event_storage()
+        num_rois = gt_classes.numel()
+        if num_rois:
+            with torch.no_grad():
+                predicted = self.cls_loss.predict_probs(scores.detach()).argmax(dim=1)
+            background = self.num_classes
+            fg = (gt_classes >= 0) & (gt_classes < background)
+            correct = predicted == gt_classes
+            num_fg, num_correct, num_fg_correct, num_false_negative = torch.stack(
+                [fg.sum(), correct.sum(), (correct & fg).sum(), ((predicted == background) & fg).sum()]
+            ).tolist()  # one host read
+            storage.put_scalar("fast_rcnn/cls_accuracy", num_correct / num_rois, smoothing_hint=False)
+            if num_fg:
+                storage.put_scalar("fast_rcnn/fg_cls_accuracy", num_fg_correct / num_fg, smoothing_hint=False)
+                storage.put_scalar("fast_rcnn/false_negative", num_false_negative / num_fg, smoothing_hint=False)
+            storage.put_scalar("fast_rcnn/fg_fraction", num_fg / num_rois, smoothing_hint=False)
         for key, value in self.cls_loss.scalars().items():
-            storage.put_scalar(f"{self.cls_loss.name}/{key}", value)
+            storage.put_scalar(f"{self.cls_loss.name}/{key}", value, smoothing_hint=False)
 
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions

@@ -19,7 +19,9 @@ subclassed (registered in ``META_ARCH_REGISTRY`` as ``LongTailRetinaNet`` and
   the two-stage heads.
 - per-class statistics (:class:`ClassStatsBuffers`, ``self.class_stats``) in buffers, read
   by the loss (EFL's per-group scalars) and carried by checkpoints; the loss's
-  ``scalars()`` go to the EventStorage as ``<loss name>/<key>`` (``efl/gamma_r``, ...).
+  ``scalars()`` go to the EventStorage as ``<loss name>/<key>`` (``efl/gamma_r``, ...), with
+  ``num_pos_anchors``, on logging steps only (:func:`.box_predictor.is_logging_step`: the
+  reads cost host synchronizations); the normalizer stays on the device.
 
 FCOS has neither a registry entry nor a ``from_config`` in Detectron2 (v0.6 or main):
 ``LongTailFCOS.from_config`` builds it from ``MODEL.RETINANET`` (classes, features, head
@@ -42,6 +44,7 @@ from detectron2.utils.events import get_event_storage
 from .. import compat
 from ..losses.dense import build_dense_loss_from_cfg, positive_anchor_normalizer
 from .atss import atss_label_anchors
+from .box_predictor import is_logging_step
 from .class_stats import ClassStatsBuffers
 
 __all__ = ["LongTailFCOS", "LongTailRetinaNet"]
@@ -58,6 +61,7 @@ def _one_stage_kwargs(cfg, num_classes):
         # the upstream attributes, for whoever reads them; our losses use cls_loss's own
         "focal_loss_alpha": cls_loss.alpha,
         "focal_loss_gamma": cls_loss.gamma,
+        "max_iter": cfg.SOLVER.MAX_ITER,
     }
     if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
         ret["max_detections_per_image"] = -1  # Fixed AP: no per-image cap
@@ -71,10 +75,11 @@ class _OneStageMixin:
     #: ATSS computes IoUs on the anchors enlarged by this factor about their centers
     atss_anchor_scale = 1.0
 
-    def _setup_one_stage(self, cls_loss, assigner, atss_topk, test_topk_per_class):
+    def _setup_one_stage(self, cls_loss, assigner, atss_topk, test_topk_per_class, max_iter=0):
         if assigner not in ("default", "atss"):
             raise ValueError(f"unknown anchor assigner '{assigner}' (default, atss)")
         self.cls_loss = cls_loss
+        self.max_iter = int(max_iter)  # SOLVER.MAX_ITER: the last iteration is a logging step
         self.assigner = assigner
         self.atss_topk = int(atss_topk)
         self.test_topk_per_class = int(test_topk_per_class)
@@ -94,18 +99,15 @@ class _OneStageMixin:
         gt_labels = torch.stack(gt_labels)
         valid = gt_labels >= 0
         pos_mask = valid & (gt_labels != self.num_classes)
-        num_pos = int(pos_mask.sum())
-        normalizer = positive_anchor_normalizer(num_pos, device=gt_labels.device)
+        num_pos = pos_mask.sum()
+        normalizer = positive_anchor_normalizer(num_pos, device=gt_labels.device)  # a tensor: no host read
         logits = cat(pred_logits, dim=1)
         loss_cls = self.cls_loss(logits[valid], gt_labels[valid], normalizer=normalizer)["loss_cls"]
-        try:
+        if is_logging_step(self.max_iter):  # host reads: on logging steps only
             storage = get_event_storage()
-        except (AssertionError, IndexError):  # outside a trainer (tests)
-            storage = None
-        if storage is not None:
-            storage.put_scalar("num_pos_anchors", num_pos / max(num_images, 1))
+            storage.put_scalar("num_pos_anchors", num_pos.item() / max(num_images, 1), smoothing_hint=False)
             for key, value in self.cls_loss.scalars().items():
-                storage.put_scalar(f"{self.cls_loss.name}/{key}", value)
+                storage.put_scalar(f"{self.cls_loss.name}/{key}", value, smoothing_hint=False)
         return pos_mask, normalizer, loss_cls
 
     # ------------------------------------------------------------------ inference
@@ -146,9 +148,9 @@ class LongTailRetinaNet(_OneStageMixin, RetinaNet):
     top-k inference and per-class statistics."""
 
     @configurable
-    def __init__(self, *, cls_loss, assigner="default", atss_topk=9, test_topk_per_class=100, **kwargs):
+    def __init__(self, *, cls_loss, assigner="default", atss_topk=9, test_topk_per_class=100, max_iter=0, **kwargs):
         super().__init__(**kwargs)
-        self._setup_one_stage(cls_loss, assigner, atss_topk, test_topk_per_class)
+        self._setup_one_stage(cls_loss, assigner, atss_topk, test_topk_per_class, max_iter)
 
     @classmethod
     def from_config(cls, cfg):
@@ -189,9 +191,9 @@ class LongTailFCOS(_OneStageMixin, FCOS):
     atss_anchor_scale = 8.0
 
     @configurable
-    def __init__(self, *, cls_loss, assigner="default", atss_topk=9, test_topk_per_class=100, **kwargs):
+    def __init__(self, *, cls_loss, assigner="default", atss_topk=9, test_topk_per_class=100, max_iter=0, **kwargs):
         super().__init__(**kwargs)
-        self._setup_one_stage(cls_loss, assigner, atss_topk, test_topk_per_class)
+        self._setup_one_stage(cls_loss, assigner, atss_topk, test_topk_per_class, max_iter)
 
     @classmethod
     def from_config(cls, cfg):
