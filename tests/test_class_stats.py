@@ -114,3 +114,45 @@ def test_synthetic_metadata(tiny_dataset):
     assert stats.frequency == [c["frequency"] for c in categories]
     assert set(stats.frequency) == {"r", "c", "f"}
     assert np.all(stats.image_count >= 1)
+
+
+def test_cache_dir_setting(tmp_path, monkeypatch):
+    """$EQLOSSES_D2_CACHE names the cache directory (before $XDG_CACHE_HOME); 'off': no cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("EQLOSSES_D2_CACHE", str(tmp_path / "mine"))
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(_lvis_like()))
+    assert load_class_statistics(str(path)).image_count.tolist() == [2, 0, 2]
+    assert len(os.listdir(tmp_path / "mine" / "class_stats")) == 1
+    assert not (tmp_path / "xdg").exists()
+    monkeypatch.setenv("EQLOSSES_D2_CACHE", "off")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_lvis_like()))
+    assert load_class_statistics(str(other)).instance_count.tolist() == [3, 0, 2]
+    assert len(os.listdir(tmp_path / "mine" / "class_stats")) == 1 and not (tmp_path / "xdg").exists()
+
+
+def test_unwritable_cache_costs_one_warning(tmp_path, monkeypatch, caplog):
+    """A home where the cache cannot be created (read-only, or here a file in the way, which
+    stops root too): the statistics are computed, one warning says how to set the cache."""
+    import logging
+
+    blocker = tmp_path / "home"
+    blocker.write_text("not a directory")
+    monkeypatch.delenv("EQLOSSES_D2_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(blocker))
+    if os.name == "posix" and os.getuid() != 0:  # and a really read-only directory where that bites
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(readonly))
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(_lvis_like()))
+    with caplog.at_level(logging.WARNING, logger="eqlosses_d2.data.class_stats"):
+        first = load_class_statistics(str(path))
+        second = load_class_statistics(str(path))
+    assert first.image_count.tolist() == second.image_count.tolist() == [2, 0, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "set EQLOSSES_D2_CACHE to a writable directory" in warnings[0], warnings
+    assert "\n" not in warnings[0]

@@ -13,7 +13,11 @@ annotation file (never from hard-coded tables).
 
 Classes are indexed contiguously in the order of sorted category ids, as Detectron2's
 loaders do. Parsing LVIS v1 train takes a while, so results are cached on disk, keyed by
-the file's path, size and modification time.
+the file's path, size and modification time, in ``$EQLOSSES_D2_CACHE/class_stats`` (the
+environment variable; ``off`` disables the cache), else
+``$XDG_CACHE_HOME/eqlosses_d2/class_stats``, else ``~/.cache/eqlosses_d2/class_stats``.
+A cache that cannot be written (a read-only home, a full disk) costs one warning and a
+recomputation next time, never the statistics.
 """
 import dataclasses
 import hashlib
@@ -120,28 +124,55 @@ def compute_class_statistics(dataset) -> ClassStatistics:
     )
 
 
-def _cache_dir():
-    root = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    return os.path.join(root, "eqlosses_d2", "class_stats")
+#: environment variable naming the cache directory of eqlosses_d2 ("off": no cache)
+CACHE_ENV = "EQLOSSES_D2_CACHE"
+_UNWRITABLE_WARNED = set()
+
+
+def cache_dir():
+    """The class-statistics cache directory, or None when ``$EQLOSSES_D2_CACHE`` is ``off``."""
+    root = os.environ.get(CACHE_ENV, "")
+    if root.lower() == "off":
+        return None
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "eqlosses_d2")
+    return os.path.join(root, "class_stats")
+
+
+def _write_cache(cache_file, stats):
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        atomic_write(cache_file, lambda f: json.dump(stats.to_dict(), f), binary=False)
+    except OSError as e:
+        directory = os.path.dirname(cache_file)
+        if directory not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add(directory)
+            logger.warning(
+                f"Class-statistics cache not written ({type(e).__name__}: {e}); the statistics are recomputed "
+                f"each run: set {CACHE_ENV} to a writable directory, or to 'off'"
+            )
 
 
 def load_class_statistics(json_file: str, use_cache: bool = True) -> ClassStatistics:
     """Statistics of an annotation file, from the on-disk cache when the file is unchanged."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"annotation file not found: {json_file}")
-    st = os.stat(json_file)
-    key = f"{_CACHE_VERSION}|{os.path.abspath(json_file)}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = os.path.join(_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
-    if use_cache and os.path.isfile(cache_file):
+    directory = cache_dir() if use_cache else None
+    cache_file = None
+    if directory is not None:
+        st = os.stat(json_file)
+        key = f"{_CACHE_VERSION}|{os.path.abspath(json_file)}|{st.st_size}|{st.st_mtime_ns}"
+        cache_file = os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    if cache_file is not None and os.path.isfile(cache_file):
         try:
             with open(cache_file) as f:
                 return ClassStatistics.from_dict(json.load(f))
-        except (ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError):
             logger.warning("Ignoring unreadable class-statistics cache %s", cache_file)
     logger.info("Computing per-class statistics of %s", json_file)
     with open(json_file) as f:
         stats = compute_class_statistics(json.load(f))
-    if use_cache:
-        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        atomic_write(cache_file, lambda f: json.dump(stats.to_dict(), f), binary=False)
+    if cache_file is not None:
+        _write_cache(cache_file, stats)
     return stats
