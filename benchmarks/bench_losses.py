@@ -10,33 +10,43 @@ Speed of the classification losses and of a training iteration with each of them
    labels uniform over all classes (about a thousand distinct classes in one batch, the
    worst case for methods with per-class work such as PCB's confusion matrix).
 2. One training iteration of the quickstart Mask R-CNN with each loss against the softmax
-   baseline (same data, same seed). Target: <= 1.05x.
+   baseline (same data, same seed), in a process reusing freed memory, at the first of
+   ``--threads``. Target: <= 1.05x.
 
     python benchmarks/bench_losses.py [--rois 8192] [--classes 1203] [--repeats 7] [--labels both]
-        [--losses eql,iif] [--iters 0]
+        [--losses eql,iif] [--iters 0] [--threads 1,2] [--allocators both] [--load 0]
 
 Prints Markdown tables; times are medians over repeats, interleaved so that machine
-load affects all rows alike.
+load affects all rows alike, with the spread (slowest / fastest repeat) of each row.
 
-Memory: glibc hands every freed block above its mmap threshold back to the system, so on
-the CPU each large temporary (an 8192 x 1203 float32 matrix is 39 MB) costs page faults
-that can outweigh the arithmetic and vary several-fold from run to run. The script
-therefore re-runs itself with glibc told to keep and reuse freed memory (as GPU caching
-allocators do), so the tables compare computation; ``--system-malloc`` measures with
-glibc's defaults instead.
+Settings: the loss table is measured in one fresh process per combination of
+
+- memory allocator (``--allocators``): glibc's defaults, which hand every freed block above
+  the mmap threshold back to the system, so each large temporary (an 8192 x 1203 float32
+  matrix is 39 MB) costs page faults that can outweigh the arithmetic; and glibc told to
+  keep and reuse freed memory (:mod:`reuse_memory`, as GPU caching allocators do). Users
+  run the first; the second compares computation. Both are reported;
+- intra-op threads (``--threads``, default 1 and 2).
+
+``--load K`` runs K busy processes (one core each) beside the measurement, to reproduce a
+loaded machine. What makes 2-thread numbers unstable: with as many threads as cores, every
+parallel region of an op ends on a barrier that waits for its slowest thread, and a thread
+that the scheduler preempts for another process (for a time slice of milliseconds) stalls
+the region; a loss made of many short regions (the fused kernels walk 2 MB chunks: a few
+hundred regions of well under a millisecond) loses a time slice many times per call, a
+plain loss made of a few long ops only a few times. With 1 thread there is no barrier.
+``--load 1 --threads 2`` shows it; the README's numbers are 1-thread.
 """
 import argparse
 import copy
 import os
 import statistics
+import subprocess
 import sys
 import time
 
-from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
-from timing import interleaved_medians  # noqa: E402
-
-if __name__ == "__main__":
-    reexec_reusing_freed_memory()  # before torch allocates anything
+from reuse_memory import REUSE_MEMORY  # noqa: E402  # (this script's directory)
+from timing import interleaved_samples  # noqa: E402
 
 import torch
 from torch.nn import functional as F
@@ -151,17 +161,23 @@ def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
         baseline = "softmax CE" if loss.family == "softmax" else "sigmoid BCE"
         rows.append((name, baseline, run))
     timed = list(plain.items()) + [(r[0], r[2]) for r in rows]
-    med = {k: v * 1000 for k, v in interleaved_medians(timed, repeats).items()}
-    memory = "glibc defaults" if "--system-malloc" in sys.argv else "freed memory reused"
+    samples = interleaved_samples(timed, repeats)
+    med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    spread = {k: max(v) / min(v) for k, v in samples.items()}
+    memory = "freed memory reused" if os.environ.get("MALLOC_MMAP_THRESHOLD_") == REUSE_MEMORY[
+        "MALLOC_MMAP_THRESHOLD_"] else "glibc defaults"
     fg = labels < num_classes
     batch = {"images": "LVIS-like batch of 16 images", "uniform": "uniform labels"}[label_kind]
+    load = os.environ.get("EQLOSSES_BENCH_LOAD", "0")
     print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes, {batch} "
           f"({int(fg.sum())} foreground RoIs of {torch.unique(labels[fg]).numel()} classes; "
-          f"CPU, {torch.get_num_threads()} threads, {memory})\n")
-    print("| loss | ms | plain counterpart | ms | ratio |")
-    print("|---|---|---|---|---|")
+          f"CPU, {torch.get_num_threads()} threads, {memory}"
+          f"{f', {load} busy processes beside' if load != '0' else ''})\n")
+    print("| loss | ms | spread | plain counterpart | ms | spread | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name, baseline, _ in rows:
-        print(f"| {name} | {med[name]:.1f} | {baseline} | {med[baseline]:.1f} | {med[name] / med[baseline]:.2f}x |")
+        print(f"| {name} | {med[name]:.1f} | {spread[name]:.2f} | {baseline} | {med[baseline]:.1f} | "
+              f"{spread[baseline]:.2f} | {med[name] / med[baseline]:.2f}x |")
 
 
 def bench_iterations(iters, repeats, losses):
@@ -239,6 +255,39 @@ def print_memory_table():
         print(f"| {str(dtype).replace('torch.', '')} | {size} | {size / 2**30:.2f} |")
 
 
+def _busy():
+    while True:
+        pass
+
+
+def run_settings(args):
+    """The loss tables in one fresh process per (allocator, threads) setting."""
+    import multiprocessing
+
+    busy = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(args.load)]
+    for process in busy:
+        process.start()
+    try:
+        allocators = ("default", "reuse") if args.allocators == "both" else (args.allocators,)
+        for allocator in allocators:
+            for threads in [int(t) for t in args.threads.split(",")]:
+                env = {k: v for k, v in os.environ.items() if k not in REUSE_MEMORY}
+                if allocator == "reuse":
+                    env.update(REUSE_MEMORY)
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                           EQLOSSES_BENCH_LOAD=str(args.load))
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "losses"] + sys.argv[1:],
+                               env=env, check=True)
+        if args.iters:
+            threads = args.threads.split(",")[0]
+            env = {**os.environ, **REUSE_MEMORY, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "iterations"] + sys.argv[1:],
+                           env=env, check=True)
+    finally:
+        for process in busy:
+            process.terminate()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--rois", type=int, default=8192)
@@ -248,19 +297,30 @@ def main():
                         help="RoI labels: an LVIS-like batch of 16 images, uniform over all classes, or both")
     parser.add_argument("--losses", default="", help="comma-separated loss names (default: every registered loss)")
     parser.add_argument("--iters", type=int, default=0, help="training iterations per repeat (0: skip)")
-    parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
+    parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, one process each")
+    parser.add_argument("--allocators", choices=("both", "default", "reuse"), default="both",
+                        help="glibc's defaults, glibc reusing freed memory, or both (one process each)")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running beside the measurement")
+    parser.add_argument("--system-malloc", action="store_true", help="the same as --allocators default")
+    parser.add_argument("--child", choices=("losses", "iterations"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.system_malloc:
+        args.allocators = "default"
     losses = sorted(LOSS_REGISTRY)
     if args.losses:
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
         unknown = [name for name in losses if name not in LOSS_REGISTRY]
         if unknown:
             parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(sorted(LOSS_REGISTRY))})")
+    if args.child is None:
+        run_settings(args)
+        print_memory_table()
+        return
+    if args.child == "iterations":
+        bench_iterations(args.iters, args.repeats, losses)
+        return
     for label_kind in ("images", "uniform") if args.labels == "both" else (args.labels,):
         bench_losses(args.rois, args.classes, args.repeats, label_kind, losses)
-    if args.iters:
-        bench_iterations(args.iters, args.repeats, losses)
-    print_memory_table()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ Re-run a benchmark with glibc told to keep and reuse freed memory.
 
 glibc hands every freed block above its mmap threshold back to the system, so on the CPU
 each large temporary (an 8192 x 1203 float32 matrix is 39 MB) costs page faults that can
-outweigh the arithmetic and vary several-fold from run to run. The loss benchmarks
-therefore re-execute themselves with these settings (as GPU caching allocators keep
-memory), unless given ``--system-malloc``.
+outweigh the arithmetic and vary several-fold from run to run. ``bench_losses.py`` measures
+in one process with glibc's defaults and one with these settings (as GPU caching allocators
+keep memory) and reports both; ``bench_one_stage.py`` re-executes itself with them unless
+given ``--system-malloc``.
 """
 import os
 import sys
