@@ -522,3 +522,47 @@ def test_each_process_sends_only_its_top_k_and_the_result_is_that_of_one_cut(tmp
         assert list(results[task]) == list(expected)
         for key in expected:
             assert _same(results[task][key], expected[key], tol=0), (task, key)
+
+
+def _fixed_ap_on_rank(json_file, k, dump_dir):
+    """One of two gloo processes: evaluate this rank's half of _fixed_ap_data(seed=1)."""
+    import detectron2.utils.comm as comm
+    from detectron2.data import MetadataCatalog
+
+    gt, inputs, outputs = _fixed_ap_data(seed=1)
+    name = "eqlosses_test_fixed_ap_two_ranks"
+    MetadataCatalog.get(name).set(json_file=json_file, thing_classes=[c["name"] for c in gt["categories"]])
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    evaluator = LVISEvaluator(name, distributed=True, max_dets_per_image=-1, max_dets_per_category=k, pooled=True)
+    evaluator.reset()
+    shard = len(inputs) // world_size
+    for inp, out in list(zip(inputs, outputs))[rank * shard : (rank + 1) * shard]:
+        evaluator.process([inp], [out])
+    held = evaluator._pools.held()
+    results = evaluator.evaluate()
+    torch.save({"world_size": world_size, "held": held, "results": results}, f"{dump_dir}/rank{rank}.pt")
+
+
+def test_two_gloo_processes_give_the_fixed_ap_of_one_cut(tmp_path):
+    """The same as the simulated gather above, with Detectron2's gather between two real
+    processes (gloo on the CPU)."""
+    from eqlosses_d2.compat import launch
+
+    gt, inputs, outputs = _fixed_ap_data(seed=1)
+    json_file = tmp_path / "gt.json"
+    json_file.write_text(json.dumps(gt))
+    k = 40
+    launch(_fixed_ap_on_rank, 2, dist_url="auto", args=(str(json_file), k, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[1]["results"] is None
+    for rank in range(2):  # every class has more than K results on each rank: the pools were cut
+        classes = torch.cat([out["instances"].pred_classes for out in outputs[rank * 12 : (rank + 1) * 12]])
+        assert torch.bincount(classes, minlength=4).min() > k
+        assert k <= min(ranks[rank]["held"].values()) and max(ranks[rank]["held"].values()) < 2 * k
+    results = ranks[0]["results"]
+    flat = _as_lvis_results(inputs, outputs)
+    for task in ("bbox", "segm"):
+        expected = evaluate_lvis(gt, flat, task, max_dets_per_image=-1, max_dets_per_category=k, pooled=True)
+        for key in expected:
+            assert _same(results[task][key], expected[key], tol=0), (task, key)
