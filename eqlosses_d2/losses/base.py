@@ -20,6 +20,19 @@ DDP wrapper uses ``broadcast_buffers=False``, so nothing else would synchronize 
 Per-class statistics (image counts, frequency groups) come from the model's
 ``ClassStatsBuffers``, handed to the loss as ``class_stats`` (any object with the same
 tensor attributes works, which keeps the losses testable on their own).
+
+Host synchronizations: under the GPU policy (:data:`DEVICE_POLICY`) a loss's training
+step reads no device value on the host (no ``.item()``, ``.tolist()``, ``float()``,
+``bool()`` of a tensor; ``tests/test_host_syncs.py`` counts them). What is left are the
+waits inside ops whose output size depends on the data (``torch.nonzero``, boolean
+indexing, ``torch.unique``, ``torch.bincount``): the methods' row selections, as in
+Detectron2's own heads. Explicit reads that remain, each in its method's docstring: PCB's
+"has every class been seen" (once past its start, until true), Federated's count of the
+classes left to draw from (only when fewer classes have images than it needs), and the
+first use of the class statistics (cached until the buffers change). ``scalars()`` reads
+values: the models call it on logging steps only. Under the CPU policy a few reads of CPU
+tensors remain (the finite check, the backward's unit-gradient shortcut, the chunks'
+positives, DropLoss's lazy draw, the dense losses' label range): they wait for no device.
 """
 import math
 import os

@@ -38,6 +38,11 @@ Differences from Detectron2 main:
   never holds. With LVIS v1 (every class has images, C ≫ 50) the two never differ.
 - the class weights come from the model's class statistics (``image_count``), not from
   the ``class_image_count`` metadata of ``DATASETS.TRAIN``; the counts are the same.
+
+Host reads of a training step: none when more classes have images than the batch's labels
+and the places left need (LVIS); otherwise one, the number of classes left to draw from
+(``torch.multinomial`` without replacement needs as many positive weights as draws). The
+number of classes with images is read once per state of the statistics.
 """
 import torch
 
