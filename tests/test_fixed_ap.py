@@ -566,3 +566,18 @@ def test_two_gloo_processes_give_the_fixed_ap_of_one_cut(tmp_path):
         expected = evaluate_lvis(gt, flat, task, max_dets_per_image=-1, max_dets_per_category=k, pooled=True)
         for key in expected:
             assert _same(results[task][key], expected[key], tol=0), (task, key)
+
+
+def test_compact_instances_encodes_masks_in_chunks_as_detectron2_does():
+    """Over 64 masks (two chunks and a part): the RLE strings of Detectron2's one call per mask."""
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+
+    from eqlosses_d2.evaluation import compact_instances
+
+    _, inputs, outputs = _fixed_ap_data(num_images=1, dets_per_image=150)
+    instances = outputs[0]["instances"]
+    record = compact_instances(instances, 1)
+    expected = instances_to_coco_json(instances, 1)
+    assert len(record["rles"]) == 150
+    assert record["rles"] == [d["segmentation"]["counts"] for d in expected]
+    assert record["mask_size"] == (64, 64)
