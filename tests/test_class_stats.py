@@ -117,7 +117,8 @@ def test_synthetic_metadata(tiny_dataset):
 
 
 def test_cache_dir_setting(tmp_path, monkeypatch):
-    """$EQLOSSES_D2_CACHE names the cache directory (before $XDG_CACHE_HOME); 'off': no cache."""
+    """$EQLOSSES_D2_CACHE (eqlosses_d2's cache directory, the model zoo's too) names where
+    the statistics are cached, before $XDG_CACHE_HOME; use_cache=False writes nothing."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("EQLOSSES_D2_CACHE", str(tmp_path / "mine"))
     path = tmp_path / "train.json"
@@ -125,11 +126,13 @@ def test_cache_dir_setting(tmp_path, monkeypatch):
     assert load_class_statistics(str(path)).image_count.tolist() == [2, 0, 2]
     assert len(os.listdir(tmp_path / "mine" / "class_stats")) == 1
     assert not (tmp_path / "xdg").exists()
-    monkeypatch.setenv("EQLOSSES_D2_CACHE", "off")
     other = tmp_path / "other.json"
     other.write_text(json.dumps(_lvis_like()))
-    assert load_class_statistics(str(other)).instance_count.tolist() == [3, 0, 2]
+    assert load_class_statistics(str(other), use_cache=False).instance_count.tolist() == [3, 0, 2]
     assert len(os.listdir(tmp_path / "mine" / "class_stats")) == 1 and not (tmp_path / "xdg").exists()
+    monkeypatch.delenv("EQLOSSES_D2_CACHE")
+    assert load_class_statistics(str(other)).num_images == 5
+    assert len(os.listdir(tmp_path / "xdg" / "eqlosses_d2" / "class_stats")) == 1
 
 
 def test_unwritable_cache_costs_one_warning(tmp_path, monkeypatch, caplog):

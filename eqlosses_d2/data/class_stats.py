@@ -14,7 +14,7 @@ annotation file (never from hard-coded tables).
 Classes are indexed contiguously in the order of sorted category ids, as Detectron2's
 loaders do. Parsing LVIS v1 train takes a while, so results are cached on disk, keyed by
 the file's path, size and modification time, in ``$EQLOSSES_D2_CACHE/class_stats`` (the
-environment variable; ``off`` disables the cache), else
+environment variable that also places the model zoo's downloads), else
 ``$XDG_CACHE_HOME/eqlosses_d2/class_stats``, else ``~/.cache/eqlosses_d2/class_stats``.
 A cache that cannot be written (a read-only home, a full disk) costs one warning and a
 recomputation next time, never the statistics.
@@ -124,20 +124,18 @@ def compute_class_statistics(dataset) -> ClassStatistics:
     )
 
 
-#: environment variable naming the cache directory of eqlosses_d2 ("off": no cache)
+#: environment variable naming eqlosses_d2's cache directory (the model zoo's downloads too)
 CACHE_ENV = "EQLOSSES_D2_CACHE"
 _UNWRITABLE_WARNED = set()
 
 
-def cache_dir():
-    """The class-statistics cache directory, or None when ``$EQLOSSES_D2_CACHE`` is ``off``."""
+def cache_dir() -> str:
+    """The class-statistics cache directory (see the module docstring)."""
     root = os.environ.get(CACHE_ENV, "")
-    if root.lower() == "off":
-        return None
     if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
         root = os.path.join(xdg, "eqlosses_d2")
-    return os.path.join(root, "class_stats")
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), "class_stats")
 
 
 def _write_cache(cache_file, stats):
@@ -150,7 +148,7 @@ def _write_cache(cache_file, stats):
             _UNWRITABLE_WARNED.add(directory)
             logger.warning(
                 f"Class-statistics cache not written ({type(e).__name__}: {e}); the statistics are recomputed "
-                f"each run: set {CACHE_ENV} to a writable directory, or to 'off'"
+                f"each run: set {CACHE_ENV} to a writable directory"
             )
 
 
@@ -158,9 +156,9 @@ def load_class_statistics(json_file: str, use_cache: bool = True) -> ClassStatis
     """Statistics of an annotation file, from the on-disk cache when the file is unchanged."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"annotation file not found: {json_file}")
-    directory = cache_dir() if use_cache else None
     cache_file = None
-    if directory is not None:
+    if use_cache:
+        directory = cache_dir()
         st = os.stat(json_file)
         key = f"{_CACHE_VERSION}|{os.path.abspath(json_file)}|{st.st_size}|{st.st_mtime_ns}"
         cache_file = os.path.join(directory, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
