@@ -82,7 +82,7 @@ def positive_anchor_normalizer(num_pos_anchors, device=None):
     host read: what the models pass).
     """
     if torch.is_tensor(num_pos_anchors):
-        count = num_pos_anchors.detach().to(dtype=torch.float64, device=device).reshape(())
+        count = num_pos_anchors.detach().to(dtype=torch.float64, device=device, copy=True).reshape(())
         all_reduce_sum(count)
         return (count.clamp(min=1.0) / world_size()).float()
     count = torch.as_tensor(float(num_pos_anchors), dtype=torch.float64, device=device)
