@@ -131,3 +131,29 @@ def test_lvis_recipes_follow_the_authors_configs():
     assert atss.MODEL.ANCHOR_GENERATOR.SIZES == [[6 * s, 8 * s] for s in strides]
     assert atss.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS == [[1.0]]
     assert atss.MODEL.EQLOSSES.ONE_STAGE.ATSS_TOPK == 9  # x 2 anchors: their top_n 18
+
+
+def test_loce_fine_tune_configs_say_where_their_weights_come_from():
+    """Each LOCE fine-tune config's MODEL.WEIGHTS is the model_final.pth of the baseline run
+    its comment gives (config + options), so following the comment produces the file."""
+    import re
+    import shlex
+
+    # quickstart: the plain quickstart config's own OUTPUT_DIR
+    loce = _merged("quickstart/loce_mask_rcnn_R18_FPN_synthetic.yaml")
+    baseline = _merged("quickstart/mask_rcnn_R18_FPN_synthetic.yaml")
+    assert loce.MODEL.WEIGHTS == os.path.join(baseline.OUTPUT_DIR, "model_final.pth")
+    # LVIS: the command in the comment
+    name = "LVISv1-InstanceSegmentation/loce_mask_rcnn_R_50_FPN_2x_finetune.yaml"
+    comment = [line[1:].strip() for line in open(os.path.join(ROOT, "configs", name)) if line.startswith("#")]
+    start = next(i for i, line in enumerate(comment) if line.startswith("python train_net.py"))
+    command = " ".join(line.rstrip("\\").strip() for line in comment[start : start + 3])
+    args = shlex.split(command)[2:]
+    config = args[args.index("--config-file") + 1]
+    opts = args[args.index("--num-gpus") + 2 :]
+    cfg = _merged(os.path.relpath(os.path.join(ROOT, config), os.path.join(ROOT, "configs")))
+    merge_config_list(cfg, opts)
+    loce = _merged(name)
+    assert loce.MODEL.WEIGHTS == os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    assert cfg.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE == loce.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE == 20.0
+    assert re.search(r"no trained\s+checkpoint is published", " ".join(comment))
