@@ -348,3 +348,138 @@ def test_loce_fine_tune_trains_with_prefill_and_resumes_mean_scores(tiny_dataset
     assert seen["filled"] > 0
     assert torch.equal(seen["mean_score"], checkpoint["roi_heads.box_predictor.cls_loss.mean_score"])
     assert torch.equal(seen["rng_before"], seen["rng_after"])
+
+
+# ----------------------------------------------------------------------------- the pre-fill
+def test_first_rows_per_class_is_what_enqueue_keeps():
+    from eqlosses_d2.modeling.memory import first_rows_per_class
+
+    labels = torch.tensor([2, 0, 2, 2, 1, 0, 2, 0])
+    assert first_rows_per_class(labels, 2).tolist() == [True, True, True, False, True, True, False, False]
+    assert first_rows_per_class(labels, 10).all() and first_rows_per_class(torch.zeros(0, dtype=torch.long), 3).numel() == 0
+
+
+def _pool_by_box(boxes_per_image):
+    """A stand-in RoI pooler: each box's 'feature' is made from its coordinates."""
+    rows = torch.cat([b.tensor for b in boxes_per_image]) if boxes_per_image else torch.zeros(0, 4)
+    return (rows[:, :, None, None] * torch.tensor([1.0, -1.0])[None, None, :, None]).expand(-1, -1, 2, 3).contiguous()
+
+
+def test_only_the_kept_jitters_are_pooled_and_the_queues_are_the_same():
+    """7 boxes of class 0 (112 jitters) and 2 of class 1 in two images, queues of 80: the
+    old way pooled all 144 jitters, the new one pools the 80 + 32 the queues keep; every
+    queue ends the same (features, boxes, fill, pointer), the RNG stream too."""
+    from eqlosses_d2.modeling.memory import FeatureMemory, jitter_boxes
+
+    def image(boxes, classes):
+        instances = Instances((60, 80))
+        instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        instances.gt_classes = torch.tensor(classes)
+        return instances
+
+    gt = [image([[5, 5, 30, 30], [10, 8, 50, 40], [0, 0, 20, 20], [30, 10, 70, 50]], [0, 0, 1, 0]),
+          image([[1, 2, 40, 40], [20, 20, 60, 55], [2, 3, 12, 13], [40, 30, 79, 59], [5, 5, 50, 25]], [0, 0, 1, 0, 0])]
+    torch.manual_seed(5)
+    old = FeatureMemory(2, queue_size=80, storage_dtype=torch.float32)
+    jittered, labels, gt_boxes = [], [], []
+    for instances in gt:  # the former update_memory: every jitter pooled, enqueue keeps 80 per class
+        jitters = jitter_boxes(instances.gt_boxes.tensor, instances.image_size)
+        jittered.append(Boxes(jitters.reshape(-1, 4)))
+        gt_boxes.append(instances.gt_boxes.tensor[:, None, :].expand_as(jitters).reshape(-1, 4))
+        labels.append(instances.gt_classes[:, None].expand(-1, 16).reshape(-1))
+    old.enqueue(_pool_by_box(jittered), torch.cat(labels), torch.cat([b.tensor for b in jittered]), torch.cat(gt_boxes))
+    assert sum(len(b) for b in jittered) == 144
+    after_old = torch.rand(3)
+
+    torch.manual_seed(5)
+    new = FeatureMemory(2, queue_size=80, storage_dtype=torch.float32)
+    boxes, kept_labels, kept_boxes, kept_gt = new.jitters_to_enqueue(gt)
+    assert [len(b) for b in boxes] == [64, 48] and kept_labels.tolist().count(0) == 80
+    new.enqueue(_pool_by_box(boxes), kept_labels, kept_boxes, kept_gt)
+    assert torch.equal(torch.rand(3), after_old)  # the same random draws
+    assert new.filled.tolist() == old.filled.tolist() == [80, 32]
+    for key in ("proposal_boxes", "gt_boxes", "pointer"):
+        assert torch.equal(getattr(new, key), getattr(old, key)), key
+    for label, filled in enumerate(old.filled.tolist()):  # unwritten feature slots are uninitialized
+        assert torch.equal(new.features[label, :filled], old.features[label, :filled])
+
+
+def test_loce_head_pools_only_the_kept_jitters(tiny_dataset, tmp_path):
+    import train_net
+
+    cfg = _loce_cfg(tiny_dataset, str(tmp_path))
+    model = train_net.Trainer.build_model(cfg)
+    heads = model.roi_heads
+    instances = Instances((64, 80))
+    instances.gt_boxes = Boxes(torch.tensor([[2.0 + i, 3.0, 40.0 + i, 50.0] for i in range(7)]))
+    instances.gt_classes = torch.zeros(7, dtype=torch.long)
+    features = [torch.randn(1, 64, 64 // s, 80 // s) for s in (4, 8, 16, 32)][: len(heads.box_in_features)]
+    pooled_rows = []
+    pooler = heads.box_pooler
+    original = pooler.forward
+    pooler.forward = lambda x, boxes: pooled_rows.append(sum(len(b) for b in boxes)) or original(x, boxes)
+    heads.update_memory(features, [instances])
+    assert pooled_rows == [80] and int(heads.memory.filled[0]) == 80  # not 112
+
+
+def test_prefill_runs_norm_layers_in_eval_mode_and_restores_modes(tiny_dataset, tmp_path, monkeypatch):
+    """As the authors (model.eval() around their training forward): BatchNorm layers run on
+    their running statistics and leave them unchanged, the detector still fills the
+    queues, and every module's mode is what it was before."""
+    import train_net
+    from detectron2.data import DatasetCatalog
+    from detectron2.utils.events import EventStorage
+
+    from eqlosses_d2.prefill import prefill_feature_memory
+
+    cfg = _loce_cfg(tiny_dataset, str(tmp_path), ["MODEL.EQLOSSES.MFS.PREFILL_IMAGES_PER_CLASS", "1"])
+    model = train_net.Trainer.build_model(cfg)
+    model.train()
+    model.backbone.bottom_up.stem.eval()  # a module someone put in eval mode stays there
+    modes = {name: module.training for name, module in model.named_modules()}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the quickstart model has BatchNorm layers"
+    running = [m.running_mean.clone() for m in norms]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: seen.append(module.training)) for m in norms]
+    dataset = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    calls = []
+    monkeypatch.setattr(DatasetCatalog, "get", lambda name: calls.append(name) or dataset)
+    with EventStorage(0):
+        used = prefill_feature_memory(cfg, model, dataset=dataset)
+    for hook in hooks:
+        hook.remove()
+    assert used > 0 and int((model.roi_heads.memory.filled > 0).sum()) > 0
+    assert seen and not any(seen)  # every BatchNorm ran in eval mode
+    assert all(torch.equal(m.running_mean, r) for m, r in zip(norms, running))
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert calls == []  # the records given were used: no second load
+
+
+def test_prefill_hook_reads_the_train_loaders_records(tiny_dataset, tmp_path, monkeypatch):
+    """The hook takes the training records from the trainer's loader (already loaded by
+    each process), not from a second DatasetCatalog load, and pre-fills with the same
+    images."""
+    import train_net
+    from detectron2.data import DatasetCatalog
+    from detectron2.utils.events import EventStorage
+
+    from eqlosses_d2 import prefill
+
+    cfg = _loce_cfg(tiny_dataset, str(tmp_path), ["MODEL.EQLOSSES.MFS.PREFILL_IMAGES_PER_CLASS", "2"])
+    trainer = train_net.Trainer(cfg)
+    records = prefill.loader_dataset(trainer.data_loader)
+    assert records is not None and len(records) > 0
+    catalog = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    num_classes = trainer.model.roi_heads.num_classes
+    ids = lambda ds, idx: [ds[i]["image_id"] for i in idx]  # noqa: E731
+    assert ids(records, prefill.prefill_image_indices([records[i] for i in range(len(records))], num_classes, 2)) == \
+        ids(catalog, prefill.prefill_image_indices(catalog, num_classes, 2))
+    calls = []
+    original_get = DatasetCatalog.get
+    monkeypatch.setattr(DatasetCatalog, "get", lambda name: calls.append(name) or original_get(name))
+    hook = prefill.MemoryPrefillHook(cfg)
+    hook.trainer = trainer
+    with EventStorage(0):
+        hook.before_train()
+    assert calls == [] and int((trainer.model.roi_heads.memory.filled > 0).sum()) > 0

@@ -3,7 +3,8 @@ LOCE's memory-augmented feature sampling, MFS (Feng et al., ICCV 2021).
 
 Every training iteration, each ground-truth box is jittered into 16 boxes; their RoI
 features (detached), with the box and its ground truth, go into per-class FIFO queues
-(80 per class). Then 8 classes are drawn (with replacement) with probability ∝
+(80 per class). Only the jitters a queue keeps (each class's first 80 of the batch) are
+pooled (:meth:`FeatureMemory.jitters_to_enqueue`); the queues are the same as if all were. Then 8 classes are drawn (with replacement) with probability ∝
 1 / mean score (LOCE's equilibrium loss keeps the mean scores), and 4 features from each
 drawn class's queue (uniformly, with replacement, among the filled slots); they are
 appended to the box head's batch with their labels and regression targets.
@@ -31,7 +32,7 @@ import torch
 
 from detectron2.structures import Boxes
 
-__all__ = ["FeatureMemory", "JITTER_SIGNS", "jitter_boxes"]
+__all__ = ["FeatureMemory", "JITTER_SIGNS", "first_rows_per_class", "jitter_boxes"]
 
 
 def _jitter_signs() -> torch.Tensor:
@@ -62,6 +63,19 @@ def jitter_boxes(boxes: torch.Tensor, image_size, uniform: torch.Tensor = None) 
     return torch.minimum(jittered.clamp(min=0), limits)
 
 
+def first_rows_per_class(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """(N,) bool mask of each label's first ``limit`` rows, in row order (what
+    :meth:`FeatureMemory.enqueue` keeps of a batch). No host read."""
+    count = labels.numel()
+    order = torch.sort(labels, stable=True).indices
+    ordered = labels[order]
+    # position of each row among its label's rows: its index minus its label's first index
+    rank = torch.arange(count, device=labels.device) - torch.searchsorted(ordered, ordered)
+    keep = torch.zeros(count, dtype=torch.bool, device=labels.device)
+    keep[order] = rank < limit
+    return keep
+
+
 class FeatureMemory:
     """Per-class FIFO queues of RoI features with their boxes (not an nn.Module: not saved)."""
 
@@ -82,6 +96,30 @@ class FeatureMemory:
         for size in feature_shape:
             count *= size
         return count * torch.empty((), dtype=self.storage_dtype).element_size()
+
+    @torch.no_grad()
+    def jitters_to_enqueue(self, gt_instances):
+        """
+        The 16 jitters of every ground-truth box (one uniform draw per image, as
+        :func:`jitter_boxes`), cut to the rows :meth:`enqueue` keeps (each class's first
+        ``queue_size`` of the batch), so that only those are pooled: on LVIS an image with
+        many boxes of one class would otherwise pool 16 features per box to keep 80.
+        Returns (per image: Boxes of its kept jitters, then over all images: labels,
+        jittered boxes, ground-truth boxes of the kept rows, in row order).
+        """
+        jittered, gt_boxes, labels, images = [], [], [], []
+        for index, instances in enumerate(gt_instances):
+            boxes = instances.gt_boxes.tensor
+            jitters = jitter_boxes(boxes, instances.image_size)  # (G, 16, 4)
+            jittered.append(jitters.reshape(-1, 4))
+            gt_boxes.append(boxes[:, None, :].expand_as(jitters).reshape(-1, 4))
+            labels.append(instances.gt_classes[:, None].expand(-1, jitters.shape[1]).reshape(-1))
+            images.append(torch.full_like(labels[-1], index))
+        jittered, gt_boxes, labels, images = (torch.cat(x) for x in (jittered, gt_boxes, labels, images))
+        keep = first_rows_per_class(labels, self.queue_size)
+        jittered, gt_boxes, labels, images = jittered[keep], gt_boxes[keep], labels[keep], images[keep]
+        per_image = [Boxes(jittered[images == index]) for index in range(len(gt_instances))]
+        return per_image, labels, jittered, gt_boxes
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor, proposal_boxes: torch.Tensor, gt_boxes: torch.Tensor):

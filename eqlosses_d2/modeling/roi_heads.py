@@ -30,7 +30,7 @@ from detectron2.structures import Boxes, Instances
 from .box_predictor import LongTailOutputLayers
 from .class_stats import ClassStatsBuffers
 from .mask_predictor import normalize_mask_predictor
-from .memory import FeatureMemory, jitter_boxes
+from .memory import FeatureMemory
 
 __all__ = ["LongTailStandardROIHeads", "LongTailCascadeROIHeads", "LongTailIterativeROIHeads", "LongTailLOCEROIHeads"]
 
@@ -321,18 +321,13 @@ class LongTailLOCEROIHeads(LongTailStandardROIHeads):
 
     @torch.no_grad()
     def update_memory(self, features, gt_instances):
-        """Enqueue the (detached) RoI features of 16 jitters of every ground-truth box."""
-        jittered, gt_boxes, labels = [], [], []
-        for instances in gt_instances:
-            boxes = instances.gt_boxes.tensor
-            jitters = jitter_boxes(boxes, instances.image_size)  # (G, 16, 4)
-            jittered.append(Boxes(jitters.reshape(-1, 4)))
-            gt_boxes.append(boxes[:, None, :].expand_as(jitters).reshape(-1, 4))
-            labels.append(instances.gt_classes[:, None].expand(-1, jitters.shape[1]).reshape(-1))
-        if sum(len(b) for b in jittered) == 0:
+        """Enqueue the (detached) RoI features of 16 jitters of every ground-truth box (only
+        the jitters the queues keep are pooled)."""
+        jittered, labels, jittered_boxes, gt_boxes = self.memory.jitters_to_enqueue(gt_instances)
+        if labels.numel() == 0:
             return
         pooled = self.box_pooler(features, jittered)
-        self.memory.enqueue(pooled, torch.cat(labels), torch.cat([b.tensor for b in jittered]), torch.cat(gt_boxes))
+        self.memory.enqueue(pooled, labels, jittered_boxes, gt_boxes)
 
     def _forward_box(self, features, proposals):
         if not self.training:
