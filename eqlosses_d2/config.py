@@ -166,7 +166,8 @@ def add_eqlosses_config(cfg):
     # Anchor assignment: "default" (the detector's own: RetinaNet's IoU matcher, FCOS's center
     # sampling and scale ranges) or "atss" (adaptive training sample selection, Zhang et al. 2020).
     _C.MODEL.EQLOSSES.ONE_STAGE.ASSIGNER = "default"
-    # ATSS: candidate anchors per pyramid level and ground-truth box (closest centers).
+    # ATSS: per pyramid level and ground-truth box, the anchors of the k locations whose
+    # centers are closest to the box's are candidates (k x anchors per location, as the ATSS code).
     _C.MODEL.EQLOSSES.ONE_STAGE.ATSS_TOPK = 9
     # Inference: per level, each class's top k anchors above the score threshold are kept (0:
     # Detectron2's top MODEL.RETINANET.TOPK_CANDIDATES_TEST over all classes), then per-class NMS
