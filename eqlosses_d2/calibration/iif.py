@@ -1,10 +1,11 @@
 """
-IIF weights at inference (Alexandridis et al., IEEE TIP 2023) on any softmax head:
+IIF weights at inference (Alexandridis et al., IEEE TIP 2023) on a softmax head:
 ``p = softmax(w ⊙ z)`` with the IIF weights w_c of the foreground classes and w_bg = 1,
-whatever loss the head was trained with. The weights (every variant, image or instance
-counts) are :func:`eqlosses_d2.losses.iif.iif_weights`, computed from the class
-statistics stored in the model. z are the logits the head's own softmax reads (for a
-head trained with the IIF loss: its already weighted logits).
+whatever softmax loss the head was trained with. The weights (every variant, image or
+instance counts) are :func:`eqlosses_d2.losses.iif.iif_weights`, computed from the class
+statistics stored in the model. z are the logits the head's own softmax reads. A head
+trained with the IIF loss already reads weighted logits: calibrating it with IIF would
+apply the weights twice, and :meth:`ScoreCalibration.check_head` refuses it.
 """
 import torch
 
