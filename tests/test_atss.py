@@ -5,7 +5,6 @@ brute-force reference of the assignment."""
 import numpy as np
 import torch
 
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import Boxes
 

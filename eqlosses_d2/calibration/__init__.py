@@ -13,7 +13,6 @@ the cascade head once, to the average of its stages' probabilities: the scores t
 cascade actually ranks. Those that need logits (NorCal ``logits`` or ``exps`` without
 renormalization, IIF, τ-norm) act inside each stage, before the average.
 """
-import torch
 
 from .iif import IIF_VARIANTS, iif_class_weights, iif_softmax
 from .norcal import (
@@ -105,7 +104,7 @@ class ScoreCalibration:
                 "weights twice (its softmax already reads weighted logits): use METHOD none"
             )
         if self.method == "tau_norm" and cosine:
-            raise ValueError(f"METHOD tau_norm does nothing with a cosine classifier (MODEL.EQLOSSES.COSINE_SCALE > 0)")
+            raise ValueError("METHOD tau_norm does nothing with a cosine classifier (MODEL.EQLOSSES.COSINE_SCALE > 0)")
         if self.method == "norcal" and self._needs_logits(loss) and not softmax_logits:
             what = "VARIANT logits" if self.variant == "logits" else f"RENORM False (VARIANT {self.variant})"
             raise ValueError(f"{what} of NorCal needs a softmax head ({softmax_heads()}), not '{loss.name}'")
