@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..losses.fused import row_chunks
+from ..losses.fused import affine_into, row_chunks
 
 __all__ = ["affine_softmax", "column_scale"]
 
@@ -34,15 +34,7 @@ def affine_softmax(logits: torch.Tensor, scale: Optional[torch.Tensor] = None,
         return out
     scratch = logits.new_empty(chunks[0][1] - chunks[0][0], logits.shape[1])
     for start, stop in chunks:
-        z, buffer = logits[start:stop], scratch[: stop - start]
-        if scale is not None and shift is not None:
-            torch.addcmul(shift, z, scale, out=buffer)
-        elif scale is not None:
-            torch.mul(z, scale, out=buffer)
-        elif shift is not None:
-            torch.add(z, shift, out=buffer)
-        else:
-            buffer.copy_(z)
+        buffer = affine_into(logits[start:stop], scale, shift, scratch[: stop - start])
         _softmax_into(buffer, out[start:stop])
     return out
 

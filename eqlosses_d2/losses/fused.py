@@ -19,7 +19,7 @@ everywhere when forced):
 
 Pure PyTorch, no Detectron2 import.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -29,6 +29,7 @@ from .base import gpu_policy, scaled_stashed_grad
 __all__ = [
     "CHUNK_ELEMENTS",
     "GPU_CHUNK_ELEMENTS",
+    "affine_into",
     "affine_softmax_cross_entropy",
     "masked_sigmoid_bce",
     "row_chunks",
@@ -98,6 +99,19 @@ def softmax_(buffer: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return normalizer.log_().add_(top).squeeze(1)
 
 
+def affine_into(z: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], out: torch.Tensor):
+    """``out = z ⊙ scale + shift`` for per-column ``scale`` / ``shift`` (None: 1 / 0)."""
+    if scale is not None and shift is not None:
+        torch.addcmul(shift, z, scale, out=out)
+    elif scale is not None:
+        torch.mul(z, scale, out=out)
+    elif shift is not None:
+        torch.add(z, shift, out=out)
+    else:
+        out.copy_(z)
+    return out
+
+
 class _AffineSoftmaxCE(torch.autograd.Function):
     """
     ``Σ_i CE(w ⊙ z_i + b, y_i) / N`` for per-column factors ``w`` and shifts ``b`` (K,)
@@ -112,15 +126,7 @@ class _AffineSoftmaxCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start, stop in row_chunks(logits):
             g, rows = grad[start:stop], labels[start:stop, None]
-            z = logits[start:stop]
-            if scale is not None and shift is not None:
-                torch.addcmul(shift, z, scale, out=g)
-            elif scale is not None:
-                torch.mul(z, scale, out=g)
-            elif shift is not None:
-                torch.add(z, shift, out=g)
-            else:
-                g.copy_(z)
+            affine_into(logits[start:stop], scale, shift, g)
             adjusted_y = g.gather(1, rows).squeeze(1)
             total += (softmax_(g, 1.0 / num_rows) - adjusted_y).sum()
             g.scatter_add_(1, rows, g.new_full(rows.shape, -1.0 / num_rows))
