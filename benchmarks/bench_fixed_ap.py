@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from proc_memory import rss_mb  # (this script's directory)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,14 +81,6 @@ def _stub_box_inference(num_dets, num_classes, seed):
         return out
 
     return forward_box
-
-
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def pools_child(args):
@@ -136,7 +130,7 @@ def pools_child(args):
     evaluator.process([{"image_id": 1}], [output()])  # warm-up
     evaluator.reset()
     outputs = [output() for _ in range(4)]  # reused: generating masks is not what is measured
-    base = _rss_mb()
+    base = rss_mb()
     start = time.perf_counter()
     for i in range(args.images):
         evaluator.process([{"image_id": 1}], [outputs[i % len(outputs)]])
@@ -214,7 +208,7 @@ def child(args):
         heads._forward_box, stub = warm, heads._forward_box
         model([images[0]])
         heads._forward_box = stub
-    base = _rss_mb()
+    base = rss_mb()
     start = time.perf_counter()
     with torch.no_grad():
         for image in images:

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from proc_memory import rss_mb  # (this script's directory)
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -116,14 +118,6 @@ def run_lvis_api(gt, results, iou_type, max_dets, per_category):
     return {k: (float("nan") if v == -1 else float(v * 100)) for k, v in ev.get_results().items()}, elapsed
 
 
-def _rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _memory_child(which, task, images, classes, dets, fixed_ap, queue):
     import resource
 
@@ -134,7 +128,7 @@ def _memory_child(which, task, images, classes, dets, fixed_ap, queue):
     if task == "segm":
         results = [dict(r, segmentation=rle(r["bbox"])) for r in results]
     max_dets, per_category = (-1, 10000) if fixed_ap else (300, None)
-    base = _rss_mb()
+    base = rss_mb()
     if which == "ours":
         evaluate_lvis(LVISGroundTruth(gt), results, task, max_dets, per_category)
     else:

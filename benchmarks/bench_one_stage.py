@@ -29,6 +29,7 @@ import subprocess
 import sys
 
 from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
+from proc_memory import status_kb  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 if __name__ == "__main__":
@@ -58,14 +59,6 @@ PEAK_ROWS = {
 }
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure_peak(args):
     """(Child process) one forward+backward of a row; prints the peak extra resident bytes."""
     generator = torch.Generator().manual_seed(0)
@@ -85,12 +78,12 @@ def measure_peak(args):
     del logits
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the resident high-water mark to the current resident size
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     if row == "fvcore":
         (sigmoid_focal_loss(leaf, target, alpha=0.25, gamma=2.0, reduction="sum") / normalizer).backward()
     else:
         module(leaf, labels, normalizer=normalizer)["loss_cls"].backward()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     assert leaf.grad is not None
     print((peak - before) * 1024)
 
