@@ -53,6 +53,8 @@ setup(
         # installs lvis itself with --no-deps.
         "opencv-python-headless",
         "hotcoco>=1.3.0",
+        # the LVIS json files of `python -m eqlosses_d2.evaluation` (the stdlib json without it)
+        "msgspec>=0.18",
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -13,6 +13,7 @@ GPU, ``--num-gpus N`` runs N CPU processes joined by gloo.
 import logging
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -21,16 +22,28 @@ import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, model_zoo, prepare_dataset
-from eqlosses_d2.checkpoint import AtomicCheckpointer
+from eqlosses_d2.classification import ClassificationEvaluator, format_accuracy_table, is_classification
+from eqlosses_d2.classification.data import (
+    build_classification_test_loader,
+    build_classification_train_loader,
+    prepare_classification_dataset,
+)
+from eqlosses_d2.checkpoint import (
+    AtomicCheckpointer,
+    CheckpointError,
+    check_checkpoint_file,
+    check_predictors_loaded,
+    tagged_checkpoint,
+)
 from eqlosses_d2.compat import TrainerStateMixin, has_detectron2_extension, launch
 from eqlosses_d2.config import (
     ConfigError,
     class_stats_dataset,
     merge_config_file,
     merge_config_list,
-    validate_eval_protocol,
     validate_num_classes,
 )
 from eqlosses_d2.data import DatasetError
@@ -38,7 +51,7 @@ from eqlosses_d2.evaluation import LVISEvaluator
 from eqlosses_d2.evaluation.table import format_ap_table
 from eqlosses_d2.modeling.trainable import restrict_trainable
 from eqlosses_d2.prefill import MemoryPrefillHook
-from eqlosses_d2.resume import RandomStates, build_resumable_train_loader, seek_train_loader
+from eqlosses_d2.resume import RankStates, ResumeError, build_resumable_train_loader, seek_train_loader
 
 logger = logging.getLogger("eqlosses_d2")
 
@@ -109,32 +122,91 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
                 pooled=cfg.TEST.EQLOSSES.POOLED_AP,
                 boundary=cfg.TEST.EQLOSSES.PROTOCOL == "boundary",
             )
+        if evaluator_type == "classification":
+            return ClassificationEvaluator(dataset_name, output_dir=output_folder)
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())
         raise DatasetError(f"dataset '{dataset_name}': no evaluator for evaluator_type={evaluator_type!r}")
 
     @classmethod
     def build_train_loader(cls, cfg):
+        if is_classification(cfg):
+            return build_classification_train_loader(cfg)
         return build_resumable_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if is_classification(cfg):
+            return build_classification_test_loader(cfg, dataset_name)
+        return super().build_test_loader(cfg, dataset_name)
 
     def build_hooks(self):
         # DefaultTrainer created a plain DetectionCheckpointer just before calling us; use
-        # one that writes checkpoints atomically, with the same checkpointables plus the
-        # RNG states (for an exact --resume).
+        # one that writes checkpoints atomically, with the same checkpointables plus each
+        # rank's own states (RNGs, sample position, BatchNorm statistics, LOCE's queues)
+        # for an exact --resume.
+        rank_states = RankStates(self.checkpointer.model, self._per_rank_batch(), seed=self.cfg.SEED)
         self.checkpointer = AtomicCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, rng=RandomStates(), **self.checkpointer.checkpointables
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, rank_states=rank_states, **self.checkpointer.checkpointables
         )
+        if comm.is_main_process():
+            # start-up, before any rank can save: writes killed before their rename left these
+            self.checkpointer.remove_stale_temporaries()
         hooks = super().build_hooks()
+        if not comm.is_main_process():
+            # Detectron2 checkpoints from rank 0 only; each save is now collective (every
+            # rank writes its own state), so every rank runs the checkpoint hook, at the
+            # place rank 0 has it: before evaluation.
+            evals = [i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.EvalHook)]
+            hooks.insert(
+                evals[0] if evals else len(hooks),
+                d2_hooks.PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD),
+            )
         if hasattr(getattr(getattr(self.model, "module", self.model), "roi_heads", None), "memory"):
             hooks.insert(0, MemoryPrefillHook(self.cfg))  # LOCE: fill the feature queues first
         return hooks
 
+    def _complete_final_checkpoint(self):
+        """
+        A resumed run with nothing left to train. Detectron2 writes ``model_final.pth`` only
+        from a step, right after the last periodic checkpoint (the same state): a run killed
+        between the two would never get one. Write it now, from the checkpoint just loaded,
+        as the interrupted run would have (collective: each rank's state, restored exactly
+        and not advanced since, goes into ``model_final.pth`` or beside it as
+        ``model_final.pth.rank<r>``, so the final checkpoint resumes like any other).
+        """
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        loaded = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+        missing = not os.path.isfile(final)
+        if comm.get_world_size() > 1:
+            missing = comm.all_gather(missing)[0]  # rank 0 decides, every rank saves
+        if missing and loaded:
+            self.checkpointer.save("model_final", iteration=self.start_iter - 1)
+            logger.info(
+                "Training is complete (iteration %d of SOLVER.MAX_ITER %d): wrote %s from %s",
+                self.start_iter, self.max_iter, final, os.path.basename(loaded),
+            )
+        else:
+            logger.info(
+                "Training is complete (iteration %d of SOLVER.MAX_ITER %d): the final weights are %s",
+                self.start_iter, self.max_iter, final if not missing else loaded,
+            )
+
+    def _per_rank_batch(self):
+        return self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
+        if resume and self.start_iter >= self.max_iter:
+            self._complete_final_checkpoint()
+            return
         if self.start_iter > 0:
-            # continue the sample stream where the interrupted run stopped
-            per_rank_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-            if not seek_train_loader(self._trainer, self.start_iter, per_rank_batch):
+            # continue this rank's sample stream where the interrupted run stopped (after a
+            # world-size change, at the same global position)
+            position = self.checkpointer.rank_states.sample_position
+            if position is None:
+                position = self.start_iter * self._per_rank_batch()
+            if not seek_train_loader(self._trainer, position):
                 logger.warning("The train loader is not resumable: the sample stream restarts")
 
     @classmethod
@@ -150,7 +222,8 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process() and cfg.TEST.EQLOSSES.PRINT_TABLE and results:
             name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) == 1 else None
-            print("\n" + format_ap_table(results, name), flush=True)
+            table = format_accuracy_table if is_classification(cfg) else format_ap_table
+            print("\n" + table(results, name), flush=True)
         return results
 
 
@@ -163,19 +236,47 @@ def setup_cfg(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no CUDA device is available: using cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
-    validate_eval_protocol(cfg)
-    eqlosses_d2.config.validate_one_stage(cfg)  # MODEL.EQLOSSES.ONE_STAGE (one-stage detectors)
-    eqlosses_d2.config.validate_copy_paste(cfg)  # INPUT.EQLOSSES.* (copy-paste mapper)
+    # every registered config check: registry names, the methods' values, evaluation, one-stage, copy-paste
+    eqlosses_d2.config.validate_config(cfg)
     cfg.freeze()
     return cfg
 
 
 def prepare_datasets(cfg, eval_only=False):
-    """Generate/check every dataset the run uses and validate NUM_CLASSES against them."""
-    names = ([] if eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
+    """Generate/check every dataset the run uses (their annotation files included) and
+    validate NUM_CLASSES against them; refuse a split with nothing to train or evaluate on."""
+    train = [] if eval_only else list(cfg.DATASETS.TRAIN)
+    names = train + list(cfg.DATASETS.TEST)
+    if is_classification(cfg):
+        return prepare_classification_datasets(cfg, names)
     for name in names:
-        prepare_dataset(name)
+        meta = prepare_dataset(name)
+        stats = meta.get("class_statistics")
+        if stats is None:
+            continue
+        if stats.num_images == 0:
+            raise DatasetError(f"dataset '{name}': {meta.json_file} has no images: nothing to train on or evaluate")
+        if name in train and stats.num_images_with_annotations == 0 and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            raise DatasetError(
+                f"dataset '{name}': {meta.json_file} has no image with an annotation to train on "
+                f"(DATALOADER.FILTER_EMPTY_ANNOTATIONS drops the others)"
+            )
     validate_num_classes(cfg, names)
+
+
+def prepare_classification_datasets(cfg, names):
+    """The image classifier's datasets: generated / converted, checked, their class count equal
+    to MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES."""
+    num_classes = cfg.MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES
+    for name in names:
+        stats = prepare_classification_dataset(name).class_statistics
+        if stats.num_images == 0:
+            raise DatasetError(f"dataset '{name}': no images: nothing to train on or evaluate")
+        if stats.num_classes != num_classes:
+            raise ConfigError(
+                f"MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES={num_classes} does not match dataset '{name}', "
+                f"which has {stats.num_classes} classes"
+            )
 
 
 def setup(args):
@@ -191,7 +292,12 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg, with_class_stats=False)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # weights that leave a predictor random would score a partly random model
+        resumed = args.resume and checkpointer.has_checkpoint()
+        loaded = checkpointer.get_checkpoint_file() if resumed else cfg.MODEL.WEIGHTS
+        check_predictors_loaded(model, checkpointer.incompatible, loaded)
         if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
             Trainer.fill_missing_class_stats(cfg, model)
         results = Trainer.test(cfg, model)
@@ -206,36 +312,88 @@ def main(args):
 
 
 def check_args(args):
-    """Fail in the launching process, in one line, before any worker starts."""
+    """Fail in the launching process, in one line, before any worker starts and before
+    anything is written to OUTPUT_DIR."""
     cfg = setup_cfg(args)
     weights = cfg.MODEL.WEIGHTS
-    if args.eval_only:
-        if not weights:
+    # --resume loads what OUTPUT_DIR/last_checkpoint names (MODEL.WEIGHTS then goes unused)
+    resumed = tagged_checkpoint(cfg.OUTPUT_DIR) if args.resume else None
+    if resumed is None:
+        if args.eval_only and not weights:
             raise ConfigError("--eval-only needs MODEL.WEIGHTS")
-        if "://" not in weights and not os.path.isfile(weights):
+        if weights and "://" not in weights and not os.path.isfile(weights):
             hint = f"; the model zoo's is {model_zoo.PREFIX}{weights}" if model_zoo.is_model_zoo_name(weights) else ""
             raise ConfigError(f"MODEL.WEIGHTS: checkpoint not found: {weights}{hint}")
-    if weights.startswith(model_zoo.PREFIX) and (args.eval_only or not args.resume):
-        model_zoo.get_checkpoint_path(weights)  # download and verify once, before any worker starts
+        if weights:
+            check_checkpoint_file(weights, "MODEL.WEIGHTS")  # truncated, or not a checkpoint
+        if weights.startswith(model_zoo.PREFIX):
+            model_zoo.get_checkpoint_path(weights)  # download and verify once, before any worker starts
     # generate the synthetic data once here, not in every worker at the same time
     prepare_datasets(cfg, eval_only=args.eval_only)
+
+
+#: errors of the input (config, data, checkpoints, --resume) that the command line reports in one line
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ResumeError)
+
+
+def _error_line(e):
+    return f"train_net.py: error: {e}"
+
+
+def _error_marker(launcher_pid):
+    return os.path.join(tempfile.gettempdir(), f"train_net-{launcher_pid}.error")
+
+
+def worker(args):
+    """``main`` in a launched process. One of several stops on an input error with exit
+    status 2, the first on its machine after printing the error's one line (the ranks meet
+    the same errors; the launcher then reports exit status 2, no traceback); a single
+    process raises it to :func:`cli`."""
+    try:
+        return main(args)
+    except USER_ERRORS as e:
+        if comm.get_world_size() <= 1:
+            raise
+        try:  # the first failing rank of this launch prints
+            os.close(os.open(_error_marker(os.getppid()), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        except OSError:  # no writable temporary directory: every rank prints
+            print(_error_line(e), file=sys.stderr, flush=True)
+        else:
+            print(_error_line(e), file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
     try:
         check_args(args)
-    except (ConfigError, DatasetError, FileNotFoundError, model_zoo.ModelZooError) as e:
-        print(f"train_net.py: error: {e}", file=sys.stderr)
+    except USER_ERRORS + (FileNotFoundError, model_zoo.ModelZooError) as e:
+        print(_error_line(e), file=sys.stderr)
         return 2
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    marker = _error_marker(os.getpid())
+    try:
+        if os.path.exists(marker):  # left by a killed launcher of the same pid
+            os.remove(marker)
+        launch(
+            worker,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except USER_ERRORS as e:  # one process
+        print(_error_line(e), file=sys.stderr)
+        return 2
+    except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code == 2:  # a worker printed its input error
+            return 2
+        raise
+    finally:
+        if os.path.exists(marker):
+            os.remove(marker)
     return 0
 
 

@@ -8,13 +8,15 @@ image: the score floor, the mask head, Detectron2's mask pasting, and
 
     python benchmarks/bench_fixed_ap.py [--dets 300 1000 3000 10000] [--images 3]
         [--classes 1203] [--size 128] [--k 10000] [--chunk 300] [--code DIR] [--one-call]
+        [--device cuda]
     python benchmarks/bench_fixed_ap.py --pools-only [--images 500] [--dets 2000] [--k 10000] [--code DIR]
 
 Each N runs in a fresh process, which reports its peak resident memory (Linux
 ``ru_maxrss``), the rise of that peak over its memory before the first image (model,
 ground truth and detections loaded), the seconds per image of inference + ``process``,
 the seconds of ``evaluate()``, the results the pools hold at the end and the bytes per
-held result (tracemalloc). ``--one-call`` sets ``mask_inference_chunk = 0`` (the mask head
+held result (tracemalloc); with ``--device cuda`` also the peak GPU memory of inference
+(``torch.cuda.max_memory_allocated``, the model loaded before it). ``--one-call`` sets ``mask_inference_chunk = 0`` (the mask head
 on all of an image's detections at once, as before the chunking); ``--code DIR`` imports
 ``eqlosses_d2`` from another checkout, e.g. the code before a change::
 
@@ -71,13 +73,14 @@ def _stub_box_inference(num_dets, num_classes, seed):
         out = []
         for p in proposals:
             height, width = p.image_size
+            device = p.proposal_boxes.device
             corner = torch.rand(num_dets, 2, generator=generator) * torch.tensor([width - 8.0, height - 8.0])
             extent = torch.rand(num_dets, 2, generator=generator) * (min(height, width) / 2) + 4
             inst = Instances((height, width))
             inst.pred_boxes = Boxes(torch.cat([corner, corner + extent], 1).clamp(max=max(height, width)))
             inst.scores = torch.rand(num_dets, generator=generator)
             inst.pred_classes = torch.randint(0, num_classes, (num_dets,), generator=generator)
-            out.append(inst)
+            out.append(inst.to(device))
         return out
 
     return forward_box
@@ -177,7 +180,7 @@ def child(args):
     cfg = get_cfg()
     add_eqlosses_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs", "quickstart", "mask_rcnn_R18_FPN_synthetic.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", str(args.classes),
+    cfg.merge_from_list(["MODEL.DEVICE", args.device, "MODEL.ROI_HEADS.NUM_CLASSES", str(args.classes),
                          "TEST.EQLOSSES.PROTOCOL", "fixed", "INPUT.MIN_SIZE_TEST", str(args.size),
                          "INPUT.MAX_SIZE_TEST", str(args.size)])
     torch.manual_seed(0)
@@ -209,11 +212,19 @@ def child(args):
         model([images[0]])
         heads._forward_box = stub
     base = rss_mb()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     with torch.no_grad():
         for image in images:
             evaluator.process([image], model([image]))
+    if cuda:
+        torch.cuda.synchronize()
     per_image = (time.perf_counter() - start) / len(images)
+    gpu_peak = (torch.cuda.max_memory_allocated() - gpu_base) / 2**20 if cuda else None
     peak_inference = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     pools = evaluator._pools
     if hasattr(pools, "held"):
@@ -234,7 +245,7 @@ def child(args):
     print(json.dumps({
         "base_mb": base, "peak_inference_mb": peak_inference, "peak_mb": peak, "per_image_s": per_image,
         "evaluate_s": evaluate_s, "held": held, "bytes_per_held": pool_bytes / max(held, 1),
-        "ap": results["segm"]["AP"], "chunk": getattr(heads, "mask_inference_chunk", None),
+        "ap": results["segm"]["AP"], "gpu_peak_mb": gpu_peak, "chunk": getattr(heads, "mask_inference_chunk", None),
         "torch_threads": torch.get_num_threads(), "eqlosses_d2": os.path.dirname(eqlosses_d2.__file__),
     }))
 
@@ -252,6 +263,7 @@ def main():
     parser.add_argument("--budget-gb", type=float, default=6.0,
                         help="skip one-call runs whose mask logits alone would pass this")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="MODEL.DEVICE (cuda: also the peak GPU memory)")
     parser.add_argument("--pools-only", action="store_true",
                         help="LVISEvaluator.process alone (no model) on --images images, to measure the pools")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -265,10 +277,11 @@ def main():
     label = f"code {args.code}" if args.code else "this checkout"
     print(f"\n### Fixed-AP inference, {label}{', mask head in one call' if args.one_call else ''}: "
           f"{args.images} images of {args.size} px, {args.classes} classes, K={args.k}, "
-          f"{args.threads} thread(s)\n")
+          f"{args.threads} thread(s), {args.device}\n")
+    gpu = args.device == "cuda"
     print("| detections / image | peak RSS MB | rise over loaded MB | s / image | evaluate s | results held | "
-          "bytes / held result |")
-    print("|---|---|---|---|---|---|---|")
+          "bytes / held result |" + (" peak GPU MB over loaded |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for dets in args.dets:
         logits_gb = dets * args.classes * 28 * 28 * 4 / 2**30
         if (args.one_call or args.code) and logits_gb > args.budget_gb:
@@ -279,12 +292,13 @@ def main():
             print(f"| {dets} | {r} | | | | | |")
             continue
         print(f"| {dets} | {r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} | {r['per_image_s']:.2f} | "
-              f"{r['evaluate_s']:.2f} | {r['held']} | {r['bytes_per_held']:.0f} |", flush=True)
+              f"{r['evaluate_s']:.2f} | {r['held']} | {r['bytes_per_held']:.0f} |"
+              + (f" {r['gpu_peak_mb']:.0f} |" if gpu else ""), flush=True)
 
 
 def _run_child(args, dets):
     argv = [sys.executable, os.path.abspath(__file__), "--child", "--dets", str(dets)]
-    for key in ("images", "classes", "size", "k", "chunk", "threads"):
+    for key in ("images", "classes", "size", "k", "chunk", "threads", "device"):
         argv += [f"--{key}", str(getattr(args, key))]
     for flag in ("one_call", "pools_only"):
         if getattr(args, flag):

@@ -306,12 +306,12 @@ def main():
     args = parser.parse_args()
     if args.system_malloc:
         args.allocators = "default"
-    losses = sorted(LOSS_REGISTRY)
+    losses = sorted(dict(LOSS_REGISTRY))
     if args.losses:
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
         unknown = [name for name in losses if name not in LOSS_REGISTRY]
         if unknown:
-            parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(sorted(LOSS_REGISTRY))})")
+            parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(sorted(dict(LOSS_REGISTRY)))})")
     if args.child is None:
         run_settings(args)
         print_memory_table()

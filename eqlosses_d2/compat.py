@@ -46,6 +46,22 @@ What is handled (each function says how it detects the need):
 
 :func:`apply_detectron2_patches` must run before ``detectron2.layers`` or
 ``detectron2.data.transforms`` is imported; ``import eqlosses_d2`` does that.
+
+Only what is lacking is applied, each need detected by feature (Detectron2's own source
+text, read without importing it, and the libraries' attributes): :func:`needed_patches`
+says what this install lacks, :func:`applied` what was applied in this process (the
+patches at import, then ``pkg-resources`` while the model zoo is imported and ``cpu-ddp``
+in the CPU workers of :func:`launch`); what is applied is logged once. The names:
+
+- ``missing-extension``: no ``detectron2._C``: placeholders that fail in one line;
+- ``pillow-linear``: Detectron2's transforms use ``Image.LINEAR`` and Pillow has none;
+- ``numpy-int-histogram``: Detectron2's class histogram uses ``np.int`` and numpy has none;
+- ``pkg-resources``: ``detectron2.model_zoo`` imports ``pkg_resources`` and setuptools has none;
+- ``cpu-ddp``: ``create_ddp_model`` without ``device_ids`` for CPU models (CPU workers only).
+
+The adapters (:func:`replace_data_loader`, :class:`TrainerStateMixin`,
+:func:`dense_head_norm`, :func:`matched_boxes_as_tensors`, :func:`fcos_centerness_targets`,
+:func:`torch_load`) patch nothing: they pick the call that the installed line takes.
 """
 import importlib
 import importlib.util
@@ -61,6 +77,7 @@ import numpy as np
 __all__ = [
     "MissingExtensionError",
     "TrainerStateMixin",
+    "applied",
     "apply_detectron2_patches",
     "default_trainer_saves_optimizer",
     "dense_head_norm",
@@ -69,6 +86,7 @@ __all__ = [
     "import_detectron2_model_zoo",
     "launch",
     "matched_boxes_as_tensors",
+    "needed_patches",
     "replace_data_loader",
     "torch_load",
 ]
@@ -104,6 +122,8 @@ def has_detectron2_extension() -> bool:
     attr = getattr(detectron2, "_C", None)
     if isinstance(attr, _MissingExtension):
         return False
+    if isinstance(attr, types.ModuleType):  # imported already
+        return True
     try:
         return importlib.util.find_spec("detectron2._C") is not None
     except (ImportError, ValueError):
@@ -158,13 +178,53 @@ def _patch_rotated_nms():
     layers.nms_rotated = nms_rotated
 
 
-def _patch_pillow():
+def _source(module_name: str) -> str:
+    """The source text of a module, read from its file without importing it or its parent
+    packages (importing ``detectron2.data`` is what fails on v0.6 with Pillow >= 10);
+    "" when there is none."""
+    top, _, rest = module_name.partition(".")
+    try:
+        spec = importlib.util.find_spec(top)  # the top-level package only
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    for root in spec.submodule_search_locations:
+        base = os.path.join(root, *rest.split(".")) if rest else root
+        for path in (base + ".py", os.path.join(base, "__init__.py")):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return f.read()
+            except OSError:
+                continue
+    return ""
+
+
+_PILLOW_ALIASED = False  # Image.LINEAR set here
+
+
+def _pillow_linear_needed() -> bool:
+    """Detectron2's transforms name ``Image.LINEAR`` (v0.6; main says ``Image.BILINEAR``),
+    which Pillow >= 10 removed."""
     from PIL import Image
 
-    if not hasattr(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
-        return True
-    return False
+    lacks = _PILLOW_ALIASED or not hasattr(Image, "LINEAR")
+    return lacks and "Image.LINEAR" in _source("detectron2.data.transforms.transform")
+
+
+def _patch_pillow():
+    global _PILLOW_ALIASED
+    from PIL import Image
+
+    if not _pillow_linear_needed() or _PILLOW_ALIASED:
+        return False
+    Image.LINEAR = Image.BILINEAR
+    _PILLOW_ALIASED = True
+    return True
+
+
+def _class_histogram_source_needs_patch(source: str) -> bool:
+    return not hasattr(np, "int") and ("np.int)" in source or "np.int," in source)
 
 
 def _class_histogram_needs_patch(fn) -> bool:
@@ -217,6 +277,8 @@ def _print_instances_class_histogram(dataset_dicts, class_names):
 
 
 def _patch_class_histogram():
+    if not _class_histogram_source_needs_patch(_source("detectron2.data.build")):
+        return False
     from detectron2.data import build
 
     if _class_histogram_needs_patch(build.print_instances_class_histogram):
@@ -225,7 +287,46 @@ def _patch_class_histogram():
     return False
 
 
+def _pkg_resources_needed() -> bool:
+    """``detectron2.model_zoo`` imports ``pkg_resources`` (v0.6 and main), which setuptools
+    >= 82 no longer ships."""
+    if "pkg_resources" not in _source("detectron2.model_zoo.model_zoo"):
+        return False
+    try:
+        return importlib.util.find_spec("pkg_resources") is None
+    except (ImportError, ValueError):
+        return True
+
+
+def needed_patches() -> tuple:
+    """The names of the patches this Detectron2 and these libraries lack (see the module
+    docstring), detected by feature; ``cpu-ddp`` is left out (it depends on the job, not
+    the install). Reads Detectron2's source files, imports nothing of it."""
+    needed = []
+    if not has_detectron2_extension():
+        needed.append("missing-extension")
+    if _pillow_linear_needed():
+        needed.append("pillow-linear")
+    if _class_histogram_source_needs_patch(_source("detectron2.data.build")):
+        needed.append("numpy-int-histogram")
+    if _pkg_resources_needed():
+        needed.append("pkg-resources")
+    return tuple(needed)
+
+
 _APPLIED = None
+_APPLIED_LATER = []  # applied on demand: pkg-resources, cpu-ddp
+
+
+def applied() -> tuple:
+    """The names of the patches applied in this process so far, in the order applied."""
+    return (_APPLIED or ()) + tuple(_APPLIED_LATER)
+
+
+def _applied_later(name: str):
+    if name not in _APPLIED_LATER:
+        _APPLIED_LATER.append(name)
+        logger.info("eqlosses_d2.compat applied: %s", name)
 
 
 def apply_detectron2_patches():
@@ -233,18 +334,18 @@ def apply_detectron2_patches():
     global _APPLIED
     if _APPLIED is not None:
         return _APPLIED
-    applied = []
+    names = []
     if _patch_missing_extension():
-        applied.append("missing-extension")
+        names.append("missing-extension")
         _patch_missing_torch_ops()
         _patch_rotated_nms()
     if _patch_pillow():
-        applied.append("pillow-linear")
+        names.append("pillow-linear")
     if _patch_class_histogram():
-        applied.append("numpy-int-histogram")
-    _APPLIED = tuple(applied)
-    if applied:
-        logger.debug("eqlosses_d2.compat applied: %s", ", ".join(applied))
+        names.append("numpy-int-histogram")
+    _APPLIED = tuple(names)
+    if names:
+        logger.info("eqlosses_d2.compat applied (lacking in this Detectron2 or its libraries): %s", ", ".join(names))
     return _APPLIED
 
 
@@ -270,6 +371,7 @@ def import_detectron2_model_zoo():
     except ImportError:
         pass
     sys.modules["pkg_resources"] = _PkgResourcesShim("pkg_resources")
+    _applied_later("pkg-resources")
     try:
         return importlib.import_module("detectron2.model_zoo")
     finally:
@@ -383,6 +485,7 @@ def _patch_cpu_ddp():
 
     create_ddp_model._eqlosses_cpu_aware = True
     defaults.create_ddp_model = create_ddp_model
+    _applied_later("cpu-ddp")
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_workers_per_machine, machine_rank, dist_url, args, timeout):

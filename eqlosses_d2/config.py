@@ -4,20 +4,43 @@ Config keys of eqlosses_d2, under the package's own nodes, and their validation.
 Every key has a default and a one-line comment. No leaf name that upstream
 Detectron2 defines is reused (Detectron2 main added ``ROI_BOX_HEAD.USE_FED_LOSS``
 and ``USE_SIGMOID_CE``; our keys live under ``MODEL.EQLOSSES`` instead).
+
+The keys shared by every method are here; each registered method (loss, calibration)
+declares its own node and defaults next to its code, in ``add_config``, and
+:func:`add_eqlosses_config` collects them from the registries (:mod:`eqlosses_d2.registry`).
+Config checks are functions registered in ``CONFIG_CHECK_REGISTRY``, each next to what it
+checks (the copy-paste mapper's in :mod:`eqlosses_d2.data.copy_paste`); :func:`validate_config`
+runs them all. This module imports no data or model-zoo module: the model zoo registers the
+config names it resolves in ``CONFIG_SOURCE_REGISTRY``.
 """
 import os
 
 from detectron2.config import CfgNode as CN
 
+from . import calibration as _calibration  # noqa: F401  # registration: calibration methods
+from . import losses as _losses  # noqa: F401  # registration: losses
+from .calibration import calibration_from_cfg
+from .losses import build_dense_loss_from_cfg, build_loss_from_cfg
+from .registry import CONFIG_CHECK_REGISTRY, KINDS, ROI_CLS_LOSS_REGISTRY, Registry, add_registered_configs, lookup
+
 __all__ = [
+    "CONFIG_CHECK_REGISTRY",
+    "CONFIG_SOURCE_REGISTRY",
     "ConfigError",
     "add_eqlosses_config",
     "class_stats_dataset",
     "merge_config_file",
     "merge_config_list",
+    "validate_config",
     "validate_num_classes",
     "validate_one_stage",
+    "validate_registry_names",
 ]
+
+#: Where a ``--config-file`` value that is no file may come from: objects with ``is_name(name)``,
+#: ``merge(cfg, name)`` and ``close_matches(name)``, registered by name (the model zoo registers
+#: ``eqlosses_d2.model_zoo``'s names when it is imported).
+CONFIG_SOURCE_REGISTRY = Registry("CONFIG_SOURCE")
 
 
 class ConfigError(ValueError):
@@ -34,10 +57,11 @@ def add_eqlosses_config(cfg):
     # Fail at the start of training if the class-statistics dataset has none (True), or
     # train with empty statistics, which only methods that need none tolerate (False).
     _C.MODEL.EQLOSSES.REQUIRE_CLASS_STATS = True
-    # Classification loss of the RoI box predictor, by registry name (eqlosses_d2.losses):
-    # "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw",
-    # "federated", "gumbel", "gumbel_droploss", "iif", "pcb", "equilibrium" (LOCE's EBL); each
-    # method's hyper-parameters live in its own node below.
+    # Classification loss of the RoI box predictor, by its name in ROI_CLS_LOSS_REGISTRY
+    # (eqlosses_d2.losses): "softmax" (Detectron2's default), "sigmoid", "eql", "eqlv2",
+    # "softmax_eql", "seesaw", "federated", "gumbel", "gumbel_droploss", "iif", "pcb",
+    # "equilibrium" (LOCE's EBL); each method's hyper-parameters live in its own node
+    # (MODEL.EQLOSSES.<NODE>), declared by its class (add_config).
     _C.MODEL.EQLOSSES.LOSS = "softmax"
     # > 0: cosine classifier s * x/|x| * W/|W| with this scale s (Seesaw's LVIS recipe: 20);
     # 0: Detectron2's linear classifier.
@@ -45,81 +69,6 @@ def add_eqlosses_config(cfg):
     # > 0: normalized mask predictor, s * cos(x, w_k) + b_k per pixel, with this scale s
     # (GOL's LVIS recipe: 20; an option of Seesaw's); 0: Detectron2's 1x1 convolution.
     _C.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE = 0.0
-
-    _C.MODEL.EQLOSSES.SIGMOID = CN()
-    # Prior probability pi of the classifier bias init, b = -log((1 - pi) / pi).
-    _C.MODEL.EQLOSSES.SIGMOID.PRIOR_PROB = 0.001
-
-    _C.MODEL.EQLOSSES.EQL = CN()
-    # λ: classes with image frequency below it lose their negatives on foreground RoIs
-    # (LVIS v1 0.0011, v0.5 0.00177).
-    _C.MODEL.EQLOSSES.EQL.TAIL_THRESHOLD = 0.0011
-    # Prior π of the classifier bias init, b = -log((1 - π) / π).
-    _C.MODEL.EQLOSSES.EQL.PRIOR_PROB = 0.001
-
-    _C.MODEL.EQLOSSES.EQLV2 = CN()
-    # γ of the weight mapping f(g) = 1 / (1 + exp(-γ (g - μ))).
-    _C.MODEL.EQLOSSES.EQLV2.GAMMA = 12.0
-    # μ of the weight mapping f.
-    _C.MODEL.EQLOSSES.EQLV2.MU = 0.8
-    # α of the positive weight q = 1 + α (1 - r).
-    _C.MODEL.EQLOSSES.EQLV2.ALPHA = 4.0
-    # Inference p_j = σ(z_j)·(1 - σ(z_bg)) (True) or σ(z_j) (False).
-    _C.MODEL.EQLOSSES.EQLV2.TEST_WITH_OBJ = True
-    # Prior π of the bias init of all C + 1 channels, objectness included (authors' head).
-    _C.MODEL.EQLOSSES.EQLV2.PRIOR_PROB = 0.001
-
-    _C.MODEL.EQLOSSES.SOFTMAX_EQL = CN()
-    # τ: margin τ·log(max(G_j, ε) / max(G_y, ε)), or the prior's exponent.
-    _C.MODEL.EQLOSSES.SOFTMAX_EQL.TAU = 1.0
-    # ε: lower clamp of the accumulated gradients G (and the prior's denominator).
-    _C.MODEL.EQLOSSES.SOFTMAX_EQL.EPS = 1e-4
-    # G from "pos" (label = j), "neg" (label ≠ j) or "pos_and_neg" gradients.
-    _C.MODEL.EQLOSSES.SOFTMAX_EQL.INDICATOR = "pos"
-    # "margin" (pairwise, on foreground RoIs; default) or "prior" (z_j + log((G_j/ΣG)^τ + 1e-9)).
-    _C.MODEL.EQLOSSES.SOFTMAX_EQL.FORM = "margin"
-
-    _C.MODEL.EQLOSSES.SEESAW = CN()
-    # Mitigation (N_j / N_y)^p for N_j < N_y (N: cumulative positive RoI counts).
-    _C.MODEL.EQLOSSES.SEESAW.P = 0.8
-    # Compensation (σ_j / σ_y)^q for σ_j > σ_y.
-    _C.MODEL.EQLOSSES.SEESAW.Q = 2.0
-    # Lower clamp of σ_y in the compensation.
-    _C.MODEL.EQLOSSES.SEESAW.EPS = 0.01
-    # Weight of both terms (loss_cls and loss_cls_objectness), as mmdet's.
-    _C.MODEL.EQLOSSES.SEESAW.LOSS_WEIGHT = 1.0
-
-    _C.MODEL.EQLOSSES.FEDERATED = CN()
-    # |S|: classes in the loss per batch, the background index counted when present (as Detectron2 main).
-    _C.MODEL.EQLOSSES.FEDERATED.NUM_FED_CLASSES = 50
-    # Extra classes are drawn with probability ∝ image_count ** power.
-    _C.MODEL.EQLOSSES.FEDERATED.FREQ_WEIGHT_POWER = 0.5
-    # Classifier bias init -log((1 - π) / π) (CenterNet2's 0.01); 0.5 gives main's zero bias.
-    _C.MODEL.EQLOSSES.FEDERATED.PRIOR_PROB = 0.01
-
-    _C.MODEL.EQLOSSES.GUMBEL = CN()
-    # Classifier bias of all channels ("gumbel" and "gumbel_droploss").
-    _C.MODEL.EQLOSSES.GUMBEL.BIAS_INIT = -2.0
-    # DropLoss λ (LVIS v1 0.0011, v0.5 0.00177); "gumbel_droploss" only.
-    _C.MODEL.EQLOSSES.GUMBEL.TAIL_THRESHOLD = 0.0011
-
-    _C.MODEL.EQLOSSES.PCB = CN()
-    # Base loss PCB composes with: "softmax", "seesaw" or "eqlv2" (its own node's keys apply).
-    _C.MODEL.EQLOSSES.PCB.BASE = "softmax"
-    # α of PCB: positive RoIs' loss (1 − α)·CE + α·KL(soft label ‖ prediction).
-    _C.MODEL.EQLOSSES.PCB.ALPHA = 0.4
-    # μ of the confusion matrix's moving average, M[c] ← μ·M[c] + (1 − μ)·batch mean.
-    _C.MODEL.EQLOSSES.PCB.MOMENTUM = 0.99
-    # Fraction of SOLVER.MAX_ITER after which the soft labels are used (the paper: 17/24).
-    _C.MODEL.EQLOSSES.PCB.START = 17 / 24
-
-    _C.MODEL.EQLOSSES.EQUILIBRIUM = CN()
-    # α of LOCE's mean-score update, s_c ← α^n s_c + (1 − α^n)·mean of the class's n entries.
-    _C.MODEL.EQLOSSES.EQUILIBRIUM.ALPHA = 0.9
-    # The background's fixed "mean score".
-    _C.MODEL.EQLOSSES.EQUILIBRIUM.BACKGROUND_SCORE = 0.01
-    # Every class's mean score before its first entry.
-    _C.MODEL.EQLOSSES.EQUILIBRIUM.INITIAL_SCORE = 0.01
 
     # LOCE's memory-augmented feature sampling (MODEL.ROI_HEADS.NAME "LongTailLOCEROIHeads").
     _C.MODEL.EQLOSSES.MFS = CN()
@@ -134,6 +83,10 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.MFS.STORAGE_DTYPE = "float16"
     # Pre-fill before training: this many training images per class and process (0: none).
     _C.MODEL.EQLOSSES.MFS.PREFILL_IMAGES_PER_CLASS = 5
+    # Save each process's queues in its per-rank resume state at every checkpoint, so that
+    # --resume is exact (LVIS: up to 2.4 GB per process and checkpoint in float16); False:
+    # not saved, the pre-fill rebuilds them after --resume (the authors' code).
+    _C.MODEL.EQLOSSES.MFS.CHECKPOINT_QUEUES = True
 
     # Only parameters whose names start with one of these prefixes are trained (empty: all);
     # LOCE's fine-tune protocol trains the classifier, box regressor, RPN and mask head.
@@ -152,16 +105,12 @@ def add_eqlosses_config(cfg):
     # LayerNorm on the input of the channel MLP (the authors' EQLv2 + PCB recipe).
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD.LAYER_NORM = False
 
-    _C.MODEL.EQLOSSES.IIF = CN()
-    # raw | smooth | prob | normit | gombit | base2 | base10, each also as <variant>_obj
-    # (instance counts instead of image counts).
-    _C.MODEL.EQLOSSES.IIF.VARIANT = "raw"
-
     # One-stage detectors: MODEL.META_ARCHITECTURE "LongTailRetinaNet" or "LongTailFCOS"
     # (eqlosses_d2.modeling.one_stage). Both read their head (NUM_CONVS, NORM, PRIOR_PROB),
     # classes, features and test thresholds from Detectron2's MODEL.RETINANET node.
     _C.MODEL.EQLOSSES.ONE_STAGE = CN()
-    # Classification loss of the dense head: "focal" (sigmoid focal loss) or "efl" (Equalized Focal Loss).
+    # Classification loss of the dense head, by its name in DENSE_CLS_LOSS_REGISTRY: "focal"
+    # (sigmoid focal loss) or "efl" (Equalized Focal Loss); their nodes FOCAL and EFL.
     _C.MODEL.EQLOSSES.ONE_STAGE.LOSS = "focal"
     # Anchor assignment: "default" (the detector's own: RetinaNet's IoU matcher, FCOS's center
     # sampling and scale ranges) or "atss" (adaptive training sample selection, Zhang et al. 2020).
@@ -175,22 +124,6 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.ONE_STAGE.TEST_TOPK_PER_CLASS = 100
     # FCOS ("default" assigner): radius, in strides, of the center-sampling region of a box.
     _C.MODEL.EQLOSSES.ONE_STAGE.FCOS_CENTER_SAMPLING_RADIUS = 1.5
-
-    # Sigmoid focal loss of the one-stage models (read instead of MODEL.RETINANET.FOCAL_LOSS_*).
-    _C.MODEL.EQLOSSES.FOCAL = CN()
-    # α: weight of the positives' terms, 1 - α of the negatives' (< 0: no α weighting).
-    _C.MODEL.EQLOSSES.FOCAL.ALPHA = 0.25
-    # γ: focusing factor (1 - p_t)^γ.
-    _C.MODEL.EQLOSSES.FOCAL.GAMMA = 2.0
-
-    # Equalized Focal Loss (Li et al. 2022): γ_j = GAMMA + SCALE_FACTOR·(1 - g_j), weight γ_j / GAMMA.
-    _C.MODEL.EQLOSSES.EFL = CN()
-    # α of the focal terms (< 0: no α weighting).
-    _C.MODEL.EQLOSSES.EFL.ALPHA = 0.25
-    # γ_b: the focusing factor of a class with balanced gradients (g_j = 1).
-    _C.MODEL.EQLOSSES.EFL.GAMMA = 2.0
-    # s: how much γ_j grows as the class's positive/negative gradient ratio g_j falls to 0.
-    _C.MODEL.EQLOSSES.EFL.SCALE_FACTOR = 8.0
 
     _C.TEST.EQLOSSES = CN()
     # Print the LVIS AP table (bbox and segm; AP, AP50, AP75, APs/m/l, APr/c/f) after evaluation.
@@ -210,24 +143,10 @@ def add_eqlosses_config(cfg):
     # Post-hoc score calibration at inference (eqlosses_d2.calibration), from the class
     # statistics stored in the model.
     _C.TEST.EQLOSSES.CALIBRATION = CN()
-    # "none", "norcal" (Pan et al. 2021), "iif" (IIF weights on a softmax head) or
-    # "tau_norm" (τ-normalized classifier weights, Kang et al. 2020).
+    # By its name in CALIBRATION_REGISTRY: "none", "norcal" (Pan et al. 2021), "iif" (IIF
+    # weights on a softmax head) or "tau_norm" (τ-normalized classifier weights, Kang et al.
+    # 2020); each method's keys are declared by its class (eqlosses_d2.calibration).
     _C.TEST.EQLOSSES.CALIBRATION.METHOD = "none"
-    # NorCal's γ: foreground scores divided by n_c^γ (0: uncalibrated); with FACTOR
-    # "effective_number" it is the β in [0, 1) of (1 − β) / (1 − β^n_c).
-    _C.TEST.EQLOSSES.CALIBRATION.GAMMA = 0.0
-    # NorCal variant: "exps" (the authors' default), "probs" or "logits".
-    _C.TEST.EQLOSSES.CALIBRATION.VARIANT = "exps"
-    # NorCal factor: "power" (n_c^-γ) or "effective_number" ((1 − γ) / (1 − γ^n_c)).
-    _C.TEST.EQLOSSES.CALIBRATION.FACTOR = "power"
-    # NorCal: renormalize each proposal's scores over the classes and background.
-    _C.TEST.EQLOSSES.CALIBRATION.RENORM = True
-    # n_c of NorCal: training "image" counts (the paper's) or "instance" counts.
-    _C.TEST.EQLOSSES.CALIBRATION.COUNT = "image"
-    # IIF variant of METHOD "iif" (those of MODEL.EQLOSSES.IIF.VARIANT).
-    _C.TEST.EQLOSSES.CALIBRATION.IIF_VARIANT = "raw"
-    # τ of METHOD "tau_norm": classifier weights w_c / |w_c|^τ.
-    _C.TEST.EQLOSSES.CALIBRATION.TAU = 1.0
 
     # Training-time augmentation of eqlosses_d2.data.CopyPasteDatasetMapper (built by the
     # train loader when LSJ.ENABLED): large-scale jitter, Simple Copy-Paste (Ghiasi et al. 2021).
@@ -260,46 +179,47 @@ def add_eqlosses_config(cfg):
     _C.INPUT.EQLOSSES.COPY_PASTE.MIN_VISIBLE_PIXELS = 10
     # ... or when less than this fraction of its own pixels stays visible.
     _C.INPUT.EQLOSSES.COPY_PASTE.MIN_VISIBLE_FRACTION = 0.01
+
+    # every registered method's own node (MODEL.EQLOSSES.<NODE>, its keys of TEST.EQLOSSES.CALIBRATION)
+    add_registered_configs(cfg)
     return cfg
-
-
-def validate_copy_paste(cfg):
-    """One-line errors for INPUT.EQLOSSES.LSJ / COPY_PASTE (values, and what they need)."""
-    from .data.copy_paste import SOURCE_SAMPLINGS
-
-    node = cfg.INPUT.get("EQLOSSES")
-    if node is None:
-        return
-    lsj, paste = node.LSJ, node.COPY_PASTE
-    checks = [
-        ("LSJ.IMAGE_SIZE", lsj.IMAGE_SIZE, lsj.IMAGE_SIZE > 0, "must be > 0"),
-        ("LSJ.MIN_SCALE", lsj.MIN_SCALE, lsj.MIN_SCALE > 0, "must be > 0"),
-        ("LSJ.MAX_SCALE", lsj.MAX_SCALE, lsj.MAX_SCALE >= lsj.MIN_SCALE, f"must be >= LSJ.MIN_SCALE ({lsj.MIN_SCALE})"),
-        ("LSJ.HFLIP_PROB", lsj.HFLIP_PROB, 0 <= lsj.HFLIP_PROB <= 1, "must be in [0, 1]"),
-        ("COPY_PASTE.PROB", paste.PROB, 0 <= paste.PROB <= 1, "must be in [0, 1]"),
-        ("COPY_PASTE.MAX_OBJECTS", paste.MAX_OBJECTS, paste.MAX_OBJECTS >= 0, "must be >= 0 (0: no limit)"),
-        ("COPY_PASTE.SOURCE_SAMPLING", paste.SOURCE_SAMPLING, paste.SOURCE_SAMPLING in SOURCE_SAMPLINGS,
-         f"must be one of {', '.join(SOURCE_SAMPLINGS)}"),
-        ("COPY_PASTE.SOURCE_REPEAT_THRESHOLD", paste.SOURCE_REPEAT_THRESHOLD, paste.SOURCE_REPEAT_THRESHOLD > 0,
-         "must be > 0"),
-        ("COPY_PASTE.MIN_VISIBLE_PIXELS", paste.MIN_VISIBLE_PIXELS, paste.MIN_VISIBLE_PIXELS >= 0, "must be >= 0"),
-        ("COPY_PASTE.MIN_VISIBLE_FRACTION", paste.MIN_VISIBLE_FRACTION, 0 <= paste.MIN_VISIBLE_FRACTION <= 1,
-         "must be in [0, 1]"),
-    ]
-    for key, value, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"INPUT.EQLOSSES.{key} {rule}; got {value!r}")
-    if paste.ENABLED and not lsj.ENABLED:
-        raise ConfigError("INPUT.EQLOSSES.COPY_PASTE.ENABLED needs INPUT.EQLOSSES.LSJ.ENABLED (the mapper that pastes)")
-    if lsj.ENABLED and cfg.MODEL.KEYPOINT_ON:
-        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper has no keypoints (MODEL.KEYPOINT_ON)")
-    if lsj.ENABLED and cfg.MODEL.LOAD_PROPOSALS:
-        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper loads no proposals (MODEL.LOAD_PROPOSALS)")
 
 
 EVAL_PROTOCOLS = ("standard", "fixed", "boundary")
 
 
+@CONFIG_CHECK_REGISTRY.register()
+def validate_registry_names(cfg):
+    """Every name a config gives a registry (``MODEL.EQLOSSES.LOSS``, ``ONE_STAGE.LOSS``,
+    ``TEST.EQLOSSES.CALIBRATION.METHOD``) is registered: one line listing the registered names."""
+    for kind in KINDS:
+        node = cfg
+        for part in kind.key.split("."):
+            node = node.get(part) if isinstance(node, CN) else None
+        if node is None:
+            continue  # a kind whose keys this config does not have (its package adds them)
+        try:
+            lookup(kind.registry, node)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+
+
+@CONFIG_CHECK_REGISTRY.register()
+def validate_losses(cfg):
+    """The RoI loss's hyper-parameters (its constructor's checks, on an instance of one class)."""
+    name = cfg.MODEL.EQLOSSES.LOSS
+    try:
+        build_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    except ValueError as e:
+        node = getattr(lookup(ROI_CLS_LOSS_REGISTRY, name), "config_node", None)
+        if node and str(e).startswith(f"{node}."):
+            raise ConfigError(f"MODEL.EQLOSSES.{e}") from None
+        raise ConfigError(f"MODEL.EQLOSSES.LOSS {name}: {e}") from None
+
+
+@CONFIG_CHECK_REGISTRY.register()
 def validate_eval_protocol(cfg):
     """One-line errors for the evaluation-protocol keys."""
     protocol = cfg.TEST.EQLOSSES.PROTOCOL
@@ -316,12 +236,9 @@ def validate_eval_protocol(cfg):
 
 def validate_calibration(cfg):
     """One-line errors for TEST.EQLOSSES.CALIBRATION (values, and the head it needs)."""
-    from .calibration import calibration_from_cfg
-    from .losses import LOSS_REGISTRY, build_loss_from_cfg
-
     try:
         calibration = calibration_from_cfg(cfg)
-        if cfg.MODEL.EQLOSSES.LOSS in LOSS_REGISTRY:
+        if cfg.MODEL.EQLOSSES.LOSS in ROI_CLS_LOSS_REGISTRY:
             # an instance (C = 1): a loss built on another takes its family from it
             loss = build_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
             calibration.check_head(loss, cfg.MODEL.EQLOSSES.COSINE_SCALE > 0)
@@ -335,11 +252,10 @@ ONE_STAGE_META_ARCHITECTURES = ("RetinaNet", "LongTailRetinaNet", "LongTailFCOS"
 ONE_STAGE_ASSIGNERS = ("default", "atss")
 
 
+@CONFIG_CHECK_REGISTRY.register()
 def validate_one_stage(cfg):
     """One-line errors for MODEL.EQLOSSES.ONE_STAGE / FOCAL / EFL (values, and what the
     one-stage models do not support)."""
-    from .losses.dense import build_dense_loss_from_cfg
-
     node = cfg.MODEL.EQLOSSES.ONE_STAGE
     try:
         build_dense_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
@@ -373,17 +289,36 @@ def validate_one_stage(cfg):
             raise ConfigError(f"TEST.EQLOSSES.PROTOCOL 'boundary' evaluates masks; {cfg.MODEL.META_ARCHITECTURE} has none")
 
 
+def validate_config(cfg):
+    """Every registered config check (``CONFIG_CHECK_REGISTRY``), in the order they were
+    registered: the registry names first, then each method's values, the evaluation protocol,
+    the one-stage models, the copy-paste mapper. Raises :class:`ConfigError` in one line."""
+    for _, check in CONFIG_CHECK_REGISTRY:
+        check(cfg)
+    return cfg
+
+
+def __getattr__(name):
+    """A check registered by another module, under its function name (``validate_copy_paste``,
+    in :mod:`eqlosses_d2.data.copy_paste`), is also ``eqlosses_d2.config.<name>``."""
+    if name in CONFIG_CHECK_REGISTRY:
+        return CONFIG_CHECK_REGISTRY.get(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def merge_config_file(cfg, config_file):
     """``cfg.merge_from_file`` with one-line errors naming the file and the key at fault.
-    A model-zoo name (``eqlosses_d2/model_zoo``) stands for its config file and opts."""
+    A name of a registered config source (the model zoo's, ``eqlosses_d2/model_zoo``) stands
+    for its config file and opts."""
     if not os.path.isfile(config_file):
-        from . import model_zoo
-
-        if model_zoo.is_model_zoo_name(config_file):
-            return model_zoo.merge_model_zoo_config(cfg, config_file)
-        matches = model_zoo.close_matches(config_file)
-        hint = f"; model-zoo names close to it: {', '.join(matches)}" if matches else ""
-        raise ConfigError(f"config file not found: {config_file}{hint}")
+        hints = []
+        for _, source in CONFIG_SOURCE_REGISTRY:
+            if source.is_name(config_file):
+                return source.merge(cfg, config_file)
+            matches = source.close_matches(config_file)
+            if matches:
+                hints.append(f"; {source.what} names close to it: {', '.join(matches)}")
+        raise ConfigError(f"config file not found: {config_file}{''.join(hints)}")
     try:
         cfg.merge_from_file(config_file)
     except KeyError as e:

@@ -20,11 +20,14 @@ memory; walking it unpickles one record at a time), and keeps only the selected 
 records. Only where no such list is found (another loader) does it load
 ``DATASETS.TRAIN[0]`` from the ``DatasetCatalog`` again, once.
 
-Resume: the queues are not checkpointed (neither are the authors'), so the pre-fill runs
-again before the first iteration after ``--resume``; there it leaves the mean scores and
-the random number generators exactly as the checkpoint restored them (it snapshots and
-puts them back), so the resumed run differs from an uninterrupted one only in the queue
-contents (fresh jitters of the pre-fill images instead of the last iterations' boxes).
+Resume: each process's queues are part of its per-rank resume state
+(``MODEL.EQLOSSES.MFS.CHECKPOINT_QUEUES``, default), so after ``--resume`` they are restored
+and the pre-fill is skipped. Without them (the authors' code never saves the queues) the
+pre-fill runs again before the first iteration after ``--resume``; there it leaves the mean
+scores and the random number generators exactly as the checkpoint restored them (it
+snapshots and puts them back), so the resumed run differs from an uninterrupted one only
+in the queue contents (fresh jitters of the pre-fill images instead of the last
+iterations' boxes).
 """
 import contextlib
 import copy
@@ -134,6 +137,9 @@ class MemoryPrefillHook(HookBase):
 
         model = getattr(self.trainer.model, "module", self.trainer.model)
         resumed = getattr(self.trainer, "start_iter", 0) > 0
+        if resumed and bool((model.roi_heads.memory.filled > 0).any()):
+            logger.info("MFS pre-fill skipped: the feature queues were restored from this rank's resume state")
+            return
         if resumed:
             rng, mean_score = RandomStates().state_dict(), model.roi_heads.box_predictor.cls_loss.mean_score.clone()
         dataset = loader_dataset(self.trainer.data_loader)

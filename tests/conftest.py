@@ -20,3 +20,27 @@ def tiny_dataset(tmp_path_factory):
     prepare_dataset(train)  # generate now, so that tests read no progress bar
     prepare_dataset(val)
     return {"train": train, "val": val, "root": root, "spec": TINY_SPEC}
+
+
+def _drop_handlers_of_closed_streams():
+    import logging
+
+    for logger in [logging.getLogger()] + [
+        item for item in logging.root.manager.loggerDict.values() if isinstance(item, logging.Logger)
+    ]:
+        for handler in list(logger.handlers):
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                logger.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _no_logging_to_closed_streams():
+    """Detectron2's ``setup_logger`` (run by ``train_net.setup`` in many tests) attaches a
+    handler to the ``sys.stdout`` of the moment, which is a test's capture stream; pytest
+    closes it after that test, and a later test's log line then prints "--- Logging error ---"
+    with a traceback on stderr. Handlers writing to a closed stream are dropped before and
+    after every test."""
+    _drop_handlers_of_closed_streams()
+    yield
+    _drop_handlers_of_closed_streams()

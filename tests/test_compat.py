@@ -1,5 +1,7 @@
 """The compat module on the installed Detectron2 (v0.6 without C++ ops in CI, or main)."""
 import importlib
+import importlib.machinery
+import importlib.util
 import io
 import logging
 import pickle
@@ -144,3 +146,100 @@ def test_rotated_ops_looked_up_in_torch_ops_fail_with_clear_message():
         message = str(info.value)
         assert f"torch.ops.detectron2.{op} is unavailable" in message and "\n" not in message
     assert not hasattr(torch.ops.detectron2, "__wrapped__")  # dunder probes stay AttributeErrors
+
+
+# ----------------------------------------------------------------------------- applied only what is lacking
+
+_D2_SOURCE = "detectron2.data.transforms.transform", "detectron2.data.build", "detectron2.model_zoo.model_zoo"
+V06_VENV = (  # the project venv: pb1-detectron2 0.6 without its extension, Pillow >= 10, numpy >= 1.24, setuptools >= 82
+    not compat.has_detectron2_extension()
+    and "Image.LINEAR" in compat._source(_D2_SOURCE[0])
+    and int(__import__("PIL").__version__.split(".")[0]) >= 10
+    and not hasattr(np, "int")
+    and importlib.util.find_spec("pkg_resources") is None
+)
+
+# what Detectron2 main has instead (its files, abridged to the lines the detection reads)
+_MAIN_SOURCE = {
+    _D2_SOURCE[0]: "    def __init__(self, src_rect, output_size, interp=Image.BILINEAR, fill=0):\n",
+    _D2_SOURCE[1]: "    histogram = np.zeros((num_classes,), dtype=int)\n",
+    _D2_SOURCE[2]: "import pkg_resources\n",  # main still imports it
+}
+
+
+@pytest.mark.skipif(not V06_VENV, reason="the exact list of the project venv (pb1-detectron2 0.6, current libraries)")
+def test_applied_lists_what_this_install_lacks():
+    base = ("missing-extension", "pillow-linear", "numpy-int-histogram")
+    assert compat.apply_detectron2_patches() == base
+    assert compat.applied()[:3] == base and set(compat.applied()[3:]) <= {"pkg-resources"}
+    assert compat.needed_patches() == base + ("pkg-resources",)
+    compat.import_detectron2_model_zoo()  # applies the pkg_resources shim, for that import only
+    assert compat.applied() == base + ("pkg-resources",)
+
+
+@pytest.mark.skipif(not V06_VENV, reason="this stands in main's features on the project venv")
+@pytest.mark.parametrize(
+    "present, absent",
+    [
+        ("extension", "missing-extension"),
+        ("transforms", "pillow-linear"),
+        ("histogram", "numpy-int-histogram"),
+        ("setuptools", "pkg-resources"),
+        ("all", None),
+    ],
+)
+def test_a_detectron2_that_has_the_feature_gets_no_patch_for_it(monkeypatch, present, absent):
+    """Stand-ins for a Detectron2 (and setuptools) that have what v0.6 lacks: a built
+    extension, main's transforms (Image.BILINEAR) and class histogram (dtype=int), a
+    setuptools with pkg_resources. Each removes its entry, and only it; with all of them
+    (main built with its extension, current libraries, an old setuptools) nothing applies."""
+    import detectron2
+
+    everything = ("missing-extension", "pillow-linear", "numpy-int-histogram", "pkg-resources")
+    assert compat.needed_patches() == everything
+    real_find_spec = importlib.util.find_spec
+    if present in ("extension", "all"):
+        monkeypatch.setattr(detectron2, "_C", type(sys)("detectron2._C"))  # what importing the built extension binds
+    for feature, module in (("transforms", _D2_SOURCE[0]), ("histogram", _D2_SOURCE[1])):
+        if present in (feature, "all"):
+            monkeypatch.setattr(compat, "_source", lambda name, m=module, previous=compat._source: (
+                _MAIN_SOURCE[name] if name == m else previous(name)))
+    if present in ("setuptools", "all"):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+            importlib.machinery.ModuleSpec("pkg_resources", None) if name == "pkg_resources" else real_find_spec(name, *a)))
+    expected = () if absent is None else tuple(n for n in everything if n != absent)
+    assert compat.needed_patches() == expected
+
+
+def test_pillow_is_left_alone_where_detectron2_does_not_name_image_linear(monkeypatch):
+    """Main's transforms say Image.BILINEAR: on Pillow >= 10 nothing is added to Pillow."""
+    from PIL import Image
+
+    monkeypatch.setattr(compat, "_PILLOW_ALIASED", False)
+    monkeypatch.delattr(Image, "LINEAR", raising=False)  # Pillow >= 10
+    real_source = compat._source
+    monkeypatch.setattr(compat, "_source", lambda name: _MAIN_SOURCE.get(name) or real_source(name))
+    assert compat._patch_pillow() is False
+    assert not hasattr(Image, "LINEAR")
+    assert "pillow-linear" not in compat.needed_patches()
+
+
+def test_patches_are_logged_once(caplog):
+    """The import-time patches are one log line, at the first call only."""
+    monkey = pytest.MonkeyPatch()
+    try:
+        monkey.setattr(compat, "_APPLIED", None)
+        monkey.setattr(compat, "_patch_missing_extension", lambda: True)
+        monkey.setattr(compat, "_patch_missing_torch_ops", lambda: None)
+        monkey.setattr(compat, "_patch_rotated_nms", lambda: None)
+        monkey.setattr(compat, "_patch_pillow", lambda: False)
+        monkey.setattr(compat, "_patch_class_histogram", lambda: True)
+        with caplog.at_level(logging.INFO, logger="eqlosses_d2.compat"):
+            first = compat.apply_detectron2_patches()
+            assert compat.apply_detectron2_patches() is first
+    finally:
+        monkey.undo()
+    assert first == ("missing-extension", "numpy-int-histogram")
+    lines = [r.getMessage() for r in caplog.records if r.name == "eqlosses_d2.compat"]
+    assert lines == ["eqlosses_d2.compat applied (lacking in this Detectron2 or its libraries): "
+                     "missing-extension, numpy-int-histogram"]

@@ -56,6 +56,9 @@ def test_config_merges_and_builds(config_file):
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     model = build_model(cfg)
+    if cfg.MODEL.META_ARCHITECTURE == "LongTailImageClassifier":  # an image classifier: tests/test_classification.py
+        assert find_class_stats(model).num_classes == cfg.MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES
+        return
     # one-stage detectors keep classes and thresholds in MODEL.RETINANET, their statistics at the top
     one_stage = cfg.MODEL.META_ARCHITECTURE in ("LongTailRetinaNet", "LongTailFCOS")
     heads = cfg.MODEL.RETINANET if one_stage else cfg.MODEL.ROI_HEADS

@@ -101,13 +101,13 @@ def test_affine_softmax_cross_entropy(small_chunks, with_scale, with_shift):
 
 
 @pytest.mark.parametrize("output_grad", [1.0, 2.5])
-def test_masked_sigmoid_bce(small_chunks, output_grad):
+def test_weighted_sigmoid_bce(small_chunks, output_grad):
     logits, labels = _batch(C)
     g = torch.Generator().manual_seed(2)
     bg_weight, fg_weight = torch.rand(C, generator=g), torch.rand(C, generator=g)
     x = logits.clone().requires_grad_()
-    (fused.masked_sigmoid_bce(x, labels, bg_weight, fg_weight) * output_grad).backward()
-    value = fused.masked_sigmoid_bce(logits, labels, bg_weight, fg_weight)
+    (fused.weighted_sigmoid_bce(x, labels, bg_weight, fg_weight) * output_grad).backward()
+    value = fused.weighted_sigmoid_bce(logits, labels, bg_weight, fg_weight)
 
     target = F.one_hot(labels, C + 1)[:, :C].double()
     row_weight = torch.where((labels < C)[:, None], fg_weight.double(), bg_weight.double())
@@ -345,3 +345,28 @@ def test_gpu_policy_kernels_match_cpu_policy(small_chunks, monkeypatch, name):
     (v_cpu, g_cpu), (v_gpu, g_gpu) = results
     torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-6, atol=0)
     torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-6, atol=1e-9)
+
+
+def test_one_chunking_policy():
+    """Every row-chunked kernel takes its chunks from fused.row_ranges: no other module of the
+    losses or the calibrations sets a chunk size or walks rows with a step of its own."""
+    import ast
+    import os
+
+    import eqlosses_d2
+
+    package = os.path.dirname(eqlosses_d2.__file__)
+    offenders = []
+    for sub in ("losses", "calibration"):
+        for name in sorted(os.listdir(os.path.join(package, sub))):
+            if not name.endswith(".py") or (sub, name) == ("losses", "fused.py"):
+                continue
+            with open(os.path.join(package, sub, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and "CHUNK_ELEMENTS" in node.id:
+                    offenders.append(f"{sub}/{name}:{node.lineno} {node.id}")
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range"
+                        and len(node.args) == 3):
+                    offenders.append(f"{sub}/{name}:{node.lineno} range(start, stop, step)")
+    assert not offenders, offenders

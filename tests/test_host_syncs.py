@@ -27,6 +27,7 @@ from detectron2.utils.events import EventStorage
 
 from eqlosses_d2.data.class_stats import ClassStatistics
 from eqlosses_d2.losses import LOSS_REGISTRY, base as loss_base, build_loss
+from eqlosses_d2.registry import names
 from eqlosses_d2.losses.dense import build_dense_loss
 from eqlosses_d2.modeling.box_predictor import LOG_PERIOD, LongTailOutputLayers
 from eqlosses_d2.modeling.class_stats import ClassStatsBuffers
@@ -130,7 +131,7 @@ def _expected(policy, name):
 
 
 @pytest.mark.parametrize("policy", ["gpu", "auto"])
-@pytest.mark.parametrize("name", sorted(LOSS_REGISTRY))
+@pytest.mark.parametrize("name", names(LOSS_REGISTRY))
 def test_roi_training_step_reads(name, policy, count_reads, monkeypatch):
     monkeypatch.setattr(loss_base, "DEVICE_POLICY", policy)
     torch.manual_seed(0)
@@ -235,3 +236,81 @@ def test_gpu_policy_non_finite_logits_give_nan_and_keep_the_state(name, monkeypa
     after = loss.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
+
+
+# -- issue 18 item 2: one helper synchronizes the state a head collected in a step ----------------
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """Pretend to be one of two processes: every all-reduce is recorded (dtype, size) and doubles
+    its tensor, as if the other process had contributed the same."""
+    import torch.distributed as dist
+
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append((tensor.dtype, tensor.numel()))
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return calls
+
+
+def test_sync_state_one_collective_per_dtype(two_processes):
+    a = torch.arange(3, dtype=torch.float64)
+    b = torch.arange(4, dtype=torch.float64).reshape(2, 2)
+    c = torch.ones(5)
+    out = loss_base.sync_state(a, b, c)
+    assert two_processes == [(torch.float64, 7), (torch.float32, 5)]
+    assert [t.shape for t in out] == [a.shape, b.shape, c.shape]
+    assert torch.equal(out[0], 2 * a) and torch.equal(out[1], 2 * b) and torch.equal(out[2], 2 * c)
+    assert torch.equal(a, torch.arange(3, dtype=torch.float64))  # the inputs are not touched
+    two_processes.clear()
+    out = loss_base.sync_state(a, c, finite=torch.tensor(False), dtype=torch.float64)
+    assert two_processes == [(torch.float64, 8)] and all(not t.any() for t in out)  # non-finite: zeros
+
+
+#: the collectives of one training step of each loss with state, as (dtype, size): one call of
+#: ``sync_state`` each (PCB: the counts, then the rows of the classes present, which depend on them)
+STATE_COLLECTIVES = {
+    "eqlv2": [(torch.float64, 2 * C)],
+    "softmax_eql": [(torch.float64, 2 * C)],
+    "seesaw": [(torch.float64, C)],
+    "equilibrium": [(torch.float64, 2 * C)],
+    "pcb": [(torch.float64, C), (torch.float32, 3 * C)],  # classes 0, 1 and 4 present
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATE_COLLECTIVES))
+def test_state_is_synchronized_in_one_call(name, two_processes):
+    predictor = _predictor(name)
+    generator = torch.Generator().manual_seed(3)
+    with EventStorage(0) as storage:
+        _roi_step(predictor, storage, 0, generator)
+    assert two_processes == STATE_COLLECTIVES[name]
+
+
+def test_seesaw_keeps_its_scalars_inputs_on_logging_steps_only():
+    """Seesaw's mean factors exist only for scalars(): computed on logging steps, not on the
+    others; the loss is the same either way."""
+    predictor = _predictor("seesaw")
+    reference = _predictor("seesaw")
+    reference.load_state_dict(predictor.state_dict())
+    with EventStorage(0) as storage:
+        for iteration in (LOG_PERIOD - 2, LOG_PERIOD - 1):
+            losses = _roi_step(predictor, storage, iteration, torch.Generator().manual_seed(iteration))
+            kept = predictor.cls_loss._last
+            assert (kept is None) == (iteration != LOG_PERIOD - 1)
+    # the reference computes the factor means on every step (outside the predictor: the default)
+    assert reference.cls_loss.scalars_wanted is True
+    features = torch.randn(32, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        probe = _proposals(torch.Generator().manual_seed(9))
+        logits = predictor(features)[0]
+        labels = torch.cat([p.gt_classes for p in probe])
+        reference.cls_loss(logits, labels)
+    assert reference.cls_loss._last is not None and set(losses) >= {"loss_cls", "loss_cls_objectness"}

@@ -310,6 +310,7 @@ def test_loce_fine_tune_trains_with_prefill_and_resumes_mean_scores(tiny_dataset
         "MODEL.EQLOSSES.TRAINABLE_MODULES",
         "['roi_heads.box_predictor', 'proposal_generator', 'roi_heads.mask_head']",
         "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
+        "MODEL.EQLOSSES.MFS.CHECKPOINT_QUEUES", "False",  # the authors' way: re-filled on resume
     ]
     full = tmp_path / "full"
     _run(["--config-file", QUICKSTART] + _opts(tiny_dataset, full, max_iter=4) + loce_opts)

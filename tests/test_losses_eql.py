@@ -25,7 +25,7 @@ if mp.current_process().name != "MainProcess":
     sys.modules.setdefault("eqlosses_d2", _package)
 
 from eqlosses_d2.losses import eql, eqlv2, softmax_eql  # noqa: E402
-from eqlosses_d2.losses.registry import LOSS_REGISTRY, build_loss  # noqa: E402
+from eqlosses_d2.losses import LOSS_REGISTRY, build_loss  # noqa: E402
 
 EQLv2 = eqlv2.EqualizationLossV2
 SoftmaxEQL = softmax_eql.SoftmaxEqualizationLoss
@@ -165,9 +165,9 @@ SOFTMAX_EQL_VARIANTS = [(i, f) for f in ("margin", "prior") for i in ("pos", "ne
 
 # ----------------------------------------------------------------------------- registry
 def test_registered_with_config_nodes():
-    assert LOSS_REGISTRY["eql"] is EQL and EQL.config_node == "EQL"
-    assert LOSS_REGISTRY["eqlv2"] is EQLv2 and EQLv2.config_node == "EQLV2"
-    assert LOSS_REGISTRY["softmax_eql"] is SoftmaxEQL and SoftmaxEQL.config_node == "SOFTMAX_EQL"
+    assert LOSS_REGISTRY.get("eql") is EQL and EQL.config_node == "EQL"
+    assert LOSS_REGISTRY.get("eqlv2") is EQLv2 and EQLv2.config_node == "EQLV2"
+    assert LOSS_REGISTRY.get("softmax_eql") is SoftmaxEQL and SoftmaxEQL.config_node == "SOFTMAX_EQL"
     # the config keys are the constructor kwargs in upper case
     nodes = {
         "eql": {"TAIL_THRESHOLD": 0.0011, "PRIOR_PROB": 0.001},

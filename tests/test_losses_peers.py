@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from eqlosses_d2.losses import federated, fused, gumbel, iif, seesaw
-from eqlosses_d2.losses.registry import LOSS_REGISTRY, loss_hparams_from_cfg
+from eqlosses_d2.losses import LOSS_REGISTRY, loss_hparams_from_cfg
 
 C = 4
 # fg RoIs at rows 0, 1, 3, 5 (classes 0, 2, 3, 2), background (label C) at rows 2 and 4
@@ -717,7 +717,7 @@ def test_registry_names_nodes_and_config_block():
         "iif": ("IIF", C + 1, {"VARIANT": "raw"}),
     }
     for name, (node, num_logits, defaults) in expected.items():
-        cls = LOSS_REGISTRY[name]
+        cls = LOSS_REGISTRY.get(name)
         assert cls.name == name and cls.config_node == node and cls.family == families[name]
         kwargs = loss_hparams_from_cfg(cls, {node: defaults})
         built = cls(C, **kwargs)

@@ -492,7 +492,7 @@ def test_result_arrays_evaluate_exactly_as_dicts(generated, iou_type, max_dets):
 def test_per_image_cap_on_arrays_by_hand():
     """lvis-api's cap: images in order of first appearance; an image over the cap keeps its
     best results (ties in results order), an image under it keeps its results' order."""
-    from eqlosses_d2.evaluation.lvis_evaluation import _cap_arrays_per_image
+    from eqlosses_d2.evaluation.rules import cap_arrays_per_image as _cap_arrays_per_image
     from eqlosses_d2.evaluation.results import ResultArrays
 
     image_ids = np.array([5, 3, 5, 5, 3, 5, 9])

@@ -206,10 +206,11 @@ def test_every_shipped_config_has_an_entry():
 def _derived_setting(cfg):
     """Backbone, schedule and sampler as the manifest words them, read from a config."""
     res = cfg.MODEL.RESNETS
+    fpn = "" if cfg.MODEL.META_ARCHITECTURE == "LongTailImageClassifier" else "-FPN"  # a classifier pools res5
     if res.NUM_GROUPS > 1:
-        backbone = f"X-{res.DEPTH}-{res.NUM_GROUPS}x{res.WIDTH_PER_GROUP}d-FPN"
+        backbone = f"X-{res.DEPTH}-{res.NUM_GROUPS}x{res.WIDTH_PER_GROUP}d{fpn}"
     else:
-        backbone = f"R-{res.DEPTH}-FPN"
+        backbone = f"R-{res.DEPTH}{fpn}"
     its, batch = cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH
     schedule = f"{its // 90000}x" if batch == 16 and its % 90000 == 0 else f"{its} it × {batch} img"
     sampler = {"TrainingSampler": "random"}.get(cfg.DATALOADER.SAMPLER_TRAIN)
@@ -226,10 +227,13 @@ def test_shipped_entries_agree_with_their_configs(monkeypatch):
             assert entry.setting[key] == value or entry.setting[key].startswith(value + " "), (name, key)
         dataset = entry.setting["dataset"]
         if name.startswith("quickstart/"):
-            assert dataset == "embedded synthetic data" and entry.reported is None
+            assert dataset.startswith("embedded synthetic data") and entry.reported is None
             assert entry.ours is None or entry.ours["data"] == model_zoo.SYNTHETIC_DATA
+            if dataset == "embedded synthetic data (classification)":
+                assert cfg.DATASETS.TRAIN[0].startswith("synthetic_cls_lt")
         else:
-            assert cfg.DATASETS.TRAIN[0].startswith("lvis_v1" if dataset == "LVIS v1" else "lvis_v0.5")
+            prefix = {"LVIS v1": "lvis_v1", "LVIS v0.5": "lvis_v0.5", "ImageNet-LT": "imagenet_lt"}[dataset]
+            assert cfg.DATASETS.TRAIN[0].startswith(prefix)
             for block in (entry.reported, entry.ours):
                 assert block is None or block["data"].startswith(dataset)
 
@@ -673,3 +677,62 @@ def test_eval_only_with_a_model_zoo_name(zoo, server, tiny_dataset, tmp_path, ca
     zoo.add("pytest/config_only")
     err = error(argv(name, "eqlosses_d2://pytest/config_only"))
     assert "pytest/config_only" in err and "no published checkpoint" in err
+
+
+# -- issue 18 item 7: the generated parts stay generated ------------------------------------------
+
+
+def test_readme_methods_table_and_model_zoo_md_are_generated():
+    """README.md's method table (between its markers) and MODEL_ZOO.md are what
+    ``python -m eqlosses_d2.model_zoo.docs --write`` writes from the registry and the manifest."""
+    from eqlosses_d2.model_zoo import docs
+
+    assert docs.check() == [], "run python -m eqlosses_d2.model_zoo.docs --write"
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme[readme.index(docs.METHODS_BEGIN):readme.index(docs.METHODS_END)]
+    from eqlosses_d2.registry import ROI_CLS_LOSS_REGISTRY, names
+
+    for name in names(ROI_CLS_LOSS_REGISTRY):  # a row per registered loss
+        assert f"| `{name}` |" in table, name
+    assert "| `eqlv2` | EQLv2 (Tan et al., CVPR 2021) | 1x random: mask AP 23.7" in table
+
+
+def test_docs_rewrite_only_the_marked_region_and_follow_the_registry(tmp_path):
+    from eqlosses_d2.losses import ClassificationLoss
+    from eqlosses_d2.model_zoo import docs
+    from eqlosses_d2.registry import ROI_CLS_LOSS_REGISTRY, register
+
+    readme = tmp_path / "README.md"
+    text = f"# title\n\nbefore\n{docs.METHODS_BEGIN}\n| old |\n{docs.METHODS_END}\nafter\n"
+    readme.write_text(text)
+    paths = dict(readme=str(readme), model_zoo_md=str(tmp_path / "MODEL_ZOO.md"),
+                 manifest=os.path.join(ROOT, "model_zoo", "manifest.yaml"))
+    assert sorted(docs.check(**paths)) == sorted([str(readme), str(tmp_path / "MODEL_ZOO.md")])
+
+    class NewLoss(ClassificationLoss):
+        name = "new_method_for_the_table"
+        doc_method = "A new method (Someone et al., 2031)"
+        doc_paper = "mask AP 99.9"
+
+    register(ROI_CLS_LOSS_REGISTRY)(NewLoss)
+    try:
+        assert len(docs.write(**paths)) == 2 and docs.check(**paths) == []
+    finally:
+        del ROI_CLS_LOSS_REGISTRY._obj_map[NewLoss.name]
+    written = readme.read_text()
+    assert written.startswith("# title\n\nbefore\n" + docs.METHODS_BEGIN + "\n| `LOSS` |")
+    assert written.endswith(docs.METHODS_END + "\nafter\n") and "| old |" not in written
+    assert "| `new_method_for_the_table` | A new method (Someone et al., 2031) | mask AP 99.9 | |\n" in written
+    readme.write_text("no markers\n")
+    with pytest.raises(model_zoo.ModelZooError, match="markers .* are missing"):
+        docs.write(**paths)
+
+
+def test_docs_command_check(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "ignore", "-m", "eqlosses_d2.model_zoo.docs", "--check"], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ from test_training import QUICKSTART, _opts, _run
 
 # every registered loss whose module keeps state in buffers, plus the baseline
 STATEFUL = sorted(
-    name for name, cls in LOSS_REGISTRY.items() if any(True for _ in cls(4).buffers()) or name == "softmax"
+    name for name, cls in dict(LOSS_REGISTRY).items() if any(True for _ in cls(4).buffers()) or name == "softmax"
 )
 
 

@@ -34,6 +34,22 @@ def _opts(tiny_dataset, output_dir, max_iter=20):
     ]
 
 
+def _assert_same(a, b, what):
+    """Equal nested dicts / lists / tensors (``torch.equal``), ``what`` naming the first difference."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            _assert_same(a[key], b[key], f"{what}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what
+
+
 def _run(argv):
     args = train_net.default_argument_parser().parse_args(argv)
     train_net.check_args(args)

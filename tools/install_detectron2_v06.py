@@ -73,6 +73,7 @@ def _download_source(workdir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--cache", required=True, help="directory that keeps the built wheel")
+    parser.add_argument("--wheel-to", help="copy the wheel into this directory instead of installing it")
     args = parser.parse_args()
     # a new build recipe gets a new cache directory
     cache = os.path.join(args.cache, f"detectron2-0.6-pure-python-r{BUILD_REVISION}")
@@ -92,6 +93,10 @@ def main():
             shutil.copy(built[0], tmp_target)
             os.replace(tmp_target, tmp_target[: -len(".part")])
             wheels = [tmp_target[: -len(".part")]]
+    if args.wheel_to:  # tools/gpu_wheels.sh: the wheel travels to a machine without network
+        os.makedirs(args.wheel_to, exist_ok=True)
+        shutil.copy(wheels[0], args.wheel_to)
+        return
     _pip("install", wheels[0])
 
 

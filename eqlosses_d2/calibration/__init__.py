@@ -14,6 +14,7 @@ cascade actually ranks. Those that need logits (NorCal ``logits`` or ``exps`` wi
 renormalization, IIF, τ-norm) act inside each stage, before the average.
 """
 
+from ..registry import CALIBRATION_REGISTRY, ROI_CLS_LOSS_REGISTRY, names, register, registered
 from .iif import IIF_VARIANTS, iif_class_weights, iif_softmax
 from .norcal import (
     NORCAL_FACTORS,
@@ -28,7 +29,8 @@ from .norcal import (
 from .tau_norm import tau_normalized_logits
 
 __all__ = [
-    "CALIBRATION_METHODS",
+    "CALIBRATION_REGISTRY",
+    "NoCalibration",
     "ScoreCalibration",
     "calibration_from_cfg",
     "iif_softmax",
@@ -40,19 +42,35 @@ __all__ = [
     "tau_normalized_logits",
 ]
 
-CALIBRATION_METHODS = ("none", "norcal", "iif", "tau_norm")
 _COUNTS = ("image", "instance")
 
 
 def softmax_heads() -> str:
     """The losses whose head is a plain softmax over C + 1 logits (what IIF at inference and
     NorCal's logit variants act on), from the loss registry: for the one-line errors."""
-    from ..losses import LOSS_REGISTRY
+    losses = registered(ROI_CLS_LOSS_REGISTRY)
+    heads = [name for name, cls in losses.items() if getattr(cls, "softmax_logits", False) is True]
+    if "pcb" in losses:  # PCB's head is its base loss's
+        heads.append("pcb with PCB.BASE softmax")
+    return ", ".join(heads)
 
-    names = sorted(name for name, cls in LOSS_REGISTRY.items() if getattr(cls, "softmax_logits", False) is True)
-    if "pcb" in LOSS_REGISTRY:  # PCB's head is its base loss's
-        names.append("pcb with PCB.BASE softmax")
-    return ", ".join(names)
+
+@register(CALIBRATION_REGISTRY)
+class NoCalibration:
+    """``METHOD none``: the head's own probabilities. A calibration method's class in
+    ``CALIBRATION_REGISTRY`` declares its keys of ``TEST.EQLOSSES.CALIBRATION`` (``add_config``)
+    and which of them are :class:`ScoreCalibration`'s arguments (``kwargs_from_config``);
+    ``ScoreCalibration`` applies it."""
+
+    name = "none"
+
+    @classmethod
+    def add_config(cls, cfg):
+        pass
+
+    @staticmethod
+    def kwargs_from_config(node) -> dict:
+        return {}
 
 
 class ScoreCalibration:
@@ -65,8 +83,8 @@ class ScoreCalibration:
 
     def __init__(self, method="none", gamma=0.0, variant="exps", factor="power", renorm=True, count="image",
                  iif_variant="raw", tau=1.0):
-        if method not in CALIBRATION_METHODS:
-            raise ValueError(f"METHOD: unknown '{method}' (known: {', '.join(CALIBRATION_METHODS)})")
+        if method not in CALIBRATION_REGISTRY:
+            raise ValueError(f"METHOD: unknown '{method}' (known: {', '.join(names(CALIBRATION_REGISTRY))})")
         if variant not in NORCAL_VARIANTS:
             raise ValueError(f"VARIANT: unknown '{variant}' (known: {', '.join(NORCAL_VARIANTS)})")
         if count not in _COUNTS:
@@ -170,17 +188,10 @@ class ScoreCalibration:
 
 
 def calibration_from_cfg(cfg) -> ScoreCalibration:
+    """The setting ``TEST.EQLOSSES.CALIBRATION`` describes: its METHOD, and the keys of every
+    registered method (a sweep varies one method's parameter from another's base setting)."""
     node = cfg.TEST.EQLOSSES.CALIBRATION
-    return ScoreCalibration(
-        method=node.METHOD,
-        gamma=node.GAMMA,
-        variant=node.VARIANT,
-        factor=node.FACTOR,
-        renorm=node.RENORM,
-        count=node.COUNT,
-        iif_variant=node.IIF_VARIANT,
-        tau=node.TAU,
-    )
-
-
-
+    kwargs = {}
+    for _, method in registered(CALIBRATION_REGISTRY).items():
+        kwargs.update(method.kwargs_from_config(node))
+    return ScoreCalibration(method=node.METHOD, **kwargs)

@@ -10,6 +10,7 @@ apply the weights twice, and :meth:`ScoreCalibration.check_head` refuses it.
 import torch
 
 from ..losses.iif import IIF_VARIANTS, iif_weights
+from ..registry import CALIBRATION_REGISTRY, config_node, register
 from .rowwise import affine_softmax, column_scale
 
 __all__ = ["IIF_VARIANTS", "iif_class_weights", "iif_softmax"]
@@ -28,3 +29,21 @@ def iif_softmax(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """softmax of the (N, C + 1) logits with the foreground columns multiplied by ``weights``."""
     logits = logits.float()
     return affine_softmax(logits, scale=column_scale(weights, logits.shape[1], logits))
+
+
+@register(CALIBRATION_REGISTRY)
+class IIFCalibration:
+    """``METHOD iif``: IIF weights on the logits of a softmax head, at inference. Its keys of ``TEST.EQLOSSES.CALIBRATION``; applied by
+    :class:`eqlosses_d2.calibration.ScoreCalibration`."""
+
+    name = "iif"
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "TEST.EQLOSSES.CALIBRATION")
+        # IIF variant of METHOD "iif" (those of MODEL.EQLOSSES.IIF.VARIANT).
+        _C.IIF_VARIANT = "raw"
+
+    @staticmethod
+    def kwargs_from_config(node) -> dict:
+        return dict(iif_variant=node.IIF_VARIANT)

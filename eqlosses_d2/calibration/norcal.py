@@ -42,6 +42,7 @@ IIF weights do; on LVIS every class has at least one training image.
 import torch
 
 from ..losses.fused import row_chunks
+from ..registry import CALIBRATION_REGISTRY, config_node, register
 from .rowwise import affine_softmax, column_scale
 
 __all__ = ["NORCAL_FACTORS", "NORCAL_VARIANTS", "norcal_factors", "norcal_binary", "norcal_softmax_from_logits",
@@ -119,3 +120,30 @@ def norcal_binary(probs: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         p.neg_().add_(1.0).add_(scaled)
         torch.div(scaled, p, out=p)
     return out
+
+
+@register(CALIBRATION_REGISTRY)
+class NorCal:
+    """``METHOD norcal``: NorCal (Pan et al. 2021): foreground scores divided by a power of the class counts. Its keys of ``TEST.EQLOSSES.CALIBRATION``; applied by
+    :class:`eqlosses_d2.calibration.ScoreCalibration`."""
+
+    name = "norcal"
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "TEST.EQLOSSES.CALIBRATION")
+        # NorCal's γ: foreground scores divided by n_c^γ (0: uncalibrated); with FACTOR
+        # "effective_number" it is the β in [0, 1) of (1 − β) / (1 − β^n_c).
+        _C.GAMMA = 0.0
+        # NorCal variant: "exps" (the authors' default), "probs" or "logits".
+        _C.VARIANT = "exps"
+        # NorCal factor: "power" (n_c^-γ) or "effective_number" ((1 − γ) / (1 − γ^n_c)).
+        _C.FACTOR = "power"
+        # NorCal: renormalize each proposal's scores over the classes and background.
+        _C.RENORM = True
+        # n_c of NorCal: training "image" counts (the paper's) or "instance" counts.
+        _C.COUNT = "image"
+
+    @staticmethod
+    def kwargs_from_config(node) -> dict:
+        return dict(gamma=node.GAMMA, variant=node.VARIANT, factor=node.FACTOR, renorm=node.RENORM, count=node.COUNT)

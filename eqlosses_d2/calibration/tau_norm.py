@@ -16,6 +16,8 @@ is refused by the config check.
 """
 import torch
 
+from ..registry import CALIBRATION_REGISTRY, config_node, register
+
 __all__ = ["tau_normalized_logits"]
 
 
@@ -31,3 +33,21 @@ def tau_normalized_logits(logits: torch.Tensor, weight: torch.Tensor, bias, tau:
     else:
         fg.mul_(scale)
     return out
+
+
+@register(CALIBRATION_REGISTRY)
+class TauNorm:
+    """``METHOD tau_norm``: τ-normalized classifier weights (Kang et al. 2020). Its keys of ``TEST.EQLOSSES.CALIBRATION``; applied by
+    :class:`eqlosses_d2.calibration.ScoreCalibration`."""
+
+    name = "tau_norm"
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "TEST.EQLOSSES.CALIBRATION")
+        # τ of METHOD "tau_norm": classifier weights w_c / |w_c|^τ.
+        _C.TAU = 1.0
+
+    @staticmethod
+    def kwargs_from_config(node) -> dict:
+        return dict(tau=node.TAU)

@@ -101,9 +101,12 @@ from detectron2.data.transforms import (
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.structures.masks import polygons_to_bitmask
 
+from ..config import CONFIG_CHECK_REGISTRY, ConfigError
+
 __all__ = [
     "CopyPasteDatasetMapper",
     "SOURCE_SAMPLINGS",
+    "validate_copy_paste",
     "merge_lvis_id_lists",
     "paste_source_weights",
     "uses_copy_paste_mapper",
@@ -113,6 +116,41 @@ logger = logging.getLogger(__name__)
 
 #: the paste-source samplings (``INPUT.EQLOSSES.COPY_PASTE.SOURCE_SAMPLING``)
 SOURCE_SAMPLINGS = ("uniform", "repeat_factor", "class_balanced")
+
+
+@CONFIG_CHECK_REGISTRY.register()
+def validate_copy_paste(cfg):
+    """One-line errors for INPUT.EQLOSSES.LSJ / COPY_PASTE (values, and what they need); a
+    registered config check (also ``eqlosses_d2.config.validate_copy_paste``)."""
+    node = cfg.INPUT.get("EQLOSSES")
+    if node is None:
+        return
+    lsj, paste = node.LSJ, node.COPY_PASTE
+    checks = [
+        ("LSJ.IMAGE_SIZE", lsj.IMAGE_SIZE, lsj.IMAGE_SIZE > 0, "must be > 0"),
+        ("LSJ.MIN_SCALE", lsj.MIN_SCALE, lsj.MIN_SCALE > 0, "must be > 0"),
+        ("LSJ.MAX_SCALE", lsj.MAX_SCALE, lsj.MAX_SCALE >= lsj.MIN_SCALE, f"must be >= LSJ.MIN_SCALE ({lsj.MIN_SCALE})"),
+        ("LSJ.HFLIP_PROB", lsj.HFLIP_PROB, 0 <= lsj.HFLIP_PROB <= 1, "must be in [0, 1]"),
+        ("COPY_PASTE.PROB", paste.PROB, 0 <= paste.PROB <= 1, "must be in [0, 1]"),
+        ("COPY_PASTE.MAX_OBJECTS", paste.MAX_OBJECTS, paste.MAX_OBJECTS >= 0, "must be >= 0 (0: no limit)"),
+        ("COPY_PASTE.SOURCE_SAMPLING", paste.SOURCE_SAMPLING, paste.SOURCE_SAMPLING in SOURCE_SAMPLINGS,
+         f"must be one of {', '.join(SOURCE_SAMPLINGS)}"),
+        ("COPY_PASTE.SOURCE_REPEAT_THRESHOLD", paste.SOURCE_REPEAT_THRESHOLD, paste.SOURCE_REPEAT_THRESHOLD > 0,
+         "must be > 0"),
+        ("COPY_PASTE.MIN_VISIBLE_PIXELS", paste.MIN_VISIBLE_PIXELS, paste.MIN_VISIBLE_PIXELS >= 0, "must be >= 0"),
+        ("COPY_PASTE.MIN_VISIBLE_FRACTION", paste.MIN_VISIBLE_FRACTION, 0 <= paste.MIN_VISIBLE_FRACTION <= 1,
+         "must be in [0, 1]"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"INPUT.EQLOSSES.{key} {rule}; got {value!r}")
+    if paste.ENABLED and not lsj.ENABLED:
+        raise ConfigError("INPUT.EQLOSSES.COPY_PASTE.ENABLED needs INPUT.EQLOSSES.LSJ.ENABLED (the mapper that pastes)")
+    if lsj.ENABLED and cfg.MODEL.KEYPOINT_ON:
+        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper has no keypoints (MODEL.KEYPOINT_ON)")
+    if lsj.ENABLED and cfg.MODEL.LOAD_PROPOSALS:
+        raise ConfigError("INPUT.EQLOSSES.LSJ.ENABLED: the copy-paste mapper loads no proposals (MODEL.LOAD_PROPOSALS)")
+
 
 #: padding value of the canvas (Detectron2's ``FixedSizeCrop`` default)
 PAD_VALUE = 128.0
@@ -266,8 +304,6 @@ class CopyPasteDatasetMapper:
     def from_config(cls, cfg, dataset=None):
         """``INPUT.EQLOSSES.LSJ.*`` / ``INPUT.EQLOSSES.COPY_PASTE.*``; the training dataset
         of ``DATASETS.TRAIN`` unless given (its dicts, as the train loader loads them)."""
-        from ..config import validate_copy_paste
-
         validate_copy_paste(cfg)
         if dataset is None:
             dataset = get_detection_dataset_dicts(

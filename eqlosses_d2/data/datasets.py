@@ -21,7 +21,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .class_stats import ClassStatistics, load_class_statistics
-from .synthetic import QUICKSTART_SPEC, TINY_SPEC, SyntheticLVISSpec, default_data_root, ensure_synthetic_lvis
+from .synthetic_spec import QUICKSTART_SPEC, TINY_SPEC, SyntheticLVISSpec, default_data_root
 
 __all__ = [
     "DatasetError",
@@ -86,6 +86,8 @@ def prepare_dataset(name: str, with_statistics: bool = True):
     meta = MetadataCatalog.get(name)
     spec = meta.get("synthetic_spec")
     if spec is not None:
+        from .synthetic import ensure_synthetic_lvis  # the generator, loaded when data is made
+
         ensure_synthetic_lvis(SyntheticLVISSpec(**spec), root=meta.synthetic_root)
     json_file = meta.get("json_file")
     if json_file is None:
@@ -104,7 +106,11 @@ def prepare_dataset(name: str, with_statistics: bool = True):
     if image_root is not None and not os.path.isdir(image_root):
         raise DatasetError(f"dataset '{name}': image directory {image_root} not found")
     if with_statistics and meta.get("class_statistics") is None:
-        stats = load_class_statistics(json_file)
+        try:
+            # Detectron2's LVIS loader asserts on polygons of < 3 points; check them first
+            stats = load_class_statistics(json_file, lvis_polygons=meta.get("evaluator_type") == "lvis")
+        except ValueError as e:  # a malformed file: the message names it and the annotation
+            raise DatasetError(f"dataset '{name}': {e}") from None
         meta.set(class_statistics=stats)
         if meta.get("thing_classes") is None:
             meta.set(thing_classes=list(stats.class_names))

@@ -21,6 +21,11 @@ from typing import Dict
 
 import numpy as np
 
+from .ground_truth import LVISGroundTruth
+from .lvis_api_backend import numpy_float_alias
+from .results import check_mask_results
+from .rules import check_scores
+
 __all__ = ["BOUNDARY_DILATION_RATIO", "evaluate_lvis_boundary", "mask_to_boundary"]
 
 BOUNDARY_DILATION_RATIO = 0.02
@@ -81,13 +86,10 @@ def evaluate_lvis_boundary(
     """
     from lvis import LVISResults
 
-    from .lvis_evaluation import LVISGroundTruth, _check_scores, _numpy_float_alias
-    from .results import check_mask_results
-
     gt = lvis_gt if isinstance(lvis_gt, LVISGroundTruth) else LVISGroundTruth(lvis_gt)
     predictions = list(predictions)
     check_mask_results(predictions)
-    _check_scores(predictions)
+    check_scores(predictions)
     keys = ("image_id", "category_id", "score", "segmentation")
     # new top-level dicts (lvis-api writes area/id/bbox into them; the RLEs it only reads);
     # no bbox: mask areas, as for segm
@@ -95,7 +97,7 @@ def evaluate_lvis_boundary(
     if not dts:
         return OrderedDict()
     lvis_api_gt = gt.lvis_api()
-    with _numpy_float_alias():
+    with numpy_float_alias():
         ev = _lvis_eval_with_boundary_iou(dilation_ratio)(
             lvis_api_gt, LVISResults(lvis_api_gt, dts, max_dets=max_dets_per_image), "segm"
         )

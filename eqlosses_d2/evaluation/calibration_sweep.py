@@ -27,7 +27,7 @@ from detectron2.utils import comm
 from ..atomic import atomic_write
 from ..calibration import ScoreCalibration
 from ..modeling.box_predictor import CosineClassifier
-from .lvis_evaluation import LVISEvaluator
+from .evaluator import LVISEvaluator
 from .plot import plot_or_warn
 
 __all__ = ["SWEPT_PARAMETER", "best_row", "calibration_sweep", "format_sweep_table", "plot_sweep"]

@@ -17,7 +17,7 @@ import os
 
 from ..atomic import atomic_write
 
-__all__ = ["plot_or_warn", "plot_per_category_ap"]
+__all__ = ["plot_or_warn", "plot_per_category_ap", "scatter_against_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,36 +30,52 @@ def plot_per_category_ap(records, path, title=None):
     ``path`` (PNG). Categories without AP (no ground truth) or without an image count
     are left out; the title says how many. Returns the number of categories plotted.
     """
+    plotted = [r for r in records if r.get("AP") is not None and r.get("image_count")]
+    groups = []
+    for group, (label, color) in GROUP_STYLE.items():
+        members = [r for r in plotted if r.get("frequency") == group]
+        groups.append((label, color, [r["image_count"] for r in members], [r["AP"] for r in members]))
+    left_out = len(records) - len(plotted)
+    heading = title or "per-category AP"
+    scatter_against_counts(
+        groups, path, xlabel="training images of the category", ylabel="AP",
+        title=heading + (f" ({left_out} categories without AP left out)" if left_out else ""),
+        legend="{label} ({n}): mean AP {mean:.1f}", size=12,
+    )
+    return len(plotted)
+
+
+def scatter_against_counts(groups, path, *, xlabel, ylabel, title, legend, size):
+    """
+    The long-tail figure both tasks draw: for each group ``(label, color, xs, ys)`` (a
+    group without points is skipped), its points against training counts (x, log scale)
+    and its mean as a dashed line, labelled ``legend.format(label=, n=, mean=)``; y from −2
+    to 102; saved to ``path`` as a PNG, atomically.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib import pyplot as plt
 
-    plotted = [r for r in records if r.get("AP") is not None and r.get("image_count")]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     try:
-        for group, (label, color) in GROUP_STYLE.items():
-            members = [r for r in plotted if r.get("frequency") == group]
-            if not members:
+        for label, color, xs, ys in groups:
+            if not ys:
                 continue
-            mean = sum(r["AP"] for r in members) / len(members)
-            ax.scatter([r["image_count"] for r in members], [r["AP"] for r in members], s=12, color=color,
-                       alpha=0.7, label=f"{label} ({len(members)}): mean AP {mean:.1f}")
+            mean = sum(ys) / len(ys)
+            ax.scatter(xs, ys, s=size, color=color, alpha=0.7, label=legend.format(label=label, n=len(ys), mean=mean))
             ax.axhline(mean, color=color, linewidth=1, linestyle="--")
         ax.set_xscale("log")
-        ax.set_xlabel("training images of the category")
-        ax.set_ylabel("AP")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_ylim(-2, 102)
-        left_out = len(records) - len(plotted)
-        heading = title or "per-category AP"
-        ax.set_title(heading + (f" ({left_out} categories without AP left out)" if left_out else ""), fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
         atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-    return len(plotted)
 
 
 def plot_or_warn(function, *args, path, **kwargs):

@@ -220,7 +220,7 @@ class ResultArrays:
 
     def top_per_category(self, k: int) -> np.ndarray:
         """
-        Fixed AP's cut on arrays (:func:`~.lvis_evaluation.top_detections_per_category`):
+        Fixed AP's cut on arrays (:func:`~.fixed_ap.top_detections_per_category`):
         the indices of each category's ``k`` highest-scoring results, categories in order of
         first appearance, best first, ties in results order.
         """

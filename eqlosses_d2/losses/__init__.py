@@ -1,32 +1,51 @@
 """
-Classification losses of the RoI box predictor: pure PyTorch, one file per method,
-registered by name (``MODEL.EQLOSSES.LOSS``). See :mod:`.base` for the interface.
+Classification losses: pure PyTorch, one file per method, each class registered by its name
+in a Detectron2 ``Registry`` (:mod:`eqlosses_d2.registry`):
+
+- RoI box predictor: ``ROI_CLS_LOSS_REGISTRY`` (``MODEL.EQLOSSES.LOSS``), interface in :mod:`.base`;
+- one-stage heads: ``DENSE_CLS_LOSS_REGISTRY`` (``MODEL.EQLOSSES.ONE_STAGE.LOSS``), interface in :mod:`.dense`.
+
+A loss declares its config node and defaults next to its code (``add_config``); adding one is a
+new file here and one import line below.
 """
-from .base import ClassificationLoss, all_reduce_sum, check_finite_logits
-from .registry import LOSS_REGISTRY, build_loss, build_loss_from_cfg, loss_hparams_from_cfg, register_loss
+from ..registry import DENSE_CLS_LOSS_REGISTRY, ROI_CLS_LOSS_REGISTRY
+from .base import (
+    ClassificationLoss,
+    all_reduce_sum,
+    build_loss,
+    build_loss_from_cfg,
+    check_finite_logits,
+    loss_hparams_from_cfg,
+)
+from .dense import DenseClassificationLoss, build_dense_loss, build_dense_loss_from_cfg
 
 # registration: one module per method
-from . import softmax as _softmax  # noqa: F401
-from . import sigmoid as _sigmoid  # noqa: F401
-from . import eql as _eql  # noqa: F401
-from . import eqlv2 as _eqlv2  # noqa: F401
-from . import softmax_eql as _softmax_eql  # noqa: F401
-from . import seesaw as _seesaw  # noqa: F401
-from . import federated as _federated  # noqa: F401
-from . import gumbel as _gumbel  # noqa: F401
-from . import iif as _iif  # noqa: F401
-from . import pcb as _pcb  # noqa: F401
-from . import equilibrium as _equilibrium  # noqa: F401
+from . import softmax as _softmax  # noqa: F401,E402
+from . import sigmoid as _sigmoid  # noqa: F401,E402
+from . import eql as _eql  # noqa: F401,E402
+from . import eqlv2 as _eqlv2  # noqa: F401,E402
+from . import softmax_eql as _softmax_eql  # noqa: F401,E402
+from . import seesaw as _seesaw  # noqa: F401,E402
+from . import federated as _federated  # noqa: F401,E402
+from . import gumbel as _gumbel  # noqa: F401,E402
+from . import iif as _iif  # noqa: F401,E402
+from . import pcb as _pcb  # noqa: F401,E402
+from . import equilibrium as _equilibrium  # noqa: F401,E402
+from . import focal as _focal  # noqa: F401,E402  # dense
+from . import efl as _efl  # noqa: F401,E402  # dense
 
-# one-stage (dense) losses: their own interface and registry (MODEL.EQLOSSES.ONE_STAGE.LOSS)
-from .dense import DENSE_LOSS_REGISTRY, build_dense_loss, build_dense_loss_from_cfg  # noqa: E402
-from . import focal as _focal  # noqa: F401,E402
-from . import efl as _efl  # noqa: F401,E402
+#: the RoI losses' registry under its former name
+LOSS_REGISTRY = ROI_CLS_LOSS_REGISTRY
+#: the dense losses' registry under its former name
+DENSE_LOSS_REGISTRY = DENSE_CLS_LOSS_REGISTRY
 
 __all__ = [
     "ClassificationLoss",
+    "DENSE_CLS_LOSS_REGISTRY",
     "DENSE_LOSS_REGISTRY",
+    "DenseClassificationLoss",
     "LOSS_REGISTRY",
+    "ROI_CLS_LOSS_REGISTRY",
     "all_reduce_sum",
     "build_dense_loss",
     "build_dense_loss_from_cfg",
@@ -34,5 +53,4 @@ __all__ = [
     "build_loss_from_cfg",
     "check_finite_logits",
     "loss_hparams_from_cfg",
-    "register_loss",
 ]

@@ -13,9 +13,14 @@ A loss is a pure-PyTorch ``nn.Module`` (no Detectron2 import). It knows
 - what bias its classifier starts from (:meth:`classifier_bias_init`).
 
 Adaptive state (gradient statistics, counts, ...) lives in registered buffers: it is
-saved in checkpoints and comes back on resume. Per-iteration contributions are summed
-over processes with :func:`all_reduce_sum` before they are accumulated (Detectron2's
-DDP wrapper uses ``broadcast_buffers=False``, so nothing else would synchronize them).
+saved in checkpoints and comes back on resume. What a step collected for it is summed
+over processes with :func:`sync_state` (one call, one collective per dtype) before it is
+accumulated (Detectron2's DDP wrapper uses ``broadcast_buffers=False``, so nothing else
+would synchronize them).
+
+Logged scalars: ``scalars()`` reads the numbers worth watching; what a loss must keep from
+a step only to log it is kept when ``scalars_wanted`` is true (the box predictor sets it to
+whether the step is a logging step; True outside a trainer).
 
 Per-class statistics (image counts, frequency groups) come from the model's
 ``ClassStatsBuffers``, handed to the loss as ``class_stats`` (any object with the same
@@ -43,10 +48,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from ..registry import ROI_CLS_LOSS_REGISTRY, lookup
+
 __all__ = [
     "DEVICE_POLICY",
     "ClassificationLoss",
+    "ConfiguredMethod",
     "all_reduce_sum",
+    "sync_state",
+    "build_loss",
+    "build_loss_from_cfg",
+    "loss_hparams_from_cfg",
     "gpu_policy",
     "nan_unless",
     "check_finite_logits",
@@ -62,6 +74,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def sync_state(*contributions: torch.Tensor, finite: Optional[torch.Tensor] = None, dtype=None):
+    """
+    What a head collected in a step for the state that must stay the same in every process
+    (gradient statistics, counts, mean scores, confusion rows), summed over the processes in
+    one call; the one way the losses synchronize their state.
+
+    The contributions (any shapes) are packed into one flat buffer per dtype (``dtype``: cast
+    all to it first, e.g. float64 for statistics kept in float64), all-reduced (one collective
+    per dtype; a no-op in one process) and returned as new tensors of their shapes, in their
+    order. ``finite``: None, or a 0-dim bool tensor (the GPU policy's finite check of the
+    logits, :func:`check_finite_logits`): when false this process contributes zeros, without a
+    host read. Every process must call it every step with the same shapes (a collective).
+    """
+    tensors = [c.detach() if dtype is None else c.detach().to(dtype) for c in contributions]
+    out: list = [None] * len(tensors)
+    by_dtype: Dict[torch.dtype, list] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for indices in by_dtype.values():
+        packed = torch.cat([tensors[i].reshape(-1) for i in indices])
+        packed = all_reduce_sum(keep_unless_nonfinite(finite, packed))
+        start = 0
+        for i in indices:
+            size = tensors[i].numel()
+            out[i] = packed[start : start + size].view(tensors[i].shape)
+            start += size
+    return out
 
 
 #: How the losses treat a device. "auto": the CPU policy on the CPU (cache-sized chunks, host reads
@@ -172,7 +213,54 @@ def tail_class_mask(class_stats, lam: float) -> torch.Tensor:
     return frequency < lam
 
 
-class ClassificationLoss(nn.Module):
+def loss_hparams_from_cfg(cls, eqlosses_cfg) -> dict:
+    """The constructor kwargs of ``cls`` from its node under ``MODEL.EQLOSSES`` (a dict-like): the
+    node's keys in lower case (none without a node)."""
+    node = getattr(cls, "config_node", None)
+    if not node:
+        return {}
+    return {key.lower(): value for key, value in eqlosses_cfg[node].items()}
+
+
+class ConfiguredMethod:
+    """What a registered loss declares about its config: its ``name`` (the value that selects
+    it), its node under ``MODEL.EQLOSSES`` (``config_node``, whose keys are its constructor's
+    keyword arguments in upper case) and that node's keys and defaults (``add_config``)."""
+
+    #: the name its registry knows it by (the config value)
+    name = "base"
+    #: its hyper-parameter node under ``MODEL.EQLOSSES`` (None: no hyper-parameters)
+    config_node = None
+    #: its row of the README's method table (:mod:`eqlosses_d2.model_zoo.docs`): the method (a
+    #: short name and the paper), what the paper reports, and what we measured
+    doc_method = ""
+    doc_paper = ""
+    doc_ours = ""
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``MODEL.EQLOSSES.<config_node>`` with every key, its default and a one-line
+        comment to ``cfg`` (use :func:`eqlosses_d2.registry.config_node`). Nothing without a node."""
+
+    @classmethod
+    def hparams_from_cfg(cls, eqlosses_cfg) -> dict:
+        """The constructor's keyword arguments from ``cfg.MODEL.EQLOSSES``."""
+        return loss_hparams_from_cfg(cls, eqlosses_cfg)
+
+
+def build_loss(name: str, num_classes: int, class_stats=None, **hparams):
+    """The RoI classification loss registered as ``name`` (``ROI_CLS_LOSS_REGISTRY``)."""
+    return lookup(ROI_CLS_LOSS_REGISTRY, name)(num_classes, class_stats=class_stats, **hparams)
+
+
+def build_loss_from_cfg(eqlosses_cfg, num_classes: int, class_stats=None):
+    """The loss ``MODEL.EQLOSSES.LOSS`` names, with the hyper-parameters of its node (a loss built
+    on another, PCB, reads that one's node too: its own ``hparams_from_cfg``)."""
+    cls = lookup(ROI_CLS_LOSS_REGISTRY, eqlosses_cfg.LOSS)
+    return cls(num_classes, class_stats=class_stats, **cls.hparams_from_cfg(eqlosses_cfg))
+
+
+class ClassificationLoss(ConfiguredMethod, nn.Module):
     #: logits beyond the C class logits
     extra_logits = 1
     #: the name the loss registry knows it by
@@ -184,6 +272,9 @@ class ClassificationLoss(nn.Module):
     #: True when ``predict_probs`` is a plain softmax of ``activation_logits`` (C + 1 columns,
     #: background last): what logit-space calibration (IIF, NorCal on logits) needs
     softmax_logits = False
+    #: whether this step's ``scalars()`` will be read: a loss keeps what it needs only for
+    #: them when true (the box predictor sets it on every training step: its logging steps)
+    scalars_wanted = True
 
     def __init__(self, num_classes: int, class_stats=None):
         super().__init__()

@@ -1,6 +1,6 @@
 """
 The interface of the classification losses of one-stage (dense) detectors, and their
-registry (``MODEL.EQLOSSES.ONE_STAGE.LOSS``).
+builders (``MODEL.EQLOSSES.ONE_STAGE.LOSS`` names one of ``DENSE_CLS_LOSS_REGISTRY``).
 
 The RoI-loss interface (:mod:`.base`) normalizes by the number of sampled RoIs and
 returns C + 1 probability columns; a dense loss differs in both, so it has its own:
@@ -16,13 +16,14 @@ returns C + 1 probability columns; a dense loss differs in both, so it has its o
 
 Pure PyTorch, no Detectron2 import.
 """
-from typing import Dict, Type
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import all_reduce_sum, check_finite_logits, gpu_policy, nan_unless_finite_hook
+from ..registry import DENSE_CLS_LOSS_REGISTRY, lookup
+from .base import ConfiguredMethod, check_finite_logits, gpu_policy, nan_unless_finite_hook, sync_state
 
 __all__ = [
     "DENSE_LOSS_REGISTRY",
@@ -30,38 +31,23 @@ __all__ = [
     "build_dense_loss",
     "build_dense_loss_from_cfg",
     "positive_anchor_normalizer",
-    "register_dense_loss",
     "world_size",
 ]
 
-DENSE_LOSS_REGISTRY: Dict[str, Type] = {}
-
-
-def register_dense_loss(cls):
-    if cls.name in DENSE_LOSS_REGISTRY:
-        raise KeyError(f"dense loss '{cls.name}' is registered twice")
-    DENSE_LOSS_REGISTRY[cls.name] = cls
-    return cls
-
-
-def _dense_loss_class(name: str):
-    if name not in DENSE_LOSS_REGISTRY:
-        raise KeyError(
-            f"MODEL.EQLOSSES.ONE_STAGE.LOSS: unknown loss '{name}' (known: {', '.join(sorted(DENSE_LOSS_REGISTRY))})"
-        )
-    return DENSE_LOSS_REGISTRY[name]
+#: the registry of the dense losses (Detectron2's ``Registry``, see :mod:`eqlosses_d2.registry`)
+DENSE_LOSS_REGISTRY = DENSE_CLS_LOSS_REGISTRY
 
 
 def build_dense_loss(name: str, num_classes: int, class_stats=None, **hparams):
-    return _dense_loss_class(name)(num_classes, class_stats=class_stats, **hparams)
+    """The dense loss registered as ``name``."""
+    return lookup(DENSE_CLS_LOSS_REGISTRY, name)(num_classes, class_stats=class_stats, **hparams)
 
 
 def build_dense_loss_from_cfg(eqlosses_cfg, num_classes: int, class_stats=None):
     """The loss ``MODEL.EQLOSSES.ONE_STAGE.LOSS`` names, with the keys of its node under
     ``MODEL.EQLOSSES`` (its constructor's keyword arguments in upper case)."""
-    cls = _dense_loss_class(eqlosses_cfg.ONE_STAGE.LOSS)
-    hparams = {key.lower(): value for key, value in eqlosses_cfg[cls.config_node].items()}
-    return cls(num_classes, class_stats=class_stats, **hparams)
+    cls = lookup(DENSE_CLS_LOSS_REGISTRY, eqlosses_cfg.ONE_STAGE.LOSS)
+    return cls(num_classes, class_stats=class_stats, **cls.hparams_from_cfg(eqlosses_cfg))
 
 
 def world_size() -> int:
@@ -82,15 +68,13 @@ def positive_anchor_normalizer(num_pos_anchors, device=None):
     host read: what the models pass).
     """
     if torch.is_tensor(num_pos_anchors):
-        count = num_pos_anchors.detach().to(dtype=torch.float64, device=device, copy=True).reshape(())
-        all_reduce_sum(count)
+        (count,) = sync_state(num_pos_anchors.to(device=device).reshape(()), dtype=torch.float64)
         return (count.clamp(min=1.0) / world_size()).float()
-    count = torch.as_tensor(float(num_pos_anchors), dtype=torch.float64, device=device)
-    all_reduce_sum(count)
+    (count,) = sync_state(torch.as_tensor(float(num_pos_anchors), dtype=torch.float64, device=device))
     return max(float(count), 1.0) / world_size()
 
 
-class DenseClassificationLoss(nn.Module):
+class DenseClassificationLoss(ConfiguredMethod, nn.Module):
     #: the name ``MODEL.EQLOSSES.ONE_STAGE.LOSS`` knows it by
     name = "dense"
     #: its hyper-parameter node under ``MODEL.EQLOSSES``

@@ -31,17 +31,29 @@ max(1, all-reduced positive count) / W). Pure PyTorch, no Detectron2 import.
 import torch
 
 from .base import empty_loss
-from .dense import DenseClassificationLoss, register_dense_loss, world_size
+from ..registry import DENSE_CLS_LOSS_REGISTRY, config_node, register
+from .dense import DenseClassificationLoss, world_size
 from .focal import focal_loss_sum
 from .gradient_stats import GradientStats, frequency_group_means
 
 __all__ = ["EqualizedFocalLoss"]
 
 
-@register_dense_loss
+@register(DENSE_CLS_LOSS_REGISTRY)
 class EqualizedFocalLoss(DenseClassificationLoss):
     name = "efl"
     config_node = "EFL"
+
+    @classmethod
+    def add_config(cls, cfg):
+        # Equalized Focal Loss (Li et al. 2022): γ_j = GAMMA + SCALE_FACTOR·(1 - g_j), weight γ_j / GAMMA.
+        _C = config_node(cfg, "MODEL.EQLOSSES.EFL")
+        # α of the focal terms (< 0: no α weighting).
+        _C.ALPHA = 0.25
+        # γ_b: the focusing factor of a class with balanced gradients (g_j = 1).
+        _C.GAMMA = 2.0
+        # s: how much γ_j grows as the class's positive/negative gradient ratio g_j falls to 0.
+        _C.SCALE_FACTOR = 8.0
 
     #: g_j before any statistics (the authors' ``pos_neg`` starts at 1: plain focal loss)
     INITIAL_RATIO = 1.0

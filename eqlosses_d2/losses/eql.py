@@ -23,18 +23,30 @@ code; the hyper-parameter is called ``tail_threshold`` rather than ``lambda_``.
 import torch
 
 from .base import empty_loss, tail_class_mask
-from .fused import masked_sigmoid_bce
-from .registry import register_loss
+from .fused import weighted_sigmoid_bce
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 from .sigmoid import SigmoidCrossEntropy
 
 __all__ = ["EqualizationLoss"]
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class EqualizationLoss(SigmoidCrossEntropy):
     name = "eql"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = 'EQL (Tan et al., CVPR 2020)'
+    doc_paper = '1x random: mask AP 18.6, APr 2.1'
     config_node = "EQL"
     extra_logits = 0
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.EQL")
+        # λ: classes with image frequency below it lose their negatives on foreground RoIs
+        # (LVIS v1 0.0011, v0.5 0.00177).
+        _C.TAIL_THRESHOLD = 0.0011
+        # Prior π of the classifier bias init, b = -log((1 - π) / π).
+        _C.PRIOR_PROB = 0.001
 
     def __init__(self, num_classes, class_stats=None, tail_threshold=0.0011, prior_prob=0.001):
         super().__init__(num_classes, class_stats, prior_prob=prior_prob)
@@ -54,7 +66,7 @@ class EqualizationLoss(SigmoidCrossEntropy):
         # w_ij = 1 - E(r_i) T_λ(f_j) (1 - y_ij): the negatives of a background RoI keep
         # weight 1, those of a foreground RoI weight 1 - T_λ (its positive always 1)
         keep = (~tail).to(device=logits.device, dtype=torch.float32)
-        return {"loss_cls": masked_sigmoid_bce(logits, labels, fg_weight=keep)}
+        return {"loss_cls": weighted_sigmoid_bce(logits, labels, fg_weight=keep)}
 
     def extra_repr(self):
         return f"num_classes={self.num_classes}, tail_threshold={self.tail_threshold}, prior_prob={self.prior_prob}"

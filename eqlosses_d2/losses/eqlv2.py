@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss, scaled_stashed_grad
 from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
-from .registry import register_loss
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 from .sigmoid import prior_bias
 
 __all__ = ["EqualizationLossV2"]
@@ -110,12 +110,29 @@ class _SoftWeightedSigmoidBCE(torch.autograd.Function):
         return scaled_stashed_grad(ctx, grad_loss, "EQLv2"), None, None, None
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class EqualizationLossV2(ClassificationLoss):
     name = "eqlv2"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = 'EQLv2 (Tan et al., CVPR 2021)'
+    doc_paper = '1x random: mask AP 23.7 (APr 14.9, APc 22.8, APf 28.6); 2x: 25.5'
     family = "sigmoid"
     config_node = "EQLV2"
     extra_logits = 1
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.EQLV2")
+        # γ of the weight mapping f(g) = 1 / (1 + exp(-γ (g - μ))).
+        _C.GAMMA = 12.0
+        # μ of the weight mapping f.
+        _C.MU = 0.8
+        # α of the positive weight q = 1 + α (1 - r).
+        _C.ALPHA = 4.0
+        # Inference p_j = σ(z_j)·(1 - σ(z_bg)) (True) or σ(z_j) (False).
+        _C.TEST_WITH_OBJ = True
+        # Prior π of the bias init of all C + 1 channels, objectness included (authors' head).
+        _C.PRIOR_PROB = 0.001
 
     #: the ratio before any statistics: f(100) = 1 for any sensible γ, μ (plain BCE)
     INITIAL_RATIO = 100.0

@@ -27,7 +27,7 @@ Differences from Detectron2 main:
   draw is the same ``torch.multinomial`` call on the same weights); the background
   column of :meth:`predict_probs` is ``1 - max_j p_j`` as for the other sigmoid losses.
 - the loss and its gradient come from one fused computation over all C columns with
-  weight 1 on the columns of S and 0 elsewhere (:func:`~.fused.masked_sigmoid_bce`),
+  weight 1 on the columns of S and 0 elsewhere (:func:`~.fused.weighted_sigmoid_bce`),
   instead of main's masked BCE through autograd: the same value and gradient up to float
   rounding, in one pass over the logits.
 - when fewer classes have a positive weight than places are left (fewer than 50
@@ -47,8 +47,8 @@ number of classes with images is read once per state of the statistics.
 import torch
 
 from .base import ClassificationLoss, empty_loss
-from .fused import masked_sigmoid_bce
-from .registry import register_loss
+from .fused import weighted_sigmoid_bce
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 from .sigmoid import prior_bias, with_background_column
 
 __all__ = ["FederatedLoss", "federated_classes"]
@@ -82,12 +82,25 @@ def federated_classes(labels: torch.Tensor, num_fed_classes: int, num_classes: i
     return torch.cat([unique_labels, sampled])
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class FederatedLoss(ClassificationLoss):
     name = "federated"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = "Federated loss (CenterNet2; Detectron2 main's semantics)"
+    doc_paper = 'CenterNet2 1x RFS box AP 26.5 → 28.3'
     config_node = "FEDERATED"
     extra_logits = 0
     family = "sigmoid"
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.FEDERATED")
+        # |S|: classes in the loss per batch, the background index counted when present (as Detectron2 main).
+        _C.NUM_FED_CLASSES = 50
+        # Extra classes are drawn with probability ∝ image_count ** power.
+        _C.FREQ_WEIGHT_POWER = 0.5
+        # Classifier bias init -log((1 - π) / π) (CenterNet2's 0.01); 0.5 gives main's zero bias.
+        _C.PRIOR_PROB = 0.01
 
     def __init__(self, num_classes, class_stats=None, num_fed_classes=50, freq_weight_power=0.5, prior_prob=0.01):
         super().__init__(num_classes, class_stats)
@@ -132,7 +145,7 @@ class FederatedLoss(ClassificationLoss):
         # BCE over the columns of S: every other column has weight 0 (a RoI's own class is in S)
         in_set = torch.zeros(num_classes, dtype=torch.float32, device=logits.device)
         in_set[fed_classes] = 1.0
-        loss = masked_sigmoid_bce(logits, labels, bg_weight=in_set, fg_weight=in_set)
+        loss = weighted_sigmoid_bce(logits, labels, bg_weight=in_set, fg_weight=in_set)
         return {"loss_cls": loss}
 
     def predict_probs(self, logits):

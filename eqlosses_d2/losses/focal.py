@@ -29,7 +29,8 @@ import torch
 from torch.nn import functional as F
 
 from .base import empty_loss, scaled_stashed_grad
-from .dense import DenseClassificationLoss, register_dense_loss
+from ..registry import DENSE_CLS_LOSS_REGISTRY, config_node, register
+from .dense import DenseClassificationLoss
 from .fused import row_chunks
 
 __all__ = ["SigmoidFocalLoss", "focal_loss_sum"]
@@ -61,7 +62,7 @@ class _FocalLossSum(torch.autograd.Function):
         else:
             pos_alpha = neg_alpha = 1.0
         # per-column factors of the negatives' loss and gradient
-        neg_weight = weight * neg_alpha if torch.is_tensor(weight) else weight * neg_alpha
+        neg_weight = weight * neg_alpha
         neg_scale = neg_weight * scale
         square = not torch.is_tensor(gamma) and gamma == 2.0
 
@@ -143,12 +144,21 @@ def focal_loss_sum(logits, labels, gamma=2.0, weight=1.0, alpha=0.25, normalizer
         )
 
 
-@register_dense_loss
+@register(DENSE_CLS_LOSS_REGISTRY)
 class SigmoidFocalLoss(DenseClassificationLoss):
     """The plain sigmoid focal loss; no state."""
 
     name = "focal"
     config_node = "FOCAL"
+
+    @classmethod
+    def add_config(cls, cfg):
+        # Sigmoid focal loss of the one-stage models (read instead of MODEL.RETINANET.FOCAL_LOSS_*).
+        _C = config_node(cfg, "MODEL.EQLOSSES.FOCAL")
+        # α: weight of the positives' terms, 1 - α of the negatives' (< 0: no α weighting).
+        _C.ALPHA = 0.25
+        # γ: focusing factor (1 - p_t)^γ.
+        _C.GAMMA = 2.0
 
     def __init__(self, num_classes, class_stats=None, alpha=0.25, gamma=2.0):
         super().__init__(num_classes, class_stats)

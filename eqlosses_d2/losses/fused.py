@@ -17,6 +17,14 @@ everywhere when forced):
   (256 MB of float32), and at most one copy of the matrix: with the gradient buffer handed
   to autograd, a kernel's peak extra memory stays within two float32 copies of its logits.
 
+The kernels that walk rows in chunks take them from :func:`row_ranges` and nowhere else:
+the affine softmax CE here (IIF, LOCE), the weighted one-hot BCE here (EQL, Federated),
+Softmax-EQL's, Gumbel's, PCB's soft-label CE and confusion update, the focal loss / EFL, and
+the calibrations' row-wise softmax (``tests/test_fused.py`` checks that no other module sets a
+chunk size of its own). EQLv2's weighted BCE and Seesaw's two cross-entropies work on the
+whole matrix in one pass, with one logit-sized buffer that becomes the gradient: within the
+same bound (two float32 copies of the logits), without chunks.
+
 Pure PyTorch, no Detectron2 import.
 """
 from typing import List, Optional, Tuple
@@ -31,7 +39,7 @@ __all__ = [
     "GPU_CHUNK_ELEMENTS",
     "affine_into",
     "affine_softmax_cross_entropy",
-    "masked_sigmoid_bce",
+    "weighted_sigmoid_bce",
     "row_chunks",
     "row_ranges",
     "rows_in_chunks",
@@ -154,7 +162,7 @@ def affine_softmax_cross_entropy(logits, labels, scale=None, shift=None) -> torc
         return _AffineSoftmaxCE.apply(logits, labels.long(), scale, shift)
 
 
-class _MaskedSigmoidBCE(torch.autograd.Function):
+class _OneHotWeightedSigmoidBCE(torch.autograd.Function):
     """
     ``Σ_ij w_ij · BCE(z_ij, y_ij) / N`` for one-hot targets (y_ij = 1 iff j = label_i; a
     label ≥ K means an all-negative row), where a positive has weight 1 and a negative
@@ -199,7 +207,7 @@ class _MaskedSigmoidBCE(torch.autograd.Function):
         return scaled_stashed_grad(ctx, grad_output, "sigmoid BCE"), None, None, None
 
 
-def masked_sigmoid_bce(logits, labels, bg_weight=None, fg_weight=None) -> torch.Tensor:
+def weighted_sigmoid_bce(logits, labels, bg_weight=None, fg_weight=None) -> torch.Tensor:
     """
     The N-normalized sigmoid BCE of (N, K) logits against the one-hot of ``labels`` (a
     label ≥ K: no positive in the row), the negatives weighted per column: by
@@ -213,4 +221,4 @@ def masked_sigmoid_bce(logits, labels, bg_weight=None, fg_weight=None) -> torch.
     bg_weight = ones if bg_weight is None else bg_weight.to(logits).contiguous()
     fg_weight = ones if fg_weight is None else fg_weight.to(logits).contiguous()
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return _MaskedSigmoidBCE.apply(logits, labels.long(), bg_weight, fg_weight)
+        return _OneHotWeightedSigmoidBCE.apply(logits, labels.long(), bg_weight, fg_weight)

@@ -12,10 +12,10 @@ and read them back as the ratio ``g_j = pos_grad_j / (neg_grad_j + 1e-10)`` (EQL
 or directly (Softmax-EQL's indicators). Each loss computes its per-batch contribution
 analytically (no backward hook), so the statistics work under mixed precision too.
 
-State semantics (the method specification, METHODS.md, "Normalization and update order"):
+State semantics (the order of normalization and update every gradient-driven loss follows):
 
 - the buffers are registered, so they are saved in checkpoints and restored on resume;
-- the per-batch contribution (C,) of every process is summed with :func:`all_reduce_sum`
+- the per-batch contribution (C,) of every process is summed with :func:`.base.sync_state`
   *before* it is accumulated, so all processes hold identical statistics (Detectron2's
   DDP does not broadcast buffers);
 - a loss reads the statistics (its weights or margins for iteration t) before it adds
@@ -41,7 +41,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import all_reduce_sum, keep_unless_nonfinite
+from .base import sync_state
 
 __all__ = ["GradientStats", "frequency_group_means", "label_and_off_label_sums", "FREQUENCY_GROUP_NAMES"]
 
@@ -78,13 +78,10 @@ class GradientStats(nn.Module):
                 f"gradient statistics of {self.num_classes} classes got contributions of shape "
                 f"{tuple(pos_contrib.shape)} and {tuple(neg_contrib.shape)}"
             )
-        # one collective for both sums
-        contrib = torch.cat([pos_contrib.detach(), neg_contrib.detach()]).to(
-            device=self.pos_grad.device, dtype=torch.float64
-        )
-        contrib = all_reduce_sum(keep_unless_nonfinite(finite, contrib))
-        self.pos_grad += contrib[: self.num_classes]
-        self.neg_grad += contrib[self.num_classes :]
+        pos, neg = sync_state(pos_contrib.to(self.pos_grad.device), neg_contrib.to(self.pos_grad.device),
+                              finite=finite, dtype=torch.float64)  # one collective for both sums
+        self.pos_grad += pos
+        self.neg_grad += neg
 
     def update_without_samples(self):
         """This process had no sample this iteration: contribute zeros, so that the

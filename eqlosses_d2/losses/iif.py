@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss
 from .fused import affine_softmax_cross_entropy
-from .registry import register_loss
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 
 __all__ = ["IIFLoss", "IIF_VARIANTS", "iif_weights"]
 
@@ -82,11 +82,21 @@ def iif_weights(counts, total, variant: str = "raw") -> torch.Tensor:
     return -torch.log(-torch.log1p(-frequency))  # gombit
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class IIFLoss(ClassificationLoss):
     name = "iif"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = 'IIF weights, 14 variants (Alexandridis et al., TIP 2023)'
+    doc_paper = '2x RFS, cosine + feature aug.: 26.3 (APr 18.6)'
     config_node = "IIF"
     extra_logits = 1
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.IIF")
+        # raw | smooth | prob | normit | gombit | base2 | base10, each also as <variant>_obj
+        # (instance counts instead of image counts).
+        _C.VARIANT = "raw"
 
     def __init__(self, num_classes, class_stats=None, variant="raw"):
         super().__init__(num_classes, class_stats)

@@ -51,9 +51,10 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from .base import ClassificationLoss, all_reduce_sum, empty_loss, gpu_policy, keep_unless_nonfinite, scaled_stashed_grad
+from .base import ClassificationLoss, empty_loss, gpu_policy, keep_unless_nonfinite, scaled_stashed_grad, sync_state
 from .fused import row_chunks, row_ranges, rows_in_chunks, softmax_
-from .registry import build_loss, loss_hparams_from_cfg, register_loss
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, lookup, register
+from .base import build_loss, loss_hparams_from_cfg
 
 #: base losses PCB composes with, and how each reads scores into the confusion matrix:
 #: (score function, renormalize updated rows, column-normalize for the soft labels)
@@ -119,10 +120,28 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         return scaled_stashed_grad(ctx, grad_output, "PCB loss"), None, None, None, None, None, None, None
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class PairwiseClassBalanceLoss(ClassificationLoss):
     name = "pcb"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = (
+        'PCB (He et al., CVPR 2022) on softmax CE, Seesaw or EQLv2 (`PCB.BASE`); its iterative box head is '
+        '`MODEL.ROI_HEADS.NAME LongTailIterativeROIHeads`'
+    )
+    doc_paper = 'RFS + PCB 2x: mask AP 26.5; Seesaw + PCB: 27.2 (APr 19.0)'
     config_node = "PCB"
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.PCB")
+        # Base loss PCB composes with: "softmax", "seesaw" or "eqlv2" (its own node's keys apply).
+        _C.BASE = "softmax"
+        # α of PCB: positive RoIs' loss (1 − α)·CE + α·KL(soft label ‖ prediction).
+        _C.ALPHA = 0.4
+        # μ of the confusion matrix's moving average, M[c] ← μ·M[c] + (1 − μ)·batch mean.
+        _C.MOMENTUM = 0.99
+        # Fraction of SOLVER.MAX_ITER after which the soft labels are used (the paper: 17/24).
+        _C.START = 17 / 24
 
     def __init__(self, num_classes, class_stats=None, base="softmax", alpha=0.4, momentum=0.99, start=17 / 24,
                  *, base_hparams=None):
@@ -151,20 +170,22 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
     def hparams_from_cfg(cls, eqlosses_cfg) -> dict:
         """PCB's node, plus the base loss's own node as ``base_hparams``."""
         hparams = loss_hparams_from_cfg(cls, eqlosses_cfg)
-        base_cls = type(build_loss(hparams["base"], 1))
-        hparams["base_hparams"] = loss_hparams_from_cfg(base_cls, eqlosses_cfg)
+        if hparams["base"] not in PCB_BASES:
+            raise ValueError(f"PCB.BASE must be one of {', '.join(PCB_BASES)}, got '{hparams['base']}'")
+        hparams["base_hparams"] = lookup(ROI_CLS_LOSS_REGISTRY, hparams["base"]).hparams_from_cfg(eqlosses_cfg)
         return hparams
 
     def classifier_bias_init(self):
         return self.base.classifier_bias_init()
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, logit_sums: bool = False):
+    def update_confusion_and_gather(self, logits: torch.Tensor, labels: torch.Tensor, logit_sums: bool = False):
         """
-        Fold this batch's positive RoIs (all processes) into the confusion matrix. Returns
-        this process's distinct positive classes (U,), each positive's index into them
-        and, with ``logit_sums``, the per-class sums of the positives' class logits (U, C)
-        (else None), gathered in the same pass.
+        Two things in one pass over the positive RoIs: folds this batch's positives (all
+        processes) into the confusion matrix and the counts (the state), and gathers what the
+        loss needs of them: this process's distinct positive classes (U,), each positive's
+        index into them and, with ``logit_sums``, the per-class sums of the positives' class
+        logits (U, C) (else None).
         """
         num_classes = self.num_classes
         fg_rows = torch.nonzero(labels < num_classes, as_tuple=True)[0]
@@ -191,14 +212,14 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         if distributed:
             # the counts, then only the rows of the classes present in some process, in float32
             # (every process calls both collectives, the same rows in the same order)
-            all_reduce_sum(batch_counts)
+            batch_counts = sync_state(batch_counts)[0]
             updated = torch.nonzero(batch_counts > 0, as_tuple=True)[0]
             if updated.numel():
                 # this process's classes are among them (sorted, as torch.unique's)
                 slot = torch.searchsorted(updated, present).clamp_(max=updated.numel() - 1)
                 rows = torch.zeros(updated.numel(), num_classes, dtype=torch.float32, device=sums.device)
                 rows.index_add_(0, slot, keep_unless_nonfinite(finite, sums.float()))
-                sums = all_reduce_sum(rows).to(self.confusion)
+                sums = sync_state(rows)[0].to(self.confusion)
         if updated.numel():
             old_rows = self.confusion.index_select(0, updated)
             # μ·M[c] + (1 − μ)·mean_c, in place on the sums
@@ -243,10 +264,11 @@ class PairwiseClassBalanceLoss(ClassificationLoss):
         # before the loss, on every process; the fused kernel below needs the class sums of
         # the positives' logits, gathered with the scores
         may_be_active = self.base_name == "softmax" and progress is not None and progress >= self.start
-        present, inverse, class_logit_sums = self.update(logits, labels, logit_sums=may_be_active)
+        present, inverse, class_logit_sums = self.update_confusion_and_gather(logits, labels, logit_sums=may_be_active)
         active = self.is_active(progress)
         self._last_active = active
         if self.base_name != "softmax":
+            self.base.scalars_wanted = self.scalars_wanted
             class_target = None
             if active:
                 fg_labels = labels[labels < self.num_classes]

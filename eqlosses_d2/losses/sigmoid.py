@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from .base import ClassificationLoss, empty_loss
-from .registry import register_loss
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 
 __all__ = ["SigmoidCrossEntropy", "one_hot_foreground", "prior_bias", "with_background_column"]
 
@@ -39,12 +39,20 @@ def with_background_column(fg_probs: torch.Tensor) -> torch.Tensor:
     return torch.cat([fg_probs, background], dim=1)
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class SigmoidCrossEntropy(ClassificationLoss):
     name = "sigmoid"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = 'sigmoid BCE, bias prior 0.001'
     family = "sigmoid"
     config_node = "SIGMOID"
     extra_logits = 0
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.SIGMOID")
+        # Prior probability pi of the classifier bias init, b = -log((1 - pi) / pi).
+        _C.PRIOR_PROB = 0.001
 
     def __init__(self, num_classes, class_stats=None, prior_prob=0.001):
         super().__init__(num_classes, class_stats)

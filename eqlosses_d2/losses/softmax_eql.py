@@ -48,7 +48,7 @@ import torch
 from .base import ClassificationLoss, empty_loss, scaled_stashed_grad, softmax_with_background_last
 from .fused import row_chunks, softmax_
 from .gradient_stats import GradientStats, frequency_group_means, label_and_off_label_sums
-from .registry import register_loss
+from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 
 __all__ = ["SoftmaxEqualizationLoss"]
 
@@ -97,11 +97,26 @@ class _ShiftedSoftmaxCE(torch.autograd.Function):
         return scaled_stashed_grad(ctx, grad_loss, "Softmax-EQL"), None, None, None, None
 
 
-@register_loss
+@register(ROI_CLS_LOSS_REGISTRY)
 class SoftmaxEqualizationLoss(ClassificationLoss):
     name = "softmax_eql"
+    #: the README method table's row (``python -m eqlosses_d2.model_zoo.docs --write``)
+    doc_method = 'Softmax-EQL (arXiv 2210.05566), our detection adaptation'
+    doc_paper = '(classification only)'
     config_node = "SOFTMAX_EQL"
     extra_logits = 1
+
+    @classmethod
+    def add_config(cls, cfg):
+        _C = config_node(cfg, "MODEL.EQLOSSES.SOFTMAX_EQL")
+        # τ: margin τ·log(max(G_j, ε) / max(G_y, ε)), or the prior's exponent.
+        _C.TAU = 1.0
+        # ε: lower clamp of the accumulated gradients G (and the prior's denominator).
+        _C.EPS = 1e-4
+        # G from "pos" (label = j), "neg" (label ≠ j) or "pos_and_neg" gradients.
+        _C.INDICATOR = "pos"
+        # "margin" (pairwise, on foreground RoIs; default) or "prior" (z_j + log((G_j/ΣG)^τ + 1e-9)).
+        _C.FORM = "margin"
 
     def __init__(self, num_classes, class_stats=None, tau=1.0, eps=1e-4, indicator="pos", form="margin"):
         super().__init__(num_classes, class_stats)

@@ -9,8 +9,10 @@ from typing import Optional
 
 from detectron2.utils.file_io import PathHandler, PathManager
 
+from ..config import CONFIG_SOURCE_REGISTRY, add_eqlosses_config, merge_config_file, merge_config_list
+from ..registry import register
 from .download import cache_dir, fetch
-from .manifest import PREFIX, ModelZooEntry, ModelZooError, find_entry, load_manifest, normalize_name
+from .manifest import PREFIX, ModelZooEntry, ModelZooError, close_matches, find_entry, load_manifest, normalize_name
 
 __all__ = [
     "PREFIX",
@@ -72,8 +74,6 @@ def get_config_file(name: str) -> str:
 def merge_model_zoo_config(cfg, name: str):
     """Merge a model-zoo entry's config file and its ``opts`` into ``cfg`` (which has the
     eqlosses_d2 keys); what ``--config-file NAME`` does."""
-    from ..config import merge_config_file, merge_config_list
-
     entry = find_entry(name)
     merge_config_file(cfg, _config_file(entry))
     merge_config_list(cfg, list(entry.opts))
@@ -91,7 +91,6 @@ def get_config(name: str, trained: bool = False):
     """
     from detectron2.config import get_cfg
 
-    from ..config import add_eqlosses_config
 
     entry = find_entry(name)
     cfg = get_cfg()
@@ -188,3 +187,24 @@ def register_handler():
     """Make Detectron2's PathManager resolve ``eqlosses_d2://`` (idempotent: a second call
     replaces the handler, silently on Detectron2's own PathManager)."""
     PathManager.register_handler(ModelZooHandler())
+
+
+@register(CONFIG_SOURCE_REGISTRY)
+class ModelZooConfigSource:
+    """The model zoo's names as ``--config-file`` values (``eqlosses_d2.config.merge_config_file``
+    asks every source in ``CONFIG_SOURCE_REGISTRY``: config.py imports no model-zoo module)."""
+
+    name = "model_zoo"
+    what = "model-zoo"
+
+    @staticmethod
+    def is_name(name: str) -> bool:
+        return is_model_zoo_name(name)
+
+    @staticmethod
+    def merge(cfg, name: str):
+        return merge_model_zoo_config(cfg, name)
+
+    @staticmethod
+    def close_matches(name: str):
+        return close_matches(name)

@@ -1,5 +1,6 @@
 from .box_predictor import CosineClassifier, LongTailOutputLayers
 from .class_stats import ClassStatsBuffers, find_class_stats
+from .config_checks import validate_detectron2_names  # registration: a config check
 from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
 from .memory import FeatureMemory, jitter_boxes
 from .one_stage import LongTailFCOS, LongTailRetinaNet  # registration: one-stage meta-architectures
@@ -27,4 +28,5 @@ __all__ = [
     "jitter_boxes",
     "normalize_mask_predictor",
     "restrict_trainable",
+    "validate_detectron2_names",
 ]

@@ -41,7 +41,14 @@ from ..losses import build_loss_from_cfg
 from ..losses.base import ClassificationLoss
 from ..losses.equilibrium import instance_mean_scores
 
-__all__ = ["LOG_PERIOD", "LongTailOutputLayers", "CosineClassifier", "is_logging_step", "matched_instance_ids"]
+__all__ = [
+    "LOG_PERIOD",
+    "LongTailOutputLayers",
+    "CosineClassifier",
+    "is_logging_step",
+    "matched_instance_ids",
+    "put_loss_scalars",
+]
 
 #: the iterations after which Detectron2's ``DefaultTrainer`` writes its metrics (its
 #: ``PeriodicWriter(period=20)``); a trainer with another period sets this to match
@@ -61,6 +68,14 @@ def is_logging_step(max_iter: int = 0, period: int = None) -> bool:
         return False
     period = LOG_PERIOD if period is None else period
     return (storage.iter + 1) % period == 0 or (max_iter > 0 and storage.iter >= max_iter - 1)
+
+
+def put_loss_scalars(storage, loss, prefix: str = ""):
+    """A loss's ``scalars()`` into the EventStorage under ``<prefix><loss name>/``, unsmoothed
+    (the value of this iteration): the one way the heads log a loss's scalars, on logging
+    steps only (:func:`is_logging_step`)."""
+    for key, value in loss.scalars().items():
+        storage.put_scalar(f"{prefix}{loss.name}/{key}", value, smoothing_hint=False)
 
 
 def matched_instance_ids(proposals, num_classes: int) -> torch.Tensor:
@@ -173,8 +188,10 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             context["instance_labels"], context["instance_means"] = instance_mean_scores(
                 scores, gt_classes, matched_instance_ids(proposals, self.num_classes), self.num_classes
             )
+        logging = is_logging_step(self.max_iter)
+        self.cls_loss.scalars_wanted = logging  # what the loss keeps only for its scalars
         losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
-        if is_logging_step(self.max_iter):
+        if logging:
             self._log_scalars(scores, gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
@@ -208,8 +225,7 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
                 storage.put_scalar("fast_rcnn/fg_cls_accuracy", num_fg_correct / num_fg, smoothing_hint=False)
                 storage.put_scalar("fast_rcnn/false_negative", num_false_negative / num_fg, smoothing_hint=False)
             storage.put_scalar("fast_rcnn/fg_fraction", num_fg / num_rois, smoothing_hint=False)
-        for key, value in self.cls_loss.scalars().items():
-            storage.put_scalar(f"{self.cls_loss.name}/{key}", value, smoothing_hint=False)
+        put_loss_scalars(storage, self.cls_loss)
 
     def predict_probs(self, predictions, proposals):
         scores, _ = predictions

@@ -22,9 +22,13 @@ slots take physical memory only once written. The authors keep them on the CPU i
 float32. Sampled features return to the model's device and dtype (float16 storage
 rounds each stored value to 11 significant bits).
 
-Queues are not checkpointed (nor are the authors'): they are per process and rebuilt by
-the class-balanced pre-fill pass before training starts, also after ``--resume``; the
-mean scores, which drive the sampling, are a buffer of the loss and resume exactly.
+Checkpoints: the queues are per process. With ``MODEL.EQLOSSES.MFS.CHECKPOINT_QUEUES``
+(default) each process saves the slots it has written in its per-rank resume state
+(:class:`eqlosses_d2.resume.RankStates`) and ``--resume`` continues exactly; on LVIS that
+is up to the queues' full size (2.4 GB in float16) per process and checkpoint. Without it
+(the authors' code, which never saves them) the class-balanced pre-fill pass rebuilds them
+after ``--resume``. The mean scores, which drive the sampling, are a buffer of the loss and
+always resume exactly.
 """
 from typing import List
 
@@ -171,16 +175,38 @@ class FeatureMemory:
         labels, slots = index[:, 0], index[:, 1]
         return self.features[labels, slots], labels, self.proposal_boxes[labels, slots], self.gt_boxes[labels, slots]
 
-    @staticmethod
-    def jittered_targets(gt_instances, generator_uniform=None):
-        """Per image: (jittered boxes (G·16, 4), their gt boxes, their labels) as Boxes/tensors."""
-        out = []
-        for instances in gt_instances:
-            boxes = instances.gt_boxes.tensor
-            jittered = jitter_boxes(boxes, instances.image_size, generator_uniform)
-            out.append((
-                Boxes(jittered.reshape(-1, 4)),
-                boxes[:, None, :].expand(-1, jittered.shape[1], -1).reshape(-1, 4),
-                instances.gt_classes[:, None].expand(-1, jittered.shape[1]).reshape(-1),
-            ))
-        return out
+    def _written(self):
+        """(C, Q) bool: the slots written so far (a class's first ``filled`` slots)."""
+        return torch.arange(self.queue_size, device=self.device)[None, :] < self.filled.to(self.device)[:, None]
+
+    def state_dict(self):
+        """The queues, for the per-rank resume state: the written feature slots only, packed
+        in (class, slot) order (``features``: (written, *feature_shape)), so a checkpoint
+        takes what the queues hold, not their allocated size."""
+        state = {k: getattr(self, k).clone() for k in ("proposal_boxes", "gt_boxes", "filled", "pointer")}
+        if self.features is not None:
+            state["features"] = self.features[self._written()].clone()
+        return state
+
+    def load_state_dict(self, state):
+        for key in ("proposal_boxes", "gt_boxes", "filled", "pointer"):
+            value = state[key]
+            if value.shape != getattr(self, key).shape:
+                raise ValueError(
+                    f"LOCE feature memory: saved {key} has shape {tuple(value.shape)}, this model's "
+                    f"{tuple(getattr(self, key).shape)} (another NUM_CLASSES or MFS.QUEUE_SIZE)"
+                )
+            getattr(self, key).copy_(value)
+        features = state.get("features")
+        if features is None:
+            self.features = None
+            return
+        written = self._written()
+        if features.shape[0] != int(written.sum()):
+            raise ValueError(
+                f"LOCE feature memory: saved features hold {features.shape[0]} slots, its fill counts say {int(written.sum())}"
+            )
+        self.features = torch.zeros(
+            (self.num_classes, self.queue_size) + tuple(features.shape[1:]), dtype=self.storage_dtype, device=self.device
+        )
+        self.features[written] = features.to(self.device, self.storage_dtype)

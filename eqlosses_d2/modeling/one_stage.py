@@ -44,7 +44,7 @@ from detectron2.utils.events import get_event_storage
 from .. import compat
 from ..losses.dense import build_dense_loss_from_cfg, positive_anchor_normalizer
 from .atss import atss_label_anchors
-from .box_predictor import is_logging_step
+from .box_predictor import is_logging_step, put_loss_scalars
 from .class_stats import ClassStatsBuffers
 
 __all__ = ["LongTailFCOS", "LongTailRetinaNet"]
@@ -106,8 +106,7 @@ class _OneStageMixin:
         if is_logging_step(self.max_iter):  # host reads: on logging steps only
             storage = get_event_storage()
             storage.put_scalar("num_pos_anchors", num_pos.item() / max(num_images, 1), smoothing_hint=False)
-            for key, value in self.cls_loss.scalars().items():
-                storage.put_scalar(f"{self.cls_loss.name}/{key}", value, smoothing_hint=False)
+            put_loss_scalars(storage, self.cls_loss)
         return pos_mask, normalizer, loss_cls
 
     # ------------------------------------------------------------------ inference

@@ -289,8 +289,12 @@ class LongTailLOCEROIHeads(LongTailStandardROIHeads):
     """
 
     @configurable
-    def __init__(self, *, queue_size=80, sampled_classes=8, sampled_features=4, storage_dtype="float16", **kwargs):
+    def __init__(
+        self, *, queue_size=80, sampled_classes=8, sampled_features=4, storage_dtype="float16",
+        checkpoint_queues=True, **kwargs
+    ):
         super().__init__(**kwargs)
+        self.checkpoint_queues = bool(checkpoint_queues)
         if not hasattr(self.box_predictor.cls_loss, "mean_score"):
             raise ValueError(
                 "MODEL.ROI_HEADS.NAME LongTailLOCEROIHeads needs MODEL.EQLOSSES.LOSS 'equilibrium' "
@@ -309,8 +313,18 @@ class LongTailLOCEROIHeads(LongTailStandardROIHeads):
         ret = super().from_config(cfg, input_shape)
         node = cfg.MODEL.EQLOSSES.MFS
         ret.update(queue_size=node.QUEUE_SIZE, sampled_classes=node.SAMPLED_CLASSES,
-                   sampled_features=node.SAMPLED_FEATURES, storage_dtype=node.STORAGE_DTYPE)
+                   sampled_features=node.SAMPLED_FEATURES, storage_dtype=node.STORAGE_DTYPE,
+                   checkpoint_queues=node.CHECKPOINT_QUEUES)
         return ret
+
+    def rank_state_dict(self):
+        """This process's feature queues, for its per-rank resume state (``{}`` without
+        ``MFS.CHECKPOINT_QUEUES``)."""
+        return {"memory": self.memory.state_dict()} if self.checkpoint_queues else {}
+
+    def load_rank_state_dict(self, state):
+        if "memory" in state:
+            self.memory.load_state_dict(state["memory"])
 
     def forward(self, images, features, proposals, targets=None):
         self._gt_instances = targets if self.training else None  # the boxes MFS enqueues

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""
+Speed of the image-classification losses (``MODEL.EQLOSSES.CLASSIFICATION.LOSS``):
+forward+backward at a batch of N images x C classes (default 512 x 1000, ImageNet-LT's
+size) against plain ``F.cross_entropy`` on the same logits, with labels drawn from a
+long-tailed (exponential, imbalance 100) class distribution and the matching per-class
+counts in the loss's class statistics. Each loss is in training mode, so stateful losses
+(Softmax-EQL's gradient statistics) run their update too. Target: <= 1.5x plain CE.
+
+    python benchmarks/bench_cls_losses.py [--batch 512] [--classes 1000] [--repeats 301] [--system-malloc]
+
+Times are medians over interleaved repeats (machine load affects all rows alike), one
+process, torch's default threads unless ``OMP_NUM_THREADS`` says otherwise, with glibc told
+to reuse freed memory as in ``bench_losses.py`` (page faults on the 2 MB temporaries otherwise
+dominate sub-millisecond calls and make them bimodal). Prints a Markdown table.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
+from timing import interleaved_samples  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_reusing_freed_memory()  # before torch allocates anything (as bench_losses.py)
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import eqlosses_d2  # noqa: E402,F401  # registration
+from eqlosses_d2.classification.losses import IMAGE_CLS_LOSS_REGISTRY  # noqa: E402
+from eqlosses_d2.registry import names  # noqa: E402
+
+
+class _Counts:
+    """The class statistics a classification loss reads (per-class training image counts)."""
+
+    def __init__(self, image_count):
+        self.image_count = image_count
+        self.instance_count = image_count
+
+
+def long_tailed(num_classes, imbalance=100.0, head=1000):
+    counts = head * imbalance ** (-torch.arange(num_classes, dtype=torch.float64) / max(1, num_classes - 1))
+    return counts.round().clamp(min=1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=301)
+    parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    counts = long_tailed(args.classes)
+    labels = torch.multinomial(counts.float(), args.batch, replacement=True, generator=g)
+    logits = torch.randn(args.batch, args.classes, generator=g)
+    stats = _Counts(counts.float())
+
+    def plain():
+        x = logits.clone().requires_grad_()
+        F.cross_entropy(x, labels).backward()
+
+    rows = [("softmax CE (F.cross_entropy)", plain)]
+    for name in names(IMAGE_CLS_LOSS_REGISTRY):
+        cls = IMAGE_CLS_LOSS_REGISTRY.get(name)
+        loss = cls(args.classes, class_stats=stats).train()
+
+        def run(loss=loss):
+            x = logits.clone().requires_grad_()
+            sum(loss(x, labels).values()).backward()
+        rows.append((name, run))
+    samples = interleaved_samples(rows, args.repeats)
+    median = {k: statistics.median(v) * 1000 for k, v in samples.items()}
+    base = median["softmax CE (F.cross_entropy)"]
+    print(f"\n### Image-classification losses, forward+backward, {args.batch} x {args.classes} "
+          f"(CPU, {torch.get_num_threads()} thread(s), median of {args.repeats})\n")
+    print("| loss | ms | vs plain CE |")
+    print("|---|---|---|")
+    for name, ms in median.items():
+        print(f"| {name} | {ms:.3f} | {ms / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
