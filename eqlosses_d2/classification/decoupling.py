@@ -1,0 +1,82 @@
+"""
+The decoupled two-stage protocol (Kang et al., "Decoupling Representation and Classifier for
+Long-Tailed Recognition", ICLR 2020; authors' code facebookresearch/classifier-balancing, commit
+f162adef63fdf592d0b8a0f6e52bc481fc08785f: ``run_networks.py``, ``config/ImageNet_LT/cls_*.yaml``):
+stage 1 trains backbone and classifier jointly (instance-balanced sampling, any quickstart or
+ImageNet-LT softmax config); stage 2 starts from that checkpoint (``MODEL.WEIGHTS``), freezes
+the backbone (``MODEL.EQLOSSES.TRAINABLE_MODULES``) and adjusts the classifier only:
+
+- cRT (``HEAD linear``, ``DECOUPLING.RETRAIN_HEAD True``): the classifier re-initialised and
+  re-trained with class-balanced sampling;
+- LWS (``HEAD lws``): per-class scales of the frozen stage-1 classifier, class-balanced sampling;
+- MARC (``HEAD marc``): per-class ω, β on the frozen logits (its authors' stage 2: instance-balanced
+  sampling, the GRW re-weighted loss);
+- τ-norm (``HEAD tau_norm``): no training, ``--eval-only`` on the stage-1 checkpoint.
+
+The keys of ``MODEL.EQLOSSES.CLASSIFICATION.DECOUPLING`` (added by the decoupling heads'
+``add_config``):
+
+- ``RETRAIN_HEAD``: cRT. The model carries a buffer ``retrained_head``; loading a checkpoint
+  without it (a stage-1 model) leaves the head out (:func:`skip_stage1_head`), so the head keeps
+  its fresh initialisation, as the authors' cRT (``load_model`` skips a ``DotProductClassifier``
+  when training). A stage-2 checkpoint has the buffer, so ``--resume`` and ``--eval-only`` load its
+  head.
+- ``STAGE1_COMMAND``: the command that writes the stage-1 ``MODEL.WEIGHTS`` of a config; when that
+  file is missing, ``train_net.py`` names it in its one-line error (:func:`missing_weights_hint`).
+
+BatchNorm: the authors call ``model.train()`` on every network in stage 2, the frozen feature
+model included (``requires_grad`` off, nothing else): the backbone's BatchNorm layers normalise
+with the batch statistics and keep updating their running statistics on the class-balanced
+batches; only the weights (convolutions and BatchNorm affine parameters) stay fixed. The
+Detectron2 trainer does the same (``model.train()``, ``TRAINABLE_MODULES`` only turns
+``requires_grad`` off); nothing here changes it. MARC's code does the same.
+"""
+import logging
+
+import torch
+
+from ..registry import config_node
+
+__all__ = ["add_decoupling_config", "skip_stage1_head", "missing_weights_hint", "RETRAINED_HEAD_BUFFER"]
+
+logger = logging.getLogger(__name__)
+
+#: the buffer of a cRT model that marks its head as already re-trained (absent from stage-1 checkpoints)
+RETRAINED_HEAD_BUFFER = "retrained_head"
+
+
+def add_decoupling_config(cfg):
+    """``MODEL.EQLOSSES.CLASSIFICATION.DECOUPLING`` (idempotent)."""
+    node = config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.DECOUPLING")
+    if "RETRAIN_HEAD" in node:
+        return cfg
+    # cRT: MODEL.WEIGHTS is a stage-1 model whose classifier head is NOT loaded (it keeps its fresh
+    # initialisation and is re-trained); a checkpoint of such a run (buffer "retrained_head") loads whole.
+    node.RETRAIN_HEAD = False
+    # The command that writes this config's stage-1 MODEL.WEIGHTS, quoted when that file is missing ("": none).
+    node.STAGE1_COMMAND = ""
+    return cfg
+
+
+def skip_stage1_head(module, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook of a cRT model: a checkpoint without ``retrained_head`` (stage 1)
+    loses its ``head.*`` entries before they are loaded; one with it (stage 2) loads whole."""
+    if prefix + RETRAINED_HEAD_BUFFER in state_dict:
+        return
+    skipped = [key for key in state_dict if key.startswith(prefix + "head.")]
+    for key in skipped:
+        del state_dict[key]
+    if skipped:
+        logger.info("cRT (DECOUPLING.RETRAIN_HEAD): stage-1 checkpoint: its classifier head (%s) is not loaded; "
+                    "the head keeps its fresh initialisation", ", ".join(skipped))
+
+
+def retrained_head_marker() -> torch.Tensor:
+    return torch.ones((), dtype=torch.bool)
+
+
+def missing_weights_hint(cfg) -> str:
+    """What ``train_net.py`` appends to "MODEL.WEIGHTS: checkpoint not found: X" for a stage-2 config."""
+    node = cfg.MODEL.EQLOSSES.get("CLASSIFICATION", {}).get("DECOUPLING", {})
+    command = node.get("STAGE1_COMMAND", "") if node else ""
+    return f"; it is the stage-1 model, written by: {command}" if command else ""
