@@ -212,6 +212,18 @@ def test_softmax_eql_matches_the_authors_code(indicator):
             assert torch.allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-7), (step, name)
 
 
+def test_softmax_eql_loss_is_exact_where_the_label_probability_underflows():
+    """The loss comes from the row maximum and the largest probability, not log p_y: a label
+    logit 200 below the others (p_y = e^-200, 0 in float32) still gives CE = 200 + log 2."""
+    loss = build_image_loss(_node(LOSS="softmax_eql"), 3).train()
+    value, grad = _value_and_grad(loss, [[0.0, 200.0, 200.0], [3.0, -1.0, 0.5]], [0, 0])
+    lse = math.log(math.exp(3.0) + math.exp(-1.0) + math.exp(0.5))
+    assert value == pytest.approx((200.0 + math.log(2.0) + (lse - 3.0)) / 2, rel=1e-6)
+    p = [math.exp(-1.0 - lse), math.exp(0.5 - lse)]
+    expected = torch.tensor([[-1.0, 0.5, 0.5], [-(p[0] + p[1]), p[0], p[1]]], dtype=torch.float64) / 2
+    assert torch.allclose(grad, expected, atol=1e-7)
+
+
 def test_softmax_eql_keeps_state_in_eval_mode():
     loss = build_image_loss(_node(LOSS="softmax_eql"), 3).eval()
     loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))

@@ -28,7 +28,8 @@ Defaults (theirs): τ = 1, ε = 1e-4, indicator "pos", loss_weight 1. Config nod
 Computation: a per-row constant added to every logit changes neither CE nor its gradient, so the
 margins are applied as ``z + τ log max(G, ε)`` (adding ``τ log max(G_y, ε)`` to row i of z'), one
 broadcast add; one autograd Function computes the loss, its gradient ``loss_weight · (softmax(z') −
-onehot) / N`` and the statistics from a single softmax (≈ 1.2× plain CE forward + backward).
+onehot) / N`` and the statistics from one softmax (the loss from the row maxima and the probability
+there, not a log-softmax pass; ≈ 1.1× plain CE forward + backward at 512 × 1000 on one thread).
 
 Where ours differs from their code (never in value or gradient beyond float rounding):
 - the gradient is computed analytically, not read by a hook: identical in fp32 training; under
@@ -58,16 +59,24 @@ class _AdjustedCEWithGradStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, adjustment, labels, scale):
         rows = labels[:, None]
-        prob = torch.log_softmax(logits + adjustment, dim=1)
-        loss = prob.gather(1, rows).sum() * -scale
-        prob.exp_()
+        # One softmax (PyTorch's fused kernel: its vectorised exponential is about twice as fast
+        # as a separate exp pass) and the loss without a log-softmax pass: with m_i = max_j z'_ij
+        # the largest probability of row i is max_j p_ij = exp(m_i − lse_i) ≥ 1/C, which never
+        # underflows, so CE_i = lse_i − z'_iy = (m_i − z'_iy) − log max_j p_ij, exact in float32 for
+        # any margin (amax twice: max with indices is several times slower on the CPU).
+        adjusted = torch.add(logits, adjustment)
+        row_max = adjusted.amax(dim=1)
+        label_logit = adjusted.gather(1, rows).squeeze(1)
+        prob = torch.softmax(adjusted, dim=1)
+        del adjusted
+        loss = ((row_max - label_logit) - prob.amax(dim=1).log()).sum() * scale
         prob_y = prob.gather(1, rows).squeeze(1)
-        column_sums = prob.sum(dim=0)
         grad = prob.mul_(scale)
+        column_sums = grad.sum(dim=0)
         grad.scatter_(1, rows, (prob_y[:, None] - 1.0) * scale)
         zeros = torch.zeros_like(column_sums)
         pos = zeros.index_add(0, labels, (1.0 - prob_y) * scale)
-        neg = column_sums * scale - zeros.index_add(0, labels, prob_y * scale)
+        neg = column_sums - zeros.index_add(0, labels, prob_y * scale)
         ctx.grad = grad
         ctx.mark_non_differentiable(pos, neg)
         return loss, pos, neg
