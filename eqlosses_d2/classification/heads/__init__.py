@@ -9,6 +9,9 @@ from .base import ClassifierHead, build_head
 # registration: one module per head
 from .linear import LinearHead  # noqa: E402
 from .cosine import CosineHead  # noqa: E402
+from .tau_norm import TauNormHead  # noqa: E402
+from .lws import LearnableWeightScalingHead  # noqa: E402
+from .marc import MarginCalibrationHead  # noqa: E402
 from .tde import TDEHead  # noqa: E402
 from .vmf import VMFHead  # noqa: E402
 
