@@ -26,6 +26,7 @@ from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, model_zoo, prepare_dataset
 from eqlosses_d2.classification import ClassificationEvaluator, format_accuracy_table, is_classification
+from eqlosses_d2.classification.difficulty import build_classification_hooks
 from eqlosses_d2.classification.data import (
     build_classification_test_loader,
     build_classification_train_loader,
@@ -164,6 +165,9 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
             )
         if hasattr(getattr(getattr(self.model, "module", self.model), "roi_heads", None), "memory"):
             hooks.insert(0, MemoryPrefillHook(self.cfg))  # LOCE: fill the feature queues first
+        # what the classification loss needs (CDB-W: class accuracies every CDB.UPDATE_PERIOD), after the
+        # iteration timer and before the checkpointer, which then saves the new state
+        hooks[1:1] = build_classification_hooks(self.cfg)
         return hooks
 
     def _complete_final_checkpoint(self):

@@ -12,6 +12,7 @@ from . import data as _data  # noqa: F401,E402  # registration: datasets
 from .meta_arch import LongTailImageClassifier  # noqa: E402  # registration: META_ARCH_REGISTRY
 from .evaluator import ClassificationEvaluator, format_accuracy_table, split_accuracies  # noqa: E402
 from . import checks as _checks  # noqa: F401,E402  # registration: the config check
+from . import difficulty as _difficulty  # noqa: F401,E402  # registration: the difficulty-set check
 
 __all__ = ["add_classification_config", "is_classification", "ClassifierHead", "CosineHead", "LinearHead",
            "build_head", "ImageClassificationLoss", "build_image_loss", "LongTailImageClassifier",
