@@ -340,6 +340,12 @@ def test_command_line(monkeypatch, capsys):
         ({"ours": {"data": "LVIS v1 val", "segm": {"AP": 20.0}}}, "ours.data must be exactly"),
         ({"ours": {"data": model_zoo.SYNTHETIC_DATA, "segm": {"mAP": 20.0}}}, r"segm\.mAP"),
         ({"setting": {"dataset": "LVIS v1"}}, "'setting' must have exactly the keys"),
+        ({"ours": {"data": model_zoo.SYNTHETIC_DATA, "cls": {"top1": 50.0}}}, "cls numbers on 'embedded synthetic data'"),
+        ({"setting": {**SYNTHETIC_SETTING, "dataset": "ImageNet-LT"},
+          "reported": {"source": "a paper", "data": "ImageNet-LT test", "bbox": {"AP": 20.0}}},
+         "an image classifier has cls numbers"),
+        ({"setting": {**SYNTHETIC_SETTING, "dataset": "ImageNet-LT"},
+          "reported": {"source": "a paper", "data": "ImageNet-LT test", "cls": {"AP": 20.0}}}, r"cls\.AP"),
     ],
 )
 def test_bad_manifest_entries_fail_in_one_line(tmp_path, change, message):
@@ -352,6 +358,22 @@ def test_bad_manifest_entries_fail_in_one_line(tmp_path, change, message):
     with pytest.raises(ModelZooError, match=message) as e:
         load_manifest(str(path))
     assert "\n" not in str(e.value) and "pytest/bad" in str(e.value) and str(path) in str(e.value)
+
+
+def test_classification_entries_get_accuracy_columns(tmp_path):
+    """An image classifier's row shows top-1, top-5 and many / medium / few, not box / mask AP."""
+    from eqlosses_d2.model_zoo.docs import render_model_zoo_md
+    from eqlosses_d2.model_zoo.manifest import load_manifest
+
+    entry = {"name": "pytest/cls", "config": QUICKSTART_CONFIG, "weights": "none",
+             "setting": {**SYNTHETIC_SETTING, "dataset": "ImageNet-LT"},
+             "reported": {"source": "a paper", "data": "ImageNet-LT test",
+                          "cls": {"top1": 49.6, "many": 61.8, "medium": 46.2, "few": 27.4}}}
+    path = tmp_path / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"models": [entry]}, allow_unicode=True))
+    text = render_model_zoo_md(load_manifest(str(path)))
+    assert "| top-1 | top-5 | many / medium / few |" in text and "box AP" not in text
+    assert "| 49.6 |  | 61.8 / 46.2 / 27.4 | a paper |" in text
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -36,8 +36,13 @@ SYNTHETIC_DATA = "embedded synthetic data, quickstart schedule"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY_KEYS = {"name", "config", "config_package", "opts", "setting", "weights", "reported", "ours", "notes"}
 _SETTING_KEYS = ("dataset", "method", "backbone", "schedule", "sampler")
-_METRIC_KEYS = {"source", "data", "bbox", "segm"}
+_METRIC_KEYS = {"source", "data", "bbox", "segm", "cls"}
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+#: an image classifier's numbers (``cls``): top-1 / top-5 and the many- / medium- / few-shot splits
+CLS_METRICS = ("top1", "top5", "many", "medium", "few")
+#: the datasets whose entries are image classifiers: ``cls`` numbers, no ``bbox`` / ``segm``
+CLASSIFICATION_DATASETS = ("embedded synthetic data (classification)", "ImageNet-LT", "Places-LT",
+                           "iNaturalist 2018", "CIFAR-10-LT", "CIFAR-100-LT")
 _CONFIG_PACKAGES = ("eqlosses_d2", "detectron2")
 # Detectron2's file names: model_final_571f7c.pkl
 _NAME_HASH = re.compile(r"_([0-9a-f]{6})\.[A-Za-z0-9]+$")
@@ -182,7 +187,13 @@ def _parse_entry(raw, where):
         raise ModelZooError(f"{where}: no paper reports numbers on the embedded synthetic data; use 'ours'")
     if ours is not None and synthetic and ours["data"] != SYNTHETIC_DATA:
         raise ModelZooError(f"{where}: ours.data must be exactly '{SYNTHETIC_DATA}' for the embedded data")
+    classification = setting["dataset"] in CLASSIFICATION_DATASETS
     for label, block in (("reported", reported), ("ours", ours)):
+        if block is not None and classification and (block["bbox"] or block["segm"]):
+            raise ModelZooError(f"{where}: {label}: an image classifier has cls numbers, not bbox / segm")
+        if block is not None and not classification and block["cls"]:
+            raise ModelZooError(f"{where}: {label}: cls numbers on '{setting['dataset']}', which is no "
+                                f"classification dataset ({', '.join(CLASSIFICATION_DATASETS)})")
         if block is not None and not synthetic and not block["data"].startswith(str(setting["dataset"])):
             raise ModelZooError(
                 f"{where}: {label}.data '{block['data']}' is not on the entry's dataset '{setting['dataset']}'"
@@ -244,16 +255,16 @@ def _parse_metrics(raw, where, need_source):
     if need_source and not raw.get("source"):
         raise ModelZooError(f"{where}: 'source' (who reports these numbers) is required")
     block = {"source": str(raw.get("source", "")), "data": raw["data"]}
-    for task in ("bbox", "segm"):
+    for task, known in (("bbox", _METRICS), ("segm", _METRICS), ("cls", CLS_METRICS)):
         values = raw.get(task) or {}
         if not isinstance(values, dict):
             raise ModelZooError(f"{where}: {task} must map metric names to numbers")
         for metric, value in values.items():
-            if metric not in _METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ModelZooError(f"{where}: {task}.{metric}: expected one of {', '.join(_METRICS)} with a number")
+            if metric not in known or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelZooError(f"{where}: {task}.{metric}: expected one of {', '.join(known)} with a number")
         block[task] = {k: float(v) for k, v in values.items()}
-    if not block["bbox"] and not block["segm"]:
-        raise ModelZooError(f"{where}: no bbox or segm numbers")
+    if not block["bbox"] and not block["segm"] and not block["cls"]:
+        raise ModelZooError(f"{where}: no bbox, segm or cls numbers")
     return block
 
 
