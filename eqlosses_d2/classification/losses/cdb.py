@@ -129,10 +129,11 @@ class ClassDifficultyBalancedCE(ImageClassificationLoss):
     def forward(self, logits, labels):
         self._check(logits, labels)
         labels = labels.long()
-        per_sample = F.cross_entropy(logits.float(), labels, reduction="none")
-        weights = self.class_weights.to(device=logits.device, dtype=torch.float32)[labels]
-        total = weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
-        return {"loss_cls": (weights * per_sample).sum() / total}
+        weights = self.class_weights.to(device=logits.device, dtype=torch.float32)
+        # Σ_i w_{y_i} CE_i / Σ_i w_{y_i}: torch's weighted mean, with the denominator kept above 0
+        weighted_sum = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum")
+        total = weights[labels].sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return {"loss_cls": weighted_sum / total}
 
     def extra_repr(self):
         tau = "dynamic" if self.dynamic_tau else self.fixed_tau
