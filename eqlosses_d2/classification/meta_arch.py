@@ -8,7 +8,10 @@ Inputs: ``[{"image": (C, H, W) uint8 in INPUT.FORMAT, "label": int}, ...]`` (the
 classification mapper's). Training returns the loss's dict; inference returns one
 ``{"scores": (C,) class probabilities}`` per image (the loss's ``predict_probs``). The training
 set's per-class statistics are in ``class_stats`` (:class:`~eqlosses_d2.modeling.ClassStatsBuffers`,
-filled by ``train_net.py`` from the class-statistics dataset, saved in checkpoints).
+filled by ``train_net.py`` from the class-statistics dataset, saved in checkpoints). A head with a
+``training_step(features, labels, progress, learning_rate) -> (logits, losses)`` (TDE, vMF) is
+trained through it: its extra losses join the loss's dict; ``progress`` is iteration /
+SOLVER.MAX_ITER and ``learning_rate`` the trainer's last ``lr`` scalar (None outside a trainer).
 """
 import torch
 from torch import nn
@@ -17,6 +20,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 
 from ..modeling.class_stats import ClassStatsBuffers
 from .heads import build_head
@@ -28,8 +32,9 @@ __all__ = ["LongTailImageClassifier"]
 @META_ARCH_REGISTRY.register()
 class LongTailImageClassifier(nn.Module):
     @configurable
-    def __init__(self, *, backbone, in_feature: str, head, loss, class_stats, pixel_mean, pixel_std):
+    def __init__(self, *, backbone, in_feature: str, head, loss, class_stats, pixel_mean, pixel_std, max_iter: int = 0):
         super().__init__()
+        self.max_iter = max_iter
         self.backbone = backbone
         self.in_feature = in_feature
         self.head = head
@@ -57,6 +62,7 @@ class LongTailImageClassifier(nn.Module):
             "class_stats": class_stats,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "max_iter": cfg.SOLVER.MAX_ITER,
         }
 
     @property
@@ -70,8 +76,23 @@ class LongTailImageClassifier(nn.Module):
         return self.backbone(images.tensor)[self.in_feature].mean(dim=(2, 3))
 
     def forward(self, batched_inputs):
-        logits = self.head(self.features(batched_inputs))
-        if self.training:
-            labels = torch.as_tensor([x["label"] for x in batched_inputs], dtype=torch.long, device=logits.device)
-            return self.loss(logits, labels)
-        return [{"scores": scores} for scores in self.loss.predict_probs(logits)]
+        features = self.features(batched_inputs)
+        if not self.training:
+            return [{"scores": scores} for scores in self.loss.predict_probs(self.head(features))]
+        labels = torch.as_tensor([x["label"] for x in batched_inputs], dtype=torch.long, device=features.device)
+        training_step = getattr(self.head, "training_step", None)
+        if training_step is None:
+            return self.loss(self.head(features), labels)
+        logits, head_losses = training_step(features, labels, **self.schedule_position())
+        return {**self.loss(logits, labels), **head_losses}
+
+    def schedule_position(self) -> dict:
+        """``progress`` (iteration / SOLVER.MAX_ITER) and ``learning_rate`` (the trainer's last ``lr``
+        scalar: the previous iteration's), each None when unknown (outside a trainer, first iteration)."""
+        try:
+            storage = get_event_storage()
+        except (AssertionError, IndexError):
+            return {"progress": None, "learning_rate": None}
+        progress = storage.iter / self.max_iter if self.max_iter > 0 else None
+        learning_rate = storage.history("lr").latest() if "lr" in storage.histories() else None
+        return {"progress": progress, "learning_rate": learning_rate}
