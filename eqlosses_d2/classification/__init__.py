@@ -9,6 +9,7 @@ from .config import add_classification_config, is_classification
 from .heads import ClassifierHead, CosineHead, LinearHead, build_head
 from .losses import ImageClassificationLoss, build_image_loss
 from . import data as _data  # noqa: F401,E402  # registration: datasets
+from . import backbones as _backbones  # noqa: F401,E402  # registration: BACKBONE_REGISTRY (CIFAR ResNet)
 from .meta_arch import LongTailImageClassifier  # noqa: E402  # registration: META_ARCH_REGISTRY
 from .evaluator import ClassificationEvaluator, format_accuracy_table, split_accuracies  # noqa: E402
 from . import checks as _checks  # noqa: F401,E402  # registration: the config check

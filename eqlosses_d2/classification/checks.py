@@ -34,7 +34,7 @@ def validate_classification(cfg):
     inputs = cfg.INPUT.EQLOSSES.CLASSIFICATION
     if not inputs.TRAIN_SHORT_EDGE or min(inputs.TRAIN_SHORT_EDGE) < 1 or inputs.TEST_SHORT_EDGE < 1:
         raise ConfigError("INPUT.EQLOSSES.CLASSIFICATION.TRAIN_SHORT_EDGE / TEST_SHORT_EDGE must be >= 1")
-    for key in ("TRAIN_CROP", "TEST_CROP"):
+    for key in ("TRAIN_PAD", "TRAIN_CROP", "TEST_CROP"):
         if inputs[key] < 0:
             raise ConfigError(f"INPUT.EQLOSSES.CLASSIFICATION.{key} must be >= 0, got {inputs[key]}")
     if inputs.TRAIN_CROP > min(inputs.TRAIN_SHORT_EDGE):

@@ -33,7 +33,7 @@ def add_classification_config(cfg):
     node.NUM_CLASSES = 1000
     # Classifier head, by its name in CLASSIFIER_HEAD_REGISTRY: "linear" or "cosine".
     node.HEAD = "linear"
-    # Loss, by its name in IMAGE_CLS_LOSS_REGISTRY: "softmax", "balanced_softmax", "softmax_eql".
+    # Loss, by its name in IMAGE_CLS_LOSS_REGISTRY: "softmax", "balanced_softmax", "softmax_eql", "sigmoid", "eqlv2", "seesaw", "iif", "bal_bce".
     node.LOSS = "softmax"
     # Backbone output that is globally average-pooled into the head's input ("": the last one).
     node.IN_FEATURE = ""
@@ -42,6 +42,8 @@ def add_classification_config(cfg):
     inputs = config_node(cfg, "INPUT.EQLOSSES.CLASSIFICATION")
     # Training: the image's short edge is resized to one of these (chosen at random) ...
     inputs.TRAIN_SHORT_EDGE = [256]
+    # ... then zero-padded by this many pixels on each side (0: none; CIFAR's RandomCrop(32, padding=4): 4) ...
+    inputs.TRAIN_PAD = 0
     # ... then a random square crop of this side is taken (0: no crop), and flipped with this probability.
     inputs.TRAIN_CROP = 224
     inputs.HFLIP_PROB = 0.5

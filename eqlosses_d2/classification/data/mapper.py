@@ -3,8 +3,8 @@ The mapper of classification records (``file_name``, ``label``; CIFAR's ``array_
 the image (``INPUT.FORMAT``), applies Detectron2 transforms and returns ``{"image": (C, H, W)
 uint8 tensor, "label": int, "image_id", "file_name"}``.
 
-Training: short edge resized to one of ``INPUT.EQLOSSES.CLASSIFICATION.TRAIN_SHORT_EDGE``, a
-random ``TRAIN_CROP`` square crop, a horizontal flip with ``HFLIP_PROB``. Evaluation: short edge
+Training: short edge resized to one of ``INPUT.EQLOSSES.CLASSIFICATION.TRAIN_SHORT_EDGE``,
+``TRAIN_PAD`` zero pixels added on each side, a random ``TRAIN_CROP`` square crop, a horizontal flip with ``HFLIP_PROB``. Evaluation: short edge
 ``TEST_SHORT_EDGE``, the centre ``TEST_CROP`` square. Random draws use numpy's global generator
 (Detectron2's transforms), which the per-rank resume state saves.
 """
@@ -43,6 +43,8 @@ class ClassificationDatasetMapper:
         node = cfg.INPUT.EQLOSSES.CLASSIFICATION
         if is_train:
             augs = [T.ResizeShortestEdge(list(node.TRAIN_SHORT_EDGE), max_size=100000, sample_style="choice")]
+            if node.TRAIN_PAD > 0:  # zeros (black) on each side, as torchvision's RandomCrop(padding=...)
+                augs.append(T.PadTransform(*[node.TRAIN_PAD] * 4, pad_value=0))
             if node.TRAIN_CROP > 0:
                 augs.append(T.RandomCrop("absolute", (node.TRAIN_CROP, node.TRAIN_CROP)))
             if node.HFLIP_PROB > 0:
