@@ -27,6 +27,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from eqlosses_d2 import add_eqlosses_config, find_class_stats, get_class_statistics, model_zoo, prepare_dataset
 from eqlosses_d2.classification import ClassificationEvaluator, format_accuracy_table, is_classification
 from eqlosses_d2.classification.difficulty import build_classification_hooks
+from eqlosses_d2.classification.decoupling import missing_weights_hint
 from eqlosses_d2.classification.data import (
     build_classification_test_loader,
     build_classification_train_loader,
@@ -327,6 +328,7 @@ def check_args(args):
             raise ConfigError("--eval-only needs MODEL.WEIGHTS")
         if weights and "://" not in weights and not os.path.isfile(weights):
             hint = f"; the model zoo's is {model_zoo.PREFIX}{weights}" if model_zoo.is_model_zoo_name(weights) else ""
+            hint = hint or missing_weights_hint(cfg)  # a stage-2 config: the command that writes its stage-1 model
             raise ConfigError(f"MODEL.WEIGHTS: checkpoint not found: {weights}{hint}")
         if weights:
             check_checkpoint_file(weights, "MODEL.WEIGHTS")  # truncated, or not a checkpoint

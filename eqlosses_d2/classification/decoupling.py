@@ -35,9 +35,12 @@ import logging
 
 import torch
 
-from ..registry import config_node
+from ..config import ConfigError
+from ..registry import CONFIG_CHECK_REGISTRY, config_node
+from .config import is_classification
 
-__all__ = ["add_decoupling_config", "skip_stage1_head", "missing_weights_hint", "RETRAINED_HEAD_BUFFER"]
+__all__ = ["add_decoupling_config", "skip_stage1_head", "missing_weights_hint", "validate_decoupling", "RETRAINED_HEAD_BUFFER",
+           "FROZEN_CLASSIFIER_HEADS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +83,22 @@ def missing_weights_hint(cfg) -> str:
     node = cfg.MODEL.EQLOSSES.get("CLASSIFICATION", {}).get("DECOUPLING", {})
     command = node.get("STAGE1_COMMAND", "") if node else ""
     return f"; it is the stage-1 model, written by: {command}" if command else ""
+
+
+
+#: heads that use the stage-1 classifier's W, b unchanged
+FROZEN_CLASSIFIER_HEADS = ("lws", "marc", "tau_norm")
+
+
+@CONFIG_CHECK_REGISTRY.register()
+def validate_decoupling(cfg):
+    """RETRAIN_HEAD (cRT) re-initialises the head: refused with a head that keeps the stage-1
+    classifier frozen (lws, marc) or only rescales it (tau_norm), which would then be random."""
+    if not is_classification(cfg):
+        return
+    node = cfg.MODEL.EQLOSSES.CLASSIFICATION
+    if node.DECOUPLING.RETRAIN_HEAD and node.HEAD in FROZEN_CLASSIFIER_HEADS:
+        raise ConfigError(
+            f"MODEL.EQLOSSES.CLASSIFICATION.DECOUPLING.RETRAIN_HEAD re-initialises the head, but HEAD '{node.HEAD}' "
+            f"uses the stage-1 classifier as it is (cRT is HEAD 'linear')"
+        )

@@ -23,6 +23,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
 from ..modeling.class_stats import ClassStatsBuffers
+from .decoupling import RETRAINED_HEAD_BUFFER, retrained_head_marker, skip_stage1_head
 from .heads import build_head
 from .losses import build_image_loss
 
@@ -32,7 +33,8 @@ __all__ = ["LongTailImageClassifier"]
 @META_ARCH_REGISTRY.register()
 class LongTailImageClassifier(nn.Module):
     @configurable
-    def __init__(self, *, backbone, in_feature: str, head, loss, class_stats, pixel_mean, pixel_std, max_iter: int = 0):
+    def __init__(self, *, backbone, in_feature: str, head, loss, class_stats, pixel_mean, pixel_std, max_iter: int = 0,
+                 retrain_head: bool = False):
         super().__init__()
         self.max_iter = max_iter
         self.backbone = backbone
@@ -42,6 +44,9 @@ class LongTailImageClassifier(nn.Module):
         self.class_stats = class_stats
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if retrain_head:  # cRT: a stage-1 checkpoint (without this buffer) does not load the head
+            self.register_buffer(RETRAINED_HEAD_BUFFER, retrained_head_marker())
+            self.register_load_state_dict_pre_hook(skip_stage1_head)
 
     @classmethod
     def from_config(cls, cfg):
@@ -63,6 +68,7 @@ class LongTailImageClassifier(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "max_iter": cfg.SOLVER.MAX_ITER,
+            "retrain_head": node.DECOUPLING.RETRAIN_HEAD,
         }
 
     @property
