@@ -46,7 +46,9 @@ def _tde_reference(x, w, num_head, tau, gamma, alpha=0.0, c=None):
                 if alpha:
                     cs = c[k * size:(k + 1) * size]
                     ch = cs / math.sqrt(sum(v * v for v in cs))
-                    cos = sum(a * b for a, b in zip(xh, ch)) / math.sqrt(sum(a * a for a in xh)) / math.sqrt(sum(b * b for b in ch))
+                    # the authors' get_cos_sin: <x̂, ĉ> / ‖x̂‖ / ‖ĉ‖ (its sine is unused)
+                    cos = sum(a * b for a, b in zip(xh, ch))
+                    cos = cos / math.sqrt(sum(a * a for a in xh)) / math.sqrt(sum(b * b for b in ch))
                     xh = xh - alpha * cos * ch
                 total += sum(a * b for a, b in zip(xh, wh))
             out[n, j] = tau / num_head * total
@@ -99,10 +101,9 @@ def test_tde_inference(num_head):
 
 
 def test_tde_inference_before_training_is_finite():
-    head = TDEHead(4, 3).eval()
+    head = TDEHead(4, 3)
     x = torch.randn(2, 4)
-    head.train()
-    plain = head.forward(x).detach()
+    plain = head(x).detach()  # training mode
     head.feature_moving_average.zero_()
     head.eval()
     assert torch.allclose(head(x), plain)  # c = 0: no counterfactual term, no NaN
