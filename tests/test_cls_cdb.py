@@ -48,7 +48,7 @@ def test_weights_from_difficulties_dynamic_and_fixed_tau():
     count = torch.tensor([20.0, 20.0, 20.0, 20.0, 0.0])
     correct = torch.tensor([2.0, 10.0, 16.0, 19.0, 0.0])
     dynamic = ClassDifficultyBalancedCE(5)
-    dynamic.update_difficulty(correct, count)
+    dynamic.update_class_accuracy(correct, count)
     d = [0.9, 0.5, 0.2, 0.05, 1.0]  # the unseen class keeps its initial difficulty 1
     assert dynamic.difficulty.tolist() == pytest.approx(d, abs=1e-15)
     tau = hand_tau(d)  # b = (1 - 0.05) / (1 - 1 + 0.01) - 1 = 94: τ = 2 · sigmoid(94) ≈ 2
@@ -59,7 +59,7 @@ def test_weights_from_difficulties_dynamic_and_fixed_tau():
     count = torch.full((4,), 10.0)
     correct = torch.tensor([3.0, 6.0, 8.0, 9.0])
     dynamic = ClassDifficultyBalancedCE(4)
-    dynamic.update_difficulty(correct, count)
+    dynamic.update_class_accuracy(correct, count)
     d = [0.7, 0.4, 0.2, 0.1]
     tau = hand_tau(d)
     assert 1.5 < tau < 2.0 and float(dynamic.tau) == pytest.approx(tau, rel=1e-14)
@@ -67,24 +67,24 @@ def test_weights_from_difficulties_dynamic_and_fixed_tau():
     assert float(dynamic.class_weights.sum()) == pytest.approx(4.0, rel=1e-14)
 
     fixed = ClassDifficultyBalancedCE(4, dynamic_tau=False, tau=1.5)
-    fixed.update_difficulty(correct, count)
+    fixed.update_class_accuracy(correct, count)
     assert float(fixed.tau) == 1.5
     assert fixed.class_weights.tolist() == pytest.approx(hand_weights(d, 1.5), rel=1e-12)
 
     # a second measurement replaces the first; a class without images keeps the last value
-    fixed.update_difficulty(torch.tensor([5.0, 0.0, 1.0, 0.0]), torch.tensor([10.0, 0.0, 4.0, 2.0]))
+    fixed.update_class_accuracy(torch.tensor([5.0, 0.0, 1.0, 0.0]), torch.tensor([10.0, 0.0, 4.0, 2.0]))
     d = [0.5, 0.4, 0.75, 1.0]
     assert fixed.difficulty.tolist() == pytest.approx(d, abs=1e-15)
     assert fixed.class_weights.tolist() == pytest.approx(hand_weights(d, 1.5), rel=1e-12)
 
     # every class right: uniform weights (the authors' code: 0/0)
-    fixed.update_difficulty(torch.full((4,), 3.0), torch.full((4,), 3.0))
+    fixed.update_class_accuracy(torch.full((4,), 3.0), torch.full((4,), 3.0))
     assert fixed.difficulty.tolist() == [0.0] * 4 and fixed.class_weights.tolist() == [1.0] * 4
 
 
 def test_loss_value_and_gradient_against_float64_reference():
     loss = ClassDifficultyBalancedCE(4, dynamic_tau=False, tau=2.0)
-    loss.update_difficulty(torch.tensor([1.0, 3.0, 6.0, 10.0]), torch.tensor([10.0, 10.0, 10.0, 10.0]))
+    loss.update_class_accuracy(torch.tensor([1.0, 3.0, 6.0, 10.0]), torch.tensor([10.0, 10.0, 10.0, 10.0]))
     w = hand_weights([0.9, 0.7, 0.4, 0.0], 2.0)
     rng = np.random.default_rng(3)
     z = rng.normal(size=(6, 4)) * 2.0
@@ -110,7 +110,7 @@ def test_loss_value_and_gradient_against_float64_reference():
 
 def test_state_dict_round_trip():
     loss = ClassDifficultyBalancedCE(3)
-    loss.update_difficulty(torch.tensor([1.0, 4.0, 2.0]), torch.tensor([5.0, 5.0, 4.0]))
+    loss.update_class_accuracy(torch.tensor([1.0, 4.0, 2.0]), torch.tensor([5.0, 5.0, 4.0]))
     state = loss.state_dict()
     assert set(state) == {"difficulty", "class_weights", "tau"}
     assert all(v.dtype == torch.float64 for v in state.values())

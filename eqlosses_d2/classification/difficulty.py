@@ -3,11 +3,13 @@ Class difficulty measured during training, the Detectron2 way: :class:`ClassDiff
 training hook that every ``UPDATE_PERIOD`` iterations runs the model in eval mode over a held-out
 split (the classification test loader: each process its shard), counts each class's images and
 top-1 hits, sums the counts over the processes and hands them to the loss
-(``loss.update_difficulty(correct, count)``), which turns them into its weights.
+(``loss.update_class_accuracy(correct, count)``), which turns them into its weights.
 
-A loss asks for it by declaring ``measures_class_difficulty = True`` and a ``CDB`` node with
-``UPDATE_PERIOD`` and ``DIFFICULTY_DATASET`` (:mod:`.losses.cdb`); :func:`build_classification_hooks`
-looks the configured loss up in ``IMAGE_CLS_LOSS_REGISTRY`` and returns the hooks it needs, which
+A loss asks for it by declaring ``measures_class_difficulty = True`` and, in its config node,
+``UPDATE_PERIOD`` and ``DIFFICULTY_DATASET`` (:mod:`.losses.cdb`, :mod:`.losses.difficulty_net`); with
+``measure_before_training = True`` the hook also measures once before the first iteration of a
+run that starts from iteration 0. :func:`build_classification_hooks` looks the configured loss up
+in ``IMAGE_CLS_LOSS_REGISTRY`` and returns the hooks it needs, which
 ``train_net.py`` places right after Detectron2's iteration timer, so that a checkpoint written at
 the same iteration already holds the new difficulties (an exact ``--resume``) and the measurement
 does not count as step time.
@@ -40,15 +42,25 @@ def _measures_difficulty(cfg) -> bool:
     return bool(getattr(cls, "measures_class_difficulty", False))
 
 
+def _node_key(cfg) -> str:
+    """``MODEL.EQLOSSES.CLASSIFICATION.<the loss's node>``: where its hook settings are."""
+    node = lookup(IMAGE_CLS_LOSS_REGISTRY, cfg.MODEL.EQLOSSES.CLASSIFICATION.LOSS).config_node
+    return f"MODEL.EQLOSSES.CLASSIFICATION.{node}"
+
+
+def _node(cfg):
+    return cfg.MODEL.EQLOSSES.CLASSIFICATION[_node_key(cfg).rsplit(".", 1)[1]]
+
+
 def difficulty_dataset(cfg) -> str:
-    """``CDB.DIFFICULTY_DATASET``, or the ``_val`` split of ``DATASETS.TRAIN[0]`` when it is empty."""
-    name = cfg.MODEL.EQLOSSES.CLASSIFICATION.CDB.DIFFICULTY_DATASET
+    """The loss node's ``DIFFICULTY_DATASET``, or the ``_val`` split of ``DATASETS.TRAIN[0]`` when it is empty."""
+    name = _node(cfg).DIFFICULTY_DATASET
     if name:
         return name
     train = cfg.DATASETS.TRAIN[0] if len(cfg.DATASETS.TRAIN) else ""
     if not train.endswith("_train"):
         raise ConfigError(
-            f"MODEL.EQLOSSES.CLASSIFICATION.CDB.DIFFICULTY_DATASET is empty and DATASETS.TRAIN[0] '{train}' does "
+            f"{_node_key(cfg)}.DIFFICULTY_DATASET is empty and DATASETS.TRAIN[0] '{train}' does "
             f"not end in _train: name the split the class accuracies are measured on"
         )
     return train[: -len("_train")] + "_val"
@@ -74,7 +86,7 @@ def class_accuracy_counts(model, data_loader, num_classes: int, device=None):
 
 class ClassDifficultyHook(HookBase):
     """Every ``period`` iterations (not after the last), measure each class's accuracy on
-    ``dataset_name`` and update the loss's difficulties; logs ``cdb/tau`` and ``cdb/mean_difficulty``."""
+    ``dataset_name`` and pass the counts to the loss; logs the loss's ``difficulty_scalars()``."""
 
     def __init__(self, cfg, period: int, dataset_name: str):
         self._cfg = cfg
@@ -84,8 +96,7 @@ class ClassDifficultyHook(HookBase):
 
     @classmethod
     def from_config(cls, cfg):
-        node = cfg.MODEL.EQLOSSES.CLASSIFICATION.CDB
-        return cls(cfg, node.UPDATE_PERIOD, difficulty_dataset(cfg))
+        return cls(cfg, _node(cfg).UPDATE_PERIOD, difficulty_dataset(cfg))
 
     def _loss(self):
         model = self.trainer.model
@@ -101,10 +112,12 @@ class ClassDifficultyHook(HookBase):
         num_classes = self._cfg.MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES
         if stats.num_classes != num_classes:
             raise ConfigError(
-                f"MODEL.EQLOSSES.CLASSIFICATION.CDB.DIFFICULTY_DATASET '{self._dataset_name}' has {stats.num_classes} "
+                f"{_node_key(self._cfg)}.DIFFICULTY_DATASET '{self._dataset_name}' has {stats.num_classes} "
                 f"classes, NUM_CLASSES is {num_classes}"
             )
         self._loader = build_classification_test_loader(self._cfg, self._dataset_name)
+        if getattr(self._loss(), "measure_before_training", False) and self.trainer.iter == 0:
+            self.update()  # a fresh run (a resumed one has the measurements in its checkpoint)
 
     def after_step(self):
         next_iter = self.trainer.iter + 1
@@ -116,16 +129,14 @@ class ClassDifficultyHook(HookBase):
         loss = self._loss()
         with torch.random.fork_rng(devices=[]):
             correct, count = class_accuracy_counts(self.trainer.model, self._loader, loss.num_classes,
-                                                   device=loss.difficulty.device)
+                                                   device=loss.class_weights.device)
         correct, count = sync_state(correct, count, dtype=torch.float64)
-        loss.update_difficulty(correct, count)
+        loss.update_class_accuracy(correct, count)
         missing = int((count == 0).sum())
         if missing and comm.is_main_process():
-            logger.warning("Class difficulty: %d classes have no image in '%s'; they keep their difficulty",
+            logger.warning("Class difficulty: %d classes have no image in '%s'; they keep their last value",
                            missing, self._dataset_name)
-        self.trainer.storage.put_scalars(
-            **{"cdb/tau": float(loss.tau), "cdb/mean_difficulty": float(loss.difficulty.mean())}, smoothing_hint=False
-        )
+        self.trainer.storage.put_scalars(**loss.difficulty_scalars(), smoothing_hint=False)
 
 
 def build_classification_hooks(cfg) -> list:
@@ -144,4 +155,4 @@ def validate_difficulty_dataset(cfg):
 
     name = difficulty_dataset(cfg)
     if name not in DatasetCatalog.list():
-        raise ConfigError(f"MODEL.EQLOSSES.CLASSIFICATION.CDB.DIFFICULTY_DATASET: dataset '{name}' is not registered")
+        raise ConfigError(f"{_node_key(cfg)}.DIFFICULTY_DATASET: dataset '{name}' is not registered")

@@ -10,5 +10,6 @@ from . import softmax as _softmax  # noqa: F401,E402
 from . import balanced_softmax as _balanced_softmax  # noqa: F401,E402
 from . import softmax_eql as _softmax_eql  # noqa: F401,E402
 from . import cdb as _cdb  # noqa: F401,E402
+from . import difficulty_net as _difficulty_net  # noqa: F401,E402
 
 __all__ = ["IMAGE_CLS_LOSS_REGISTRY", "ImageClassificationLoss", "build_image_loss"]

@@ -78,8 +78,9 @@ class ClassDifficultyBalancedCE(ImageClassificationLoss):
     name = "cdb_w"
     config_node = "CDB"
     #: the trainer adds :class:`~eqlosses_d2.classification.difficulty.ClassDifficultyHook`, which
-    #: measures each class's accuracy every ``update_period`` iterations on ``difficulty_dataset``
-    #: and passes the counts to :meth:`update_difficulty`
+    #: measures each class's accuracy every ``UPDATE_PERIOD`` iterations on ``DIFFICULTY_DATASET``
+    #: and passes the counts to :meth:`update_class_accuracy` (not before training: the
+    #: difficulties start at ones, as the authors')
     measures_class_difficulty = True
 
     @classmethod
@@ -114,7 +115,7 @@ class ClassDifficultyBalancedCE(ImageClassificationLoss):
         self.register_buffer("tau", torch.tensor(initial_tau, dtype=torch.float64))
 
     @torch.no_grad()
-    def update_difficulty(self, correct: torch.Tensor, count: torch.Tensor):
+    def update_class_accuracy(self, correct: torch.Tensor, count: torch.Tensor):
         """Set ``d = 1 − correct / count`` (per class, counts over all processes; a class with
         ``count == 0`` keeps its difficulty) and recompute τ and the weights."""
         correct = correct.to(self.difficulty.device, torch.float64)
@@ -125,6 +126,10 @@ class ClassDifficultyBalancedCE(ImageClassificationLoss):
         tau = tau_from_difficulty(self.difficulty) if self.dynamic_tau else self.fixed_tau
         self.tau.fill_(tau)
         self.class_weights.copy_(cdb_weights(self.difficulty, tau))
+
+    def difficulty_scalars(self) -> dict:
+        """What the hook logs after a measurement."""
+        return {"cdb/tau": float(self.tau), "cdb/mean_difficulty": float(self.difficulty.mean())}
 
     def forward(self, logits, labels):
         self._check(logits, labels)
