@@ -1,0 +1,139 @@
+"""
+EQLv2 for image classification (Tan et al., "Equalization Loss v2: A New Gradient Balance
+Approach for Long-tailed Object Detection", CVPR 2021): the authors' detection loss adapted to
+a classifier with C sigmoid outputs and no background/objectness column.
+
+No classification EQLv2 of its authors exists that we could find: ModelTC/United-Perception
+(commit 52aaeb9e) has in ``up/tasks/cls/models/losses/cls_loss.py`` only ``softmax_eql`` and a
+``softmax_eqlv2`` that is a softmax with a log-prior of the gradient statistics (another
+method), and the sigmoid EQLv2 only for detection. So this is tztztztztz/eqlv2
+``mmdet/models/losses/eqlv2.py`` (commit 907fad90) with the background column removed. Per
+class j, from the accumulated gradient ratio g_j = pos_grad_j / (neg_grad_j + 1e-10):
+
+    r_j = 1 / (1 + exp(−γ (g_j − μ))),   q_j = 1 + α (1 − r_j)
+    L = Σ_ij [q_j y_ij + r_j (1 − y_ij)] · BCE(z_ij, y_ij) / N,   y = onehot(label)
+
+(normaliser N, the batch size, as the authors' ``/ self.n_i``). After the loss, the absolute
+gradient of the *un-normalised* weighted sum, ``|σ(z_ij) − y_ij| · w_ij`` (the authors'
+``collect_grad``: no 1/N), is summed over the batch into ``pos_grad_j`` (y_ij = 1) and
+``neg_grad_j`` (y_ij = 0), each summed over processes first. An iteration's weights use the
+statistics up to the previous one; before any statistics the ratio is 100 (the authors'
+``pos_neg`` buffer starts at 100), so r = q = 1: the first iteration is plain sigmoid BCE.
+Cumulative, no decay. Scores: ``σ(z_j)`` (the authors' ``test_with_obj`` multiplies by
+1 − σ(objectness), which a classifier does not have).
+
+Defaults (the authors', for LVIS; no classification recipe exists): γ = 12, μ = 0.8, α = 4.
+Config node ``MODEL.EQLOSSES.CLASSIFICATION.EQLV2``.
+
+Differences from the authors' code:
+- no background column: the authors' weights append (1, 1) for it and their statistics skip it;
+- float64 buffers ``gradient_stats.pos_grad`` / ``neg_grad`` (theirs float32; the ratio is
+  computed from them rather than kept as a third buffer), saved in checkpoints;
+- value, gradient and statistics from one fused computation (:class:`_WeightedSigmoidBCE`, the
+  detection loss's algebra with the softplus of :func:`.kernels.sigmoid_and_softplus_sums`)
+  instead of autograd plus a second sigmoid pass;
+- statistics updated in training mode only (the authors update on every call);
+- the classifier head keeps its own bias initialisation (their head starts it at the prior 0.001).
+"""
+import torch
+from torch.nn import functional as F
+
+from ...losses.base import scaled_stashed_grad
+from ...losses.gradient_stats import GradientStats, label_and_off_label_sums
+from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
+from .base import ImageClassificationLoss
+from .kernels import sigmoid_and_softplus_sums
+
+__all__ = ["ImageEQLv2"]
+
+
+class _WeightedSigmoidBCE(torch.autograd.Function):
+    """
+    ``Σ_ij w_ij · BCE(z_ij, y_ij) / N`` (w = q_j on the label, r_j elsewhere), its gradient
+    ``w_ij (σ(z_ij) − y_ij) / N`` and the per-class sums of ``|σ(z_ij) − y_ij| · w_ij``
+    over positives and negatives, from one (N, C) buffer that becomes the gradient:
+    ``Σ_ij w_ij BCE_ij = Σ_j r_j Σ_i softplus(z_ij) + Σ_i [q_y softplus(−z_iy) − r_y softplus(z_iy)]``,
+    ``pos_j = q_j Σ_{i: y_i = j} (1 − σ(z_ij))``, ``neg_j = r_j (Σ_i σ(z_ij) − Σ_{i: y_i = j} σ(z_ij))``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, neg_weight, pos_weight):
+        num_rows = logits.shape[0]
+        rows = labels[:, None]
+        prob = torch.empty_like(logits)
+        softplus_columns = sigmoid_and_softplus_sums(logits, prob, dim=0)
+        logit_y = logits.gather(1, rows).squeeze(1)
+        softplus_y = F.softplus(logit_y)
+        pos_w, neg_w = pos_weight[labels], neg_weight[labels]
+        loss = softplus_columns.double().dot(neg_weight.double()) + (
+            pos_w * (softplus_y - logit_y) - neg_w * softplus_y  # softplus(−z) = softplus(z) − z
+        ).sum(dtype=torch.float64)
+        prob_y = prob.gather(1, rows).squeeze(1)
+        pos_grad, off_label = label_and_off_label_sums(prob.sum(dim=0), labels, prob_y, pos_w * (1.0 - prob_y))
+        neg_grad = neg_weight * off_label
+        grad = prob.mul_(neg_weight / num_rows)
+        grad.scatter_(1, rows, (pos_w * (prob_y - 1.0) / num_rows)[:, None])
+        ctx.grad = grad
+        ctx.mark_non_differentiable(pos_grad, neg_grad)
+        return (loss / num_rows).to(logits.dtype), pos_grad, neg_grad
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pos, _grad_neg):
+        return scaled_stashed_grad(ctx, grad_loss, "EQLv2 (classification)"), None, None, None
+
+
+@register(IMAGE_CLS_LOSS_REGISTRY)
+class ImageEQLv2(ImageClassificationLoss):
+    name = "eqlv2"
+    config_node = "EQLV2"
+
+    #: the ratio before any statistics: f(100) = 1 for the default γ, μ (plain BCE), as the authors'
+    INITIAL_RATIO = 100.0
+
+    @classmethod
+    def add_config(cls, cfg):
+        super().add_config(cfg)
+        _C = config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.EQLV2")
+        # γ of the mapping r = 1 / (1 + exp(−γ (g − μ)))
+        _C.GAMMA = 12.0
+        # μ of the mapping
+        _C.MU = 0.8
+        # α of the positive weight q = 1 + α (1 − r)
+        _C.ALPHA = 4.0
+
+    def __init__(self, num_classes, class_stats=None, gamma=12.0, mu=0.8, alpha=4.0):
+        super().__init__(num_classes, class_stats)
+        if not gamma > 0:
+            raise ValueError(f"EQLV2.GAMMA must be > 0, got {gamma}")
+        if alpha < 0:
+            raise ValueError(f"EQLV2.ALPHA must be >= 0, got {alpha}")
+        self.gamma = float(gamma)
+        self.mu = float(mu)
+        self.alpha = float(alpha)
+        self.gradient_stats = GradientStats(num_classes, initial_ratio=self.INITIAL_RATIO)
+
+    def class_weights(self):
+        """(C,) float32 negative weights r and positive weights q from the statistics so far."""
+        neg_weight = torch.sigmoid(self.gamma * (self.gradient_stats.ratio() - self.mu))
+        pos_weight = 1.0 + self.alpha * (1.0 - neg_weight)
+        return neg_weight.float(), pos_weight.float()
+
+    def forward(self, logits, labels):
+        self._check(logits, labels)
+        if logits.shape[0] == 0:
+            if self.training:  # a collective: every process takes part every iteration
+                self.gradient_stats.update_without_samples()
+            return {"loss_cls": logits.float().sum() * 0.0}
+        logits, labels = logits.float().contiguous(), labels.long()
+        neg_weight, pos_weight = (w.to(logits.device) for w in self.class_weights())
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss, pos_grad, neg_grad = _WeightedSigmoidBCE.apply(logits, labels, neg_weight, pos_weight)
+        if self.training:
+            self.gradient_stats.update(pos_grad, neg_grad)
+        return {"loss_cls": loss}
+
+    def predict_probs(self, logits):
+        return torch.sigmoid(logits.float())
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, gamma={self.gamma}, mu={self.mu}, alpha={self.alpha}"

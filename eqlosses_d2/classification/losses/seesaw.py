@@ -1,0 +1,132 @@
+"""
+Seesaw loss for image classification (Wang et al., "Seesaw Loss for Long-Tailed Instance
+Segmentation", CVPR 2021), as its authors' group runs it for classification:
+open-mmlab/mmpretrain ``mmpretrain/models/losses/seesaw_loss.py`` (commit 0979e785, "migrate
+from mmdetection", whose ``mmdet/models/losses/seesaw_loss.py`` at 08282a60 has the same
+``seesaw_ce_loss``). A sample of label y is trained on
+
+    z̃_j = z_j + log S_yj  (j ≠ y),  z̃_y = z_y,   S_yj = M_yj · C_yj,
+    M_yj = (N_j / N_y)^p if N_j < N_y else 1,     C_yj = (σ_j / max(σ_y, eps))^q if that ratio > 1 else 1,
+    L = loss_weight · mean_i CE(z̃_i, y_i),        scores softmax(z)
+
+with N the cumulative training samples per class (clamped at 1 in the ratio), updated with
+this batch's labels *before* the loss, and σ = softmax(z) detached.
+
+No objectness/background branch: a classifier has none, and mmpretrain's classification loss
+has none either (mmdetection's C + 2 logits and its ``loss_cls_objectness`` are detection only):
+the loss is the class branch over every sample, averaged over the batch (their ``reduction='mean'``).
+
+State: the float64 buffer ``cumulative_count`` (C,) (theirs float32 ``cum_samples``), saved
+in checkpoints; each batch's label counts are summed over processes before they are added
+(theirs are per GPU, never synchronised), on every process even when it has no sample.
+
+Defaults (theirs): p = 0.8, q = 2.0, eps = 1e-2, loss_weight = 1. Config node
+``MODEL.EQLOSSES.CLASSIFICATION.SEESAW``.
+
+Computation (values and gradients as theirs up to float rounding): the factors are applied in
+log space, ``log S = p·min(log N_j − log N_y, 0) + q·max(log σ_j − max(log σ_y, log eps), 0)``
+(both zero at j = y), without the C × C ratio matrix and up to per-row constants, which change
+neither CE nor its gradient (:class:`_SeesawCE`); one autograd Function computes the loss and its
+gradient ``loss_weight · (softmax(z̃) − onehot) / N`` (S is a constant of the loss, as their
+``detach``) from a log-softmax and a softmax pass (:func:`.kernels.softmax_ce_rows_and_grad`),
+as many as plain CE.
+"""
+import math
+
+import torch
+
+from ...losses.base import scaled_stashed_grad, sync_state
+from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
+from .base import ImageClassificationLoss
+from .kernels import softmax_ce_rows_and_grad
+
+__all__ = ["ImageSeesawLoss"]
+
+
+class _SeesawCE(torch.autograd.Function):
+    """``scale · Σ_i CE(z̃_i, y_i)`` and its gradient ``scale · (softmax(z̃) − onehot)``, z̃ as the
+    module docstring says. Per-row constants leave CE and its gradient unchanged, so z̃ is built
+    up to one: with ``log σ`` the log-softmax of z and ``L = log N``,
+    ``log C_ij = q · max(z_ij − c_i, 0)``, ``c_i = max(z_iy, z_iy − log σ_iy + log eps)``
+    (= lse_i + max(log σ_iy, log eps)), and ``log M_ij = p · min(L_j, L_y) − p · L_y`` (the last
+    term a row constant, left out). Two softmax passes in all, as plain CE."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, log_count, p, q, log_eps, scale):
+        rows = labels[:, None]
+        if q > 0:
+            logit_y = logits.gather(1, rows)
+            buffer = torch.log_softmax(logits, dim=1)
+            log_norm = logit_y - buffer.gather(1, rows)  # lse_i
+            threshold = torch.maximum(logit_y, log_norm + log_eps)  # c_i
+            torch.sub(logits, threshold, out=buffer).clamp_(min=0.0)
+            torch.add(logits, buffer, alpha=q, out=buffer)  # z + log C
+        else:
+            buffer = logits.clone()
+        if p > 0:
+            buffer.add_(torch.minimum(log_count[None, :], log_count[labels][:, None]), alpha=p)  # + log M
+        loss, ctx.grad = softmax_ce_rows_and_grad(buffer, labels, scale)
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return scaled_stashed_grad(ctx, grad_loss, "Seesaw (classification)"), None, None, None, None, None, None
+
+
+@register(IMAGE_CLS_LOSS_REGISTRY)
+class ImageSeesawLoss(ImageClassificationLoss):
+    name = "seesaw"
+    config_node = "SEESAW"
+
+    @classmethod
+    def add_config(cls, cfg):
+        super().add_config(cfg)
+        _C = config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.SEESAW")
+        # p of the mitigation (N_j / N_y)^p for N_j < N_y (N: cumulative training samples per class)
+        _C.P = 0.8
+        # q of the compensation (σ_j / σ_y)^q for σ_j > σ_y
+        _C.Q = 2.0
+        # lower clamp of σ_y in the compensation
+        _C.EPS = 0.01
+        # weight of the loss
+        _C.LOSS_WEIGHT = 1.0
+
+    def __init__(self, num_classes, class_stats=None, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
+        super().__init__(num_classes, class_stats)
+        if p < 0:
+            raise ValueError(f"SEESAW.P must be >= 0, got {p}")
+        if q < 0:
+            raise ValueError(f"SEESAW.Q must be >= 0, got {q}")
+        if not 0 < eps <= 1:
+            raise ValueError(f"SEESAW.EPS must be in (0, 1], got {eps}")
+        if not loss_weight > 0:
+            raise ValueError(f"SEESAW.LOSS_WEIGHT must be > 0, got {loss_weight}")
+        self.p = float(p)
+        self.q = float(q)
+        self.eps = float(eps)
+        self.loss_weight = float(loss_weight)
+        # N_j: training samples of class j since the start of training, over all processes
+        self.register_buffer("cumulative_count", torch.zeros(num_classes, dtype=torch.float64))
+
+    @torch.no_grad()
+    def accumulate(self, labels: torch.Tensor):
+        """Add this batch's label counts (summed over processes) to N; a collective."""
+        batch_count = torch.bincount(labels, minlength=self.num_classes).to(self.cumulative_count)
+        self.cumulative_count += sync_state(batch_count)[0]
+
+    def forward(self, logits, labels):
+        self._check(logits, labels)
+        labels = labels.long()
+        if self.training:  # before the loss, as theirs, and on every process
+            self.accumulate(labels)
+        if logits.shape[0] == 0:
+            return {"loss_cls": logits.float().sum() * 0.0}
+        logits = logits.float().contiguous()
+        log_count = self.cumulative_count.clamp(min=1).log().float().to(logits.device)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = _SeesawCE.apply(logits, labels, log_count, self.p, self.q, math.log(self.eps),
+                                   self.loss_weight / logits.shape[0])
+        return {"loss_cls": loss}
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, loss_weight={self.loss_weight}"
