@@ -29,7 +29,14 @@ model included (``requires_grad`` off, nothing else): the backbone's BatchNorm l
 with the batch statistics and keep updating their running statistics on the class-balanced
 batches; only the weights (convolutions and BatchNorm affine parameters) stay fixed. The
 Detectron2 trainer does the same (``model.train()``, ``TRAINABLE_MODULES`` only turns
-``requires_grad`` off); nothing here changes it. MARC's code does the same.
+``requires_grad`` off); nothing here changes it. MARC's code (microsoft/robustlearn, commit
+31580cd19572, ``marc/run_networks.py``) does the same.
+
+Differs from the authors' stage 2: the cosine schedule is per iteration (theirs per epoch, stepped
+at the start of each epoch); their class-aware sampler draws 4 images of a class in a row
+(``ClassAwareSampler``, ``num_samples_cls: 4``), ``ClassBalancedTrainingSampler`` one; we keep the
+final model (they keep the epoch of the best val accuracy and test it). Several processes: the
+fresh cRT head is rank 0's (Detectron2's DDP wrapper broadcasts it before the checkpoint is loaded).
 """
 import logging
 
