@@ -4,7 +4,7 @@ Approach for Long-tailed Object Detection", CVPR 2021): the authors' detection l
 a classifier with C sigmoid outputs and no background/objectness column.
 
 No classification EQLv2 of its authors exists that we could find: ModelTC/United-Perception
-(commit 52aaeb9e) has in ``up/tasks/cls/models/losses/cls_loss.py`` only ``softmax_eql`` and a
+(commit 52aaeb9e; ModelTC/EOD is the same repository, same commit) has in ``up/tasks/cls/models/losses/cls_loss.py`` only ``softmax_eql`` and a
 ``softmax_eqlv2`` that is a softmax with a log-prior of the gradient statistics (another
 method), and the sigmoid EQLv2 only for detection. So this is tztztztztz/eqlv2
 ``mmdet/models/losses/eqlv2.py`` (commit 907fad90) with the background column removed. Per

@@ -18,7 +18,8 @@ the loss is the class branch over every sample, averaged over the batch (their `
 
 State: the float64 buffer ``cumulative_count`` (C,) (theirs float32 ``cum_samples``), saved
 in checkpoints; each batch's label counts are summed over processes before they are added
-(theirs are per GPU, never synchronised), on every process even when it has no sample.
+(theirs are per GPU, never synchronised), on every process even when it has no sample, in
+training mode only (theirs on every call; the classifier calls its loss only in training).
 
 Defaults (theirs): p = 0.8, q = 2.0, eps = 1e-2, loss_weight = 1. Config node
 ``MODEL.EQLOSSES.CLASSIFICATION.SEESAW``.

@@ -48,11 +48,12 @@ class _ShiftedSmoothedBCE(torch.autograd.Function):
         grad = torch.empty_like(logits)
         total = sigmoid_and_softplus_sums(shifted, grad).double()
         if off:
-            total -= off * shifted.sum(dtype=torch.float64)
-        total -= (on - off) * shifted.gather(1, rows).sum(dtype=torch.float64)
+            total -= off * shifted.sum().double()
+        total -= (on - off) * shifted.gather(1, rows).sum().double()
+        grad.mul_(1.0 / num_rows)
         if off:
-            grad.sub_(off)
-        grad.div_(num_rows).scatter_add_(1, rows, grad.new_full(rows.shape, -(on - off) / num_rows))
+            grad.sub_(off / num_rows)
+        grad.scatter_add_(1, rows, grad.new_full(rows.shape, -(on - off) / num_rows))
         ctx.grad = grad
         return (total / num_rows).to(logits.dtype)
 
