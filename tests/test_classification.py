@@ -47,8 +47,10 @@ def _value_and_grad(loss, logits, labels):
 
 
 def test_registries_hold_the_methods():
-    assert names(IMAGE_CLS_LOSS_REGISTRY) == ["balanced_softmax", "softmax", "softmax_eql"]
-    assert names(CLASSIFIER_HEAD_REGISTRY) == ["cosine", "linear"]
+    # issue 19's methods (each file adds its name); a subset check, so a new method needs no edit here
+    assert {"softmax", "balanced_softmax", "softmax_eql", "sigmoid", "eqlv2", "seesaw", "iif", "bal_bce",
+            "cdb_w", "grw"} <= set(names(IMAGE_CLS_LOSS_REGISTRY))
+    assert {"linear", "cosine", "tau_norm", "lws", "marc", "tde", "vmf"} <= set(names(CLASSIFIER_HEAD_REGISTRY))
 
 
 # -- heads -------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_unknown_names_and_bad_values_are_one_line():
     add_eqlosses_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "LongTailImageClassifier"
     cfg.MODEL.EQLOSSES.CLASSIFICATION.LOSS = "nope"
-    with pytest.raises(ConfigError, match=r"MODEL.EQLOSSES.CLASSIFICATION.LOSS: unknown loss 'nope' \(known: balanced_softmax"):
+    with pytest.raises(ConfigError, match=r"MODEL.EQLOSSES.CLASSIFICATION.LOSS: unknown loss 'nope' \(known: .*balanced_softmax, .*softmax_eql"):
         validate_config(cfg)
     cfg.MODEL.EQLOSSES.CLASSIFICATION.LOSS = "softmax_eql"
     cfg.MODEL.EQLOSSES.CLASSIFICATION.SOFTMAX_EQL.INDICATOR = "both"
@@ -245,6 +247,18 @@ def test_unknown_names_and_bad_values_are_one_line():
     cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
     with pytest.raises(ConfigError, match="DATALOADER.SAMPLER_TRAIN: unknown 'RepeatFactorTrainingSampler' for classification"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("num_head", [1, 2, 3, 5, 8])
+def test_config_check_takes_every_head_count_that_divides_a_real_feature_size(num_head):
+    """The check builds the head on a toy size: TDE's NUM_HEAD must divide its features (2048 for
+    ResNet-50, 512 for ResNet-18), and a toy size of 4 refused 3 or 8."""
+    cfg = get_cfg()
+    add_eqlosses_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "LongTailImageClassifier"
+    cfg.MODEL.EQLOSSES.CLASSIFICATION.HEAD = "tde"
+    cfg.MODEL.EQLOSSES.CLASSIFICATION.TDE.NUM_HEAD = num_head
+    validate_config(cfg)
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -352,12 +366,15 @@ def test_classification_config_builds_and_runs(config_file):
     images = [{"image": torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), "label": i % num_classes} for i in range(4)]
     model.train()
     losses = model(images)
-    assert set(losses) == {"loss_cls"} and torch.isfinite(losses["loss_cls"])
+    # a head with its own training step (vmf) adds its losses (loss_icd) to the loss's
+    assert "loss_cls" in losses and all(torch.isfinite(v) for v in losses.values())
     model.eval()
     with torch.no_grad():
         out = model(images)
     assert len(out) == 4 and out[0]["scores"].shape == (num_classes,)
-    assert torch.allclose(out[0]["scores"].sum(), torch.tensor(1.0))
+    scores = torch.stack([o["scores"] for o in out])
+    # softmax-family scores are a distribution; sigmoid heads (sigmoid, eqlv2, bal_bce) score each class alone
+    assert torch.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()
 
 
 # -- registration of the real benchmarks ---------------------------------------------------------

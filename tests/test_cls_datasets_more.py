@@ -132,6 +132,13 @@ def test_inaturalist_missing_file_is_one_line(tmp_path):
     message = str(e.value)
     assert "\n" not in message and os.path.join(str(tmp_path / "nowhere"), "train2018.json") + " not found" in message
     assert "$DETECTRON2_DATASETS/inaturalist2018/" in message
+    # the training path's check (class statistics before OUTPUT_DIR is written) gives the same hint
+    from eqlosses_d2.data.datasets import prepare_dataset
+
+    with pytest.raises(DatasetError) as e:
+        prepare_dataset(f"{prefix}_train")
+    assert "\n" not in str(e.value) and "inaturalist2018/{train2018.json" in str(e.value)
+    assert "for LVIS" not in str(e.value)
 
 
 _GOOD = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],

@@ -22,7 +22,8 @@ def validate_classification(cfg):
     node = cfg.MODEL.EQLOSSES.CLASSIFICATION
     if node.NUM_CLASSES < 1:
         raise ConfigError(f"MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES must be >= 1, got {node.NUM_CLASSES}")
-    for what, build in (("HEAD", lambda: build_head(node, 4, 2)), ("LOSS", lambda: build_image_loss(node, 2))):
+    # 840 features (divisible by every head count up to 8, e.g. TDE.NUM_HEAD) and 2 classes: small
+    for what, build in (("HEAD", lambda: build_head(node, 840, 2)), ("LOSS", lambda: build_image_loss(node, 2))):
         try:
             build()
         except KeyError as e:

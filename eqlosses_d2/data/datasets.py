@@ -98,10 +98,13 @@ def prepare_dataset(name: str, with_statistics: bool = True):
             )
         return meta
     if not os.path.isfile(json_file):
-        raise DatasetError(
-            f"dataset '{name}': annotation file {json_file} not found "
-            f"(for LVIS, set $DETECTRON2_DATASETS to the directory that contains lvis/)"
+        # a registration may say where its files go (metadata "layout_hint"); LVIS's is the default
+        hint = meta.get("layout_hint") or (
+            "for LVIS, set $DETECTRON2_DATASETS to the directory that contains lvis/"
+            if meta.get("evaluator_type", "lvis") == "lvis"
+            else "set $DETECTRON2_DATASETS to the directory that holds the dataset"
         )
+        raise DatasetError(f"dataset '{name}': annotation file {json_file} not found ({hint})")
     image_root = meta.get("image_root")
     if image_root is not None and not os.path.isdir(image_root):
         raise DatasetError(f"dataset '{name}': image directory {image_root} not found")

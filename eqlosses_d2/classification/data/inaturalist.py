@@ -77,6 +77,7 @@ def register_inaturalist2018(prefix: str = "inaturalist2018", directory: Optiona
             MetadataCatalog.get(name).set(
                 image_root=directory + os.sep,
                 evaluator_type=EVALUATOR_TYPE,
+                layout_hint=_LAYOUT,
                 class_count_dataset=f"{prefix}_train" if "json_file" in source else f"{prefix}_list_train",
                 **source,
             )
