@@ -64,7 +64,9 @@ def _sum_of_logs(values: torch.Tensor, dim=None) -> torch.Tensor:
     if dim != 0:
         raise ValueError("_sum_of_logs: dim must be None or 0")
     whole = values.shape[0] // _LOG_GROUP * _LOG_GROUP
-    grouped = values[:whole].view(-1, _LOG_GROUP, values.shape[1]).prod(1).log_().sum(0)
+    # rows i, i + R, i + 2R, ... (R = whole / 64) in one group: a product over the outer dimension,
+    # contiguous slabs multiplied elementwise
+    grouped = values[:whole].view(_LOG_GROUP, -1, values.shape[1]).prod(0).log_().sum(0)
     return grouped + values[whole:].log().sum(0)
 
 
