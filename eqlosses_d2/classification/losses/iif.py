@@ -27,8 +27,9 @@ base10        ``log10(M / n_c)``
 optionally divided by their p-norm over the classes (``IIF_NORM`` = p > 0; their ``--iif_norm``,
 default 0: no normalisation). Defaults: VARIANT "smooth" (every ImageNet-LT, Places-LT and
 CIFAR-LT command of their README uses ``--iif smooth``; their argparse default is "raw"),
-IIF_NORM 0. Their recipes apply IIF to a CE-trained model, either re-training only the
-classifier (``--decoup``; here MODEL.EQLOSSES.TRAINABLE_MODULES) or at test time only.
+IIF_NORM 0. Their recipes apply IIF to a CE-trained model, either re-initialising and re-training
+only the classifier (``--decoup``; here MODEL.EQLOSSES.CLASSIFICATION.DECOUPLING.RETRAIN_HEAD with
+MODEL.EQLOSSES.TRAINABLE_MODULES) or at test time only (not this loss: a calibration).
 Config node ``MODEL.EQLOSSES.CLASSIFICATION.IIF``.
 
 Differences from their code:
