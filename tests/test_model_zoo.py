@@ -213,7 +213,8 @@ def _derived_setting(cfg):
         backbone = f"R-{res.DEPTH}{fpn}"
     its, batch = cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH
     schedule = f"{its // 90000}x" if batch == 16 and its % 90000 == 0 else f"{its} it × {batch} img"
-    sampler = {"TrainingSampler": "random"}.get(cfg.DATALOADER.SAMPLER_TRAIN)
+    sampler = {"TrainingSampler": "random", "ClassBalancedTrainingSampler": "class-balanced",
+               "SquareRootTrainingSampler": "square-root"}.get(cfg.DATALOADER.SAMPLER_TRAIN)
     if cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler":
         sampler = f"RFS {cfg.DATALOADER.REPEAT_THRESHOLD:g}"
     return {"backbone": backbone, "schedule": schedule, "sampler": sampler}
@@ -228,11 +229,14 @@ def test_shipped_entries_agree_with_their_configs(monkeypatch):
         dataset = entry.setting["dataset"]
         if name.startswith("quickstart/"):
             assert dataset.startswith("embedded synthetic data") and entry.reported is None
-            assert entry.ours is None or entry.ours["data"] == model_zoo.SYNTHETIC_DATA
             if dataset == "embedded synthetic data (classification)":
                 assert cfg.DATASETS.TRAIN[0].startswith("synthetic_cls_lt")
+                assert entry.ours is None or entry.ours["data"].startswith(dataset)
+            else:
+                assert entry.ours is None or entry.ours["data"] == model_zoo.SYNTHETIC_DATA
         else:
-            prefix = {"LVIS v1": "lvis_v1", "LVIS v0.5": "lvis_v0.5", "ImageNet-LT": "imagenet_lt"}[dataset]
+            prefix = {"LVIS v1": "lvis_v1", "LVIS v0.5": "lvis_v0.5", "ImageNet-LT": "imagenet_lt",
+                      "iNaturalist 2018": "inaturalist2018", "CIFAR-100-LT": "cifar100_lt"}[dataset]
             assert cfg.DATASETS.TRAIN[0].startswith(prefix)
             for block in (entry.reported, entry.ours):
                 assert block is None or block["data"].startswith(dataset)
