@@ -175,7 +175,9 @@ def render_model_zoo_md(entries):
         "it does not).\n",
     ]
     for dataset in datasets:
-        title = "Embedded synthetic data, quickstart schedule" if dataset == "embedded synthetic data" else dataset
+        title = {"embedded synthetic data": "Embedded synthetic data, quickstart schedule",
+                 "embedded synthetic data (classification)": "Embedded long-tailed classification set, quickstart schedule",
+                 }.get(dataset, dataset)
         out.append(f"## {title}\n")
         if dataset in DATASET_TEXT:
             out.append(DATASET_TEXT[dataset] + "\n")
