@@ -306,3 +306,45 @@ def test_train_net_measures_with_the_checkpointed_weights_and_resumes_exactly(ti
     assert again.keys() == final.keys()
     for key in final:
         assert torch.equal(again[key], final[key]), key
+
+
+# -- two processes ----------------------------------------------------------------------------------
+
+
+def _two_rank_measurement(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model, records = _shared_model_and_records()
+        shard = records[:7] if rank == 0 else records[7:]  # unequal shards, as InferenceSampler's
+        hook = ClassDifficultyHook(cfg=None, period=1, dataset_name="constructed")
+        hook._loader = [shard[:4], shard[4:]]
+        with EventStorage() as storage:
+            hook.trainer = SimpleNamespace(model=model, iter=0, max_iter=10, storage=storage)
+            hook.after_step()
+        torch.save({k: v.clone() for k, v in model.loss.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _shared_model_and_records():
+    torch.manual_seed(11)
+    model = _TinyClassifier(ClassDifficultyBalancedCE(3))
+    xs = torch.randn(12, 2)
+    labels = [0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 2, 0]
+    return model, [{"x": x, "label": t} for x, t in zip(xs, labels)]
+
+
+def test_hook_sums_the_counts_over_two_processes(tmp_path):
+    """Two gloo processes, each measuring its shard, end with the same difficulties, equal to one
+    process measuring every image."""
+    torch.multiprocessing.spawn(_two_rank_measurement, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model, records = _shared_model_and_records()
+    correct, count = class_accuracy_counts(model, [records], 3)
+    assert count.tolist() == [5.0, 3.0, 4.0] and 0 < correct.sum() < 12
+    model.loss.update_class_accuracy(correct, count)
+    assert not torch.equal(model.loss.difficulty, torch.ones(3, dtype=torch.float64))
+    for key, value in model.loss.state_dict().items():
+        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], value), key
