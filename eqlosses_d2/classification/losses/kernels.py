@@ -6,7 +6,7 @@ as few passes over the (N, C) logits as possible, each pass a vectorised kernel 
 backward costs about two softmax passes). Pure PyTorch; float32 in, float32 out.
 
 - :func:`softmax_ce_rows_and_grad`: Σ_i CE(x_i, y_i) and ``(softmax(x) − onehot)``, optionally
-  times per-column weights, from one ``torch.softmax`` (IIF, Seesaw);
+  times per-column weights, from one ``torch.softmax`` (IIF, Seesaw, Softmax-EQL);
 - :func:`sigmoid_and_softplus_sums`: σ(z) and Σ softplus(z) from one ``torch.sigmoid`` and one
   log per 64 entries (sigmoid BCE, Bal-BCE, EQLv2).
 """
@@ -19,15 +19,21 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
     """
     For adjusted logits x (N, C) and labels (N,): ``(Σ_i CE(x_i, y_i) · scale`` as a float64
     0-dim tensor, ``scale · w ⊙ (softmax(x) − onehot(y))`` (N, C)), w = ``column_weight`` (C,) or 1.
-    The per-row loss is ``max_j x_ij − x_iy − log max_j softmax(x)_ij`` (the largest probability
-    is 1 / Σ_j exp(x_ij − max x_i), never below 1/C), exact to float32 rounding even where the
-    label's probability underflows, without a log-softmax pass of its own.
+    The per-row loss is ``−log softmax(x)_iy`` while every label probability is above
+    :data:`_TINY_PROBABILITY` (its float32 rounding, a few ulps relative, is then ~1e-7 absolute in
+    the log); otherwise, for every row, ``max_j x_ij − x_iy − log max_j softmax(x)_ij`` (the largest
+    probability is 1 / Σ_j exp(x_ij − max x_i), never below 1/C), exact to float32 rounding even
+    where the label's probability underflows. One ``torch.softmax`` pass, and the two row-max
+    passes only in that rare case.
     """
     rows = labels[:, None]
-    top = adjusted.amax(dim=1)
-    adjusted_y = adjusted.gather(1, rows).squeeze(1)
     prob = torch.softmax(adjusted, dim=1)
-    loss = (top - adjusted_y - prob.amax(dim=1).log_()).sum(dtype=torch.float64) * scale
+    prob_y = prob.gather(1, rows)
+    if bool(prob_y.min() > _TINY_PROBABILITY):
+        loss = prob_y.log().sum(dtype=torch.float64) * -scale
+    else:
+        top = adjusted.amax(dim=1, keepdim=True)
+        loss = (top - adjusted.gather(1, rows) - prob.amax(dim=1, keepdim=True).log_()).sum(dtype=torch.float64) * scale
     if column_weight is None:
         grad = prob.mul_(scale)
         grad.scatter_add_(1, rows, grad.new_full(rows.shape, -scale))
@@ -35,6 +41,10 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
         grad = prob.mul_(column_weight * scale)
         grad.scatter_add_(1, rows, (column_weight[labels] * -scale)[:, None])
     return loss, grad
+
+
+#: label probabilities above this give the row loss as −log p_y (float32's normal range starts at 1.2e-38)
+_TINY_PROBABILITY = 1e-30
 
 
 def sigmoid_and_softplus_sums(logits: torch.Tensor, out: torch.Tensor, dim=None) -> torch.Tensor:
