@@ -53,25 +53,24 @@ class _SeesawCE(torch.autograd.Function):
     term a row constant, left out). Two softmax passes in all, as plain CE."""
 
     @staticmethod
-    def forward(ctx, logits, labels, log_count, p, q, log_eps, scale):
+    def forward(ctx, logits, labels, scaled_log_count, q, log_eps, scale):
         rows = labels[:, None]
         if q > 0:
             logit_y = logits.gather(1, rows)
             buffer = torch.log_softmax(logits, dim=1)
-            log_norm = logit_y - buffer.gather(1, rows)  # lse_i
-            threshold = torch.maximum(logit_y, log_norm + log_eps)  # c_i
+            threshold = torch.maximum(logit_y, logit_y - buffer.gather(1, rows) + log_eps)  # c_i
             torch.sub(logits, threshold, out=buffer).clamp_(min=0.0)
             torch.add(logits, buffer, alpha=q, out=buffer)  # z + log C
         else:
             buffer = logits.clone()
-        if p > 0:
-            buffer.add_(torch.minimum(log_count[None, :], log_count[labels][:, None]), alpha=p)  # + log M
+        if scaled_log_count is not None:  # + log M: p · min(L_j, L_y), p folded into L beforehand
+            buffer.add_(torch.minimum(scaled_log_count[None, :], scaled_log_count[rows]))
         loss, ctx.grad = softmax_ce_rows_and_grad(buffer, labels, scale)
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scaled_stashed_grad(ctx, grad_loss, "Seesaw (classification)"), None, None, None, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "Seesaw (classification)"), None, None, None, None, None
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
@@ -123,9 +122,11 @@ class ImageSeesawLoss(ImageClassificationLoss):
         if logits.shape[0] == 0:
             return {"loss_cls": logits.float().sum() * 0.0}
         logits = logits.float().contiguous()
-        log_count = self.cumulative_count.clamp(min=1).log().float().to(logits.device)
+        scaled_log_count = None  # p · log N (p ≥ 0 keeps the order of min(L_j, L_y))
+        if self.p > 0:
+            scaled_log_count = self.cumulative_count.clamp(min=1).log_().mul_(self.p).to(logits.device, torch.float32)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _SeesawCE.apply(logits, labels, log_count, self.p, self.q, math.log(self.eps),
+            loss = _SeesawCE.apply(logits, labels, scaled_log_count, self.q, math.log(self.eps),
                                    self.loss_weight / logits.shape[0])
         return {"loss_cls": loss}
 
