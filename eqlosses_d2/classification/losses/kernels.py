@@ -12,6 +12,8 @@ backward costs about two softmax passes). Pure PyTorch; float32 in, float32 out.
 """
 import torch
 
+from ...losses.base import gpu_policy
+
 __all__ = ["softmax_ce_rows_and_grad", "sigmoid_and_softplus_sums"]
 
 
@@ -24,12 +26,12 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
     the log); otherwise, for every row, ``max_j x_ij − x_iy − log max_j softmax(x)_ij`` (the largest
     probability is 1 / Σ_j exp(x_ij − max x_i), never below 1/C), exact to float32 rounding even
     where the label's probability underflows. One ``torch.softmax`` pass, and the two row-max
-    passes only in that rare case.
+    passes only in that rare case (and always under the GPU policy, which reads nothing back).
     """
     rows = labels[:, None]
     prob = torch.softmax(adjusted, dim=1)
     prob_y = prob.gather(1, rows)
-    if bool(prob_y.min() > _TINY_PROBABILITY):
+    if not gpu_policy(adjusted.device) and bool(prob_y.min() > _TINY_PROBABILITY):  # a host read: CPU only
         loss = prob_y.log().sum(dtype=torch.float64) * -scale
     else:
         top = adjusted.amax(dim=1, keepdim=True)
