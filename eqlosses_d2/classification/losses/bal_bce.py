@@ -26,16 +26,46 @@ Defaults (their ImageNet-LT recipe): TAU (K) 1.0, SMOOTHING 0.1. Config node
 
 Differences from their code: π from counts clamped at 1 (a class without training images
 would get log π = −inf and an infinite loss; their data have none); value and analytic gradient
-``(σ(z') − t) / N`` in one pass, no (N, C) target matrix (:func:`.sigmoid.shifted_smoothed_bce`).
+``(σ(z') − t) / N`` in one pass, no (N, C) target matrix (:class:`_ShiftedSmoothedBCE`, the algebra
+of :func:`.sigmoid.shifted_smoothed_bce` with ``Σ z'`` from the sum the finiteness check takes).
 """
 import torch
 from torch.nn import functional as F
 
+from ...losses.base import check_finite_logits, scaled_stashed_grad
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
-from .sigmoid import shifted_smoothed_bce
+from .kernels import sigmoid_and_softplus_sums
 
 __all__ = ["ImageBalancedBCE"]
+
+
+class _ShiftedSmoothedBCE(torch.autograd.Function):
+    """``Σ_ij BCE(z_ij + b_j, t_ij) / N`` for the smoothed one-hot t (``off`` off the label, ``on``
+    on it) and its gradient ``(σ(z + b) − t) / N``, from one (N, C) buffer that becomes the
+    gradient: ``Σ BCE(x, t) = Σ softplus(x) − off · Σ x − (on − off) · Σ_i x_iy``, with
+    ``Σ x = Σ z + N · Σ b`` from ``logits_total`` (the sum the finiteness check took)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, shift, logits_total, off, on):
+        num_rows = logits.shape[0]
+        rows = labels[:, None]
+        shifted = logits + shift
+        grad = torch.empty_like(logits)
+        total = sigmoid_and_softplus_sums(shifted, grad).double()
+        if off:
+            total -= off * (logits_total.double() + num_rows * shift.sum(dtype=torch.float64))
+        total -= (on - off) * shifted.gather(1, rows).sum(dtype=torch.float64)
+        grad.mul_(1.0 / num_rows)
+        if off:
+            grad.sub_(off / num_rows)
+        grad.scatter_(1, rows, -(on - off) / num_rows, reduce="add")
+        ctx.grad = grad
+        return (total / num_rows).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return scaled_stashed_grad(ctx, grad_loss, "Bal-BCE (classification)"), None, None, None, None, None
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
@@ -68,13 +98,24 @@ class ImageBalancedBCE(ImageClassificationLoss):
         return (self.tau * (prior.log() - torch.log1p(-prior))).float()
 
     def forward(self, logits, labels):
-        self._check(logits, labels)
+        # the base class's checks, with the finiteness read from the sum of the logits that the
+        # loss needs anyway (one pass fewer)
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"loss '{self.name}' expects logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} logits")
+        logits = logits.float().contiguous()
+        logits_total = logits.sum()
+        if not logits.is_cuda:
+            check_finite_logits(logits, f"loss '{self.name}'", total=logits_total)
         shift = self.prior_shift().to(logits.device)
         if logits.shape[0] == 0:
-            return {"loss_cls": logits.float().sum() * 0.0}
+            return {"loss_cls": logits.sum() * 0.0}
         off = self.smoothing / self.num_classes
         on = 1.0 - self.smoothing + off
-        return {"loss_cls": shifted_smoothed_bce(logits, labels, shift, off, on)}
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = _ShiftedSmoothedBCE.apply(logits, labels.long(), shift, logits_total, off, on)
+        return {"loss_cls": loss}
 
     def predict_probs(self, logits):
         return F.softmax(logits.float(), dim=1)
