@@ -72,13 +72,14 @@ def _sum_of_logs(values: torch.Tensor, dim=None) -> torch.Tensor:
     if dim is None:
         flat = values.view(-1)
         whole = flat.numel() // _LOG_GROUP * _LOG_GROUP
-        return flat[:whole].view(-1, _LOG_GROUP).prod(1).log_().sum() + flat[whole:].log().sum()
+        grouped = flat[:whole].view(-1, _LOG_GROUP).prod(1).log_().sum()
+        return grouped if whole == flat.numel() else grouped + flat[whole:].log().sum()
     if dim != 0:
         raise ValueError("_sum_of_logs: dim must be None or 0")
     whole = values.shape[0] // _LOG_GROUP * _LOG_GROUP
     # rows i, i + R, i + 2R, ... (R = whole / 64) in one group: a product over the outer dimension,
     # contiguous slabs multiplied elementwise
     grouped = values[:whole].view(_LOG_GROUP, -1, values.shape[1]).prod(0).log_().sum(0)
-    return grouped + values[whole:].log().sum(0)
+    return grouped if whole == values.shape[0] else grouped + values[whole:].log().sum(0)
 
 
