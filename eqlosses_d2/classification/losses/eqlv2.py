@@ -51,35 +51,39 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
     """
     ``Σ_ij w_ij · BCE(z_ij, y_ij) / N`` (w = q_j on the label, r_j elsewhere), its gradient
     ``w_ij (σ(z_ij) − y_ij) / N`` and the per-class sums of ``|σ(z_ij) − y_ij| · w_ij``
-    over positives and negatives, from one (N, C) buffer that becomes the gradient:
-    ``Σ_ij w_ij BCE_ij = Σ_j r_j Σ_i softplus(z_ij) + Σ_i [q_y softplus(−z_iy) − r_y softplus(z_iy)]``,
-    ``pos_j = q_j Σ_{i: y_i = j} (1 − σ(z_ij))``, ``neg_j = r_j (Σ_i σ(z_ij) − Σ_{i: y_i = j} σ(z_ij))``.
+    over positives and negatives (``stats`` (2, C): row 0 positives, row 1 negatives), from one
+    (N, C) buffer that becomes the gradient:
+    ``Σ_ij w_ij BCE_ij = Σ_j r_j Σ_i softplus(z_ij) + Σ_i [(q_y − r_y) softplus(z_iy) − q_y z_iy]``
+    (softplus(−z) = softplus(z) − z), ``pos_j = Σ_{i: y_i = j} q_j (1 − σ(z_ij))`` and
+    ``neg_j = r_j Σ_{i: y_i ≠ j} σ(z_ij)``, the column sums of σ with the label entries zeroed.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, neg_weight, pos_weight):
+    def forward(ctx, logits, labels, weights):
         num_rows = logits.shape[0]
         rows = labels[:, None]
+        neg_weight, pos_weight = weights
         prob = torch.empty_like(logits)
         softplus_columns = sigmoid_and_softplus_sums(logits, prob, dim=0)
         logit_y = logits.gather(1, rows).squeeze(1)
-        softplus_y = F.softplus(logit_y)
-        pos_w, neg_w = pos_weight[labels], neg_weight[labels]
+        neg_w, pos_w = weights[:, labels]
         loss = softplus_columns.double().dot(neg_weight.double()) + (
-            pos_w * (softplus_y - logit_y) - neg_w * softplus_y  # softplus(−z) = softplus(z) − z
+            (pos_w - neg_w) * F.softplus(logit_y) - pos_w * logit_y
         ).sum(dtype=torch.float64)
-        prob_y = prob.gather(1, rows).squeeze(1)
-        pos_grad, off_label = label_and_off_label_sums(prob.sum(dim=0), labels, prob_y, pos_w * (1.0 - prob_y))
-        neg_grad = neg_weight * off_label
+        pos_rows = prob.gather(1, rows).squeeze(1).sub_(1.0).mul_(pos_w)  # q_y (σ_y − 1) = −(positive statistic)
+        prob.scatter_(1, rows, 0.0)
+        stats = torch.empty_like(weights)
+        torch.mul(prob.sum(dim=0), neg_weight, out=stats[1])
+        stats[0].zero_().index_add_(0, labels, pos_rows, alpha=-1.0)
         grad = prob.mul_(neg_weight / num_rows)
-        grad.scatter_(1, rows, (pos_w * (prob_y - 1.0) / num_rows)[:, None])
+        grad.scatter_(1, rows, pos_rows.mul_(1.0 / num_rows)[:, None])
         ctx.grad = grad
-        ctx.mark_non_differentiable(pos_grad, neg_grad)
-        return (loss / num_rows).to(logits.dtype), pos_grad, neg_grad
+        ctx.mark_non_differentiable(stats)
+        return (loss / num_rows).to(logits.dtype), stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_pos, _grad_neg):
-        return scaled_stashed_grad(ctx, grad_loss, "EQLv2 (classification)"), None, None, None
+    def backward(ctx, grad_loss, _grad_stats):
+        return scaled_stashed_grad(ctx, grad_loss, "EQLv2 (classification)"), None, None
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
@@ -114,9 +118,15 @@ class ImageEQLv2(ImageClassificationLoss):
 
     def class_weights(self):
         """(C,) float32 negative weights r and positive weights q from the statistics so far."""
-        neg_weight = torch.sigmoid(self.gamma * (self.gradient_stats.ratio() - self.mu))
-        pos_weight = 1.0 + self.alpha * (1.0 - neg_weight)
-        return neg_weight.float(), pos_weight.float()
+        weights = self._stacked_class_weights()
+        return weights[0], weights[1]
+
+    def _stacked_class_weights(self):
+        """(2, C) float32: row 0 r, row 1 q (computed in float64, rounded once)."""
+        weights = torch.empty((2, self.num_classes), dtype=torch.float64, device=self.gradient_stats.pos_grad.device)
+        neg_weight = torch.sigmoid(self.gradient_stats.ratio().sub_(self.mu).mul_(self.gamma), out=weights[0])
+        torch.mul(neg_weight, -self.alpha, out=weights[1]).add_(1.0 + self.alpha)  # 1 + α (1 − r)
+        return weights.float()
 
     def forward(self, logits, labels):
         self._check(logits, labels)
@@ -125,11 +135,11 @@ class ImageEQLv2(ImageClassificationLoss):
                 self.gradient_stats.update_without_samples()
             return {"loss_cls": logits.float().sum() * 0.0}
         logits, labels = logits.float().contiguous(), labels.long()
-        neg_weight, pos_weight = (w.to(logits.device) for w in self.class_weights())
+        weights = self._stacked_class_weights().to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss, pos_grad, neg_grad = _WeightedSigmoidBCE.apply(logits, labels, neg_weight, pos_weight)
+            loss, stats = _WeightedSigmoidBCE.apply(logits, labels, weights)
         if self.training:
-            self.gradient_stats.update(pos_grad, neg_grad)
+            self.gradient_stats.update(stats[0], stats[1])
         return {"loss_cls": loss}
 
     def predict_probs(self, logits):
