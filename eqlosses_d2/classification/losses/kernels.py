@@ -22,7 +22,7 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
     For adjusted logits x (N, C) and labels (N,): ``(Σ_i CE(x_i, y_i) · scale`` as a float64
     0-dim tensor, ``scale · w ⊙ (softmax(x) − onehot(y))`` (N, C)), w = ``column_weight`` (C,) or 1.
     The per-row loss is ``−log softmax(x)_iy`` while every label probability is above
-    :data:`_TINY_PROBABILITY` (its float32 rounding, a few ulps relative, is then ~1e-7 absolute in
+    :data:`TINY_PROBABILITY` (its float32 rounding, a few ulps relative, is then ~1e-7 absolute in
     the log); otherwise, for every row, ``max_j x_ij − x_iy − log max_j softmax(x)_ij`` (the largest
     probability is 1 / Σ_j exp(x_ij − max x_i), never below 1/C), exact to float32 rounding even
     where the label's probability underflows. One ``torch.softmax`` pass, and the two row-max
@@ -31,7 +31,7 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
     rows = labels[:, None]
     prob = torch.softmax(adjusted, dim=1)
     prob_y = prob.gather(1, rows)
-    if not gpu_policy(adjusted.device) and bool(prob_y.min() > _TINY_PROBABILITY):  # a host read: CPU only
+    if not gpu_policy(adjusted.device) and bool(prob_y.min() > TINY_PROBABILITY):  # a host read: CPU only
         loss = prob_y.log().sum(dtype=torch.float64) * -scale
     else:
         top = adjusted.amax(dim=1, keepdim=True)
@@ -46,7 +46,7 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
 
 
 #: label probabilities above this give the row loss as −log p_y (float32's normal range starts at 1.2e-38)
-_TINY_PROBABILITY = 1e-30
+TINY_PROBABILITY = 1e-30
 
 
 def sigmoid_and_softplus_sums(logits: torch.Tensor, out: torch.Tensor, dim=None) -> torch.Tensor:

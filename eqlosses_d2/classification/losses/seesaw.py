@@ -29,17 +29,20 @@ log space, ``log S = p·min(log N_j − log N_y, 0) + q·max(log σ_j − max(lo
 (both zero at j = y), without the C × C ratio matrix and up to per-row constants, which change
 neither CE nor its gradient (:class:`_SeesawCE`); one autograd Function computes the loss and its
 gradient ``loss_weight · (softmax(z̃) − onehot) / N`` (S is a constant of the loss, as their
-``detach``) from a log-softmax and a softmax pass (:func:`.kernels.softmax_ce_rows_and_grad`),
-as many as plain CE.
+``detach``). On the CPU, for q ∈ {0, 1, 2}, from one softmax pass in the probability domain,
+``softmax(z̃) ∝ σ ⊙ S`` with S's per-row factors dropped (:func:`_seesaw_ce_in_probabilities`; the
+loss exact where the label's probability underflows); otherwise (GPU, other q, count ratios
+beyond e^60 after the power p) from a log-softmax and a softmax pass
+(:func:`.kernels.softmax_ce_rows_and_grad`), as many as plain CE.
 """
 import math
 
 import torch
 
-from ...losses.base import scaled_stashed_grad, sync_state
+from ...losses.base import gpu_policy, scaled_stashed_grad, sync_state
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
-from .kernels import softmax_ce_rows_and_grad
+from .kernels import TINY_PROBABILITY, softmax_ce_rows_and_grad
 
 __all__ = ["ImageSeesawLoss"]
 
@@ -53,24 +56,82 @@ class _SeesawCE(torch.autograd.Function):
     term a row constant, left out). Two softmax passes in all, as plain CE."""
 
     @staticmethod
-    def forward(ctx, logits, labels, scaled_log_count, q, log_eps, scale):
+    def forward(ctx, logits, labels, log_count, p, q, eps, scale):
+        if _in_probabilities(logits, log_count, p, q):
+            loss, ctx.grad = _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale)
+            return loss.to(logits.dtype)
         rows = labels[:, None]
         if q > 0:
             logit_y = logits.gather(1, rows)
             buffer = torch.log_softmax(logits, dim=1)
-            threshold = torch.maximum(logit_y, logit_y - buffer.gather(1, rows) + log_eps)  # c_i
+            threshold = torch.maximum(logit_y, logit_y - buffer.gather(1, rows) + math.log(eps))  # c_i
             torch.sub(logits, threshold, out=buffer).clamp_(min=0.0)
             torch.add(logits, buffer, alpha=q, out=buffer)  # z + log C
         else:
             buffer = logits.clone()
-        if scaled_log_count is not None:  # + log M: p · min(L_j, L_y), p folded into L beforehand
+        if p > 0:  # + log M: p · min(L_j, L_y), p folded into L first (p ≥ 0 keeps the order)
+            scaled_log_count = (log_count * p).float()
             buffer.add_(torch.minimum(scaled_log_count[None, :], scaled_log_count[rows]))
         loss, ctx.grad = softmax_ce_rows_and_grad(buffer, labels, scale)
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return scaled_stashed_grad(ctx, grad_loss, "Seesaw (classification)"), None, None, None, None, None
+        return scaled_stashed_grad(ctx, grad_loss, "Seesaw (classification)"), None, None, None, None, None, None
+
+
+#: the probability-domain computation keeps ``(N_j / N_max)^p`` above e^-60 (far from float32's underflow)
+_MAX_LOG_COUNT_SPREAD = 60.0
+
+
+def _in_probabilities(logits, log_count, p, q) -> bool:
+    """Whether :func:`_seesaw_ce_in_probabilities` applies: the CPU policy (it reads a value
+    back), q ∈ {0, 1, 2} (powers as products; a general power is a slow exp/log pass on the CPU)
+    and count ratios whose p-th power stays in float32's range."""
+    if gpu_policy(logits.device) or q not in (0.0, 1.0, 2.0):
+        return False
+    return p == 0 or float(log_count.max() - log_count.min()) * p < _MAX_LOG_COUNT_SPREAD
+
+
+def _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale):
+    """
+    :class:`_SeesawCE`'s value and gradient from one softmax: ``softmax(z̃)_ij ∝ σ_ij C_ij M_ij``
+    (σ = softmax(z)), and up to per-row factors, which the normalisation removes,
+    ``C_ij = max(σ_ij, d_i)^q`` (d_i = max(σ_iy, eps)) and ``M_ij = min(m_j, m_y)``,
+    ``m = (N / N_max)^p``. So ``W = σ ⊙ max(σ, d)^q ⊙ M``, ``softmax(z̃) = W / Σ_j W_ij``, and
+    the row loss ``−log(W_iy / S_i)``; where that probability is below ``TINY_PROBABILITY``, for
+    every row ``log S_i − [z_iy − lse_i + q log d_i + log m_y]`` (lse_i = max z_i − log max σ_i),
+    exact where σ_iy underflows.
+    """
+    rows = labels[:, None]
+    prob = torch.softmax(logits, dim=1)
+    prob_y = prob.gather(1, rows)
+    if q > 0:
+        floor = prob_y.clamp(min=eps)  # d_i
+        weights = torch.maximum(prob, floor)
+        if q == 2.0:
+            weights.square_()
+        weights.mul_(prob)
+    else:
+        weights = prob.clone()
+    if p > 0:
+        scaled_count = (log_count - log_count.max()).mul_(p).exp_().float()  # m
+        scaled_count_y = scaled_count[rows]
+        weights.mul_(torch.minimum(scaled_count[None, :], scaled_count_y))
+    row_sum = weights.sum(dim=1, keepdim=True)
+    prob_adjusted_y = weights.gather(1, rows).div_(row_sum)
+    if bool(prob_adjusted_y.min() > TINY_PROBABILITY):
+        loss = prob_adjusted_y.log_().sum(dtype=torch.float64) * -scale
+    else:
+        log_weight_y = logits.gather(1, rows) - logits.amax(dim=1, keepdim=True) + prob.amax(dim=1, keepdim=True).log_()
+        if q > 0:
+            log_weight_y += q * floor.log()
+        if p > 0:
+            log_weight_y += scaled_count_y.log()
+        loss = (row_sum.log() - log_weight_y).sum(dtype=torch.float64) * scale
+    grad = weights.mul_(scale / row_sum)
+    grad.scatter_(1, rows, -scale, reduce="add")
+    return loss, grad
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
@@ -122,11 +183,9 @@ class ImageSeesawLoss(ImageClassificationLoss):
         if logits.shape[0] == 0:
             return {"loss_cls": logits.float().sum() * 0.0}
         logits = logits.float().contiguous()
-        scaled_log_count = None  # p · log N (p ≥ 0 keeps the order of min(L_j, L_y))
-        if self.p > 0:
-            scaled_log_count = self.cumulative_count.clamp(min=1).log_().mul_(self.p).to(logits.device, torch.float32)
+        log_count = self.cumulative_count.clamp(min=1).log_().to(logits.device)  # float64
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _SeesawCE.apply(logits, labels, scaled_log_count, self.q, math.log(self.eps),
+            loss = _SeesawCE.apply(logits, labels, log_count, self.p, self.q, self.eps,
                                    self.loss_weight / logits.shape[0])
         return {"loss_cls": loss}
 
