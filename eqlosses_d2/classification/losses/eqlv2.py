@@ -38,7 +38,7 @@ Differences from the authors' code:
 import torch
 from torch.nn import functional as F
 
-from ...losses.base import scaled_stashed_grad
+from ...losses.base import scaled_stashed_grad, sync_state
 from ...losses.gradient_stats import GradientStats, label_and_off_label_sums
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
@@ -123,8 +123,12 @@ class ImageEQLv2(ImageClassificationLoss):
 
     def _stacked_class_weights(self):
         """(2, C) float32: row 0 r, row 1 q (computed in float64, rounded once)."""
-        weights = torch.empty((2, self.num_classes), dtype=torch.float64, device=self.gradient_stats.pos_grad.device)
-        neg_weight = torch.sigmoid(self.gradient_stats.ratio().sub_(self.mu).mul_(self.gamma), out=weights[0])
+        stats = self.gradient_stats
+        # GradientStats.ratio() in fewer small operations (the sums are ≥ 0: "has statistics" is a sum > 0)
+        ratio = torch.where((stats.pos_grad + stats.neg_grad) > 0, stats.pos_grad / (stats.neg_grad + 1e-10),
+                            stats.initial_ratio)
+        weights = torch.empty((2, self.num_classes), dtype=torch.float64, device=ratio.device)
+        neg_weight = torch.sigmoid(ratio.sub_(self.mu).mul_(self.gamma), out=weights[0])
         torch.mul(neg_weight, -self.alpha, out=weights[1]).add_(1.0 + self.alpha)  # 1 + α (1 − r)
         return weights.float()
 
@@ -139,8 +143,17 @@ class ImageEQLv2(ImageClassificationLoss):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss, stats = _WeightedSigmoidBCE.apply(logits, labels, weights)
         if self.training:
-            self.gradient_stats.update(stats[0], stats[1])
+            self._accumulate(stats)
         return {"loss_cls": loss}
+
+    @torch.no_grad()
+    def _accumulate(self, stats):
+        """:meth:`GradientStats.update` for the (2, C) contribution (positives, negatives) in fewer
+        small operations: summed over processes in one :func:`sync_state` call, then added to both
+        float64 buffers at once."""
+        pos_grad, neg_grad = self.gradient_stats.pos_grad, self.gradient_stats.neg_grad
+        summed = sync_state(stats.to(pos_grad.device, torch.float64))[0]
+        torch._foreach_add_([pos_grad, neg_grad], list(summed.unbind(0)))
 
     def predict_probs(self, logits):
         return torch.sigmoid(logits.float())
