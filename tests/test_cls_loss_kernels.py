@@ -51,7 +51,8 @@ def test_seesaw_probability_domain_equals_logit_domain(monkeypatch, p, q):
     count = torch.tensor([500.0, 90, 30, 10, 3, 1, 0], dtype=torch.float64)
 
     def run(in_probabilities):
-        monkeypatch.setattr(seesaw, "_in_probabilities", lambda *a: in_probabilities)
+        if not in_probabilities:
+            monkeypatch.setattr(seesaw, "_probability_domain_factors", lambda *a: (False, None))
         loss = seesaw.ImageSeesawLoss(7, p=p, q=q).eval()
         loss.cumulative_count.copy_(count)
         x = logits.clone().requires_grad_()
@@ -67,9 +68,11 @@ def test_seesaw_probability_domain_equals_logit_domain(monkeypatch, p, q):
 
 def test_seesaw_probability_domain_applies_on_cpu_defaults_only():
     x, log_count = torch.zeros(2, 3), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
-    assert seesaw._in_probabilities(x, log_count, 0.8, 2.0)
-    assert not seesaw._in_probabilities(x, log_count, 0.8, 1.5)  # a general power: logit domain
-    assert not seesaw._in_probabilities(x, torch.tensor([0.0, 100.0], dtype=torch.float64), 0.8, 2.0)
+    applies, factor = seesaw._probability_domain_factors(x, log_count, 0.8, 2.0)
+    assert applies
+    np.testing.assert_allclose(factor.numpy(), np.exp(0.8 * (np.array([0.0, 1.0, 2.0]) - 2.0)), rtol=1e-6)
+    assert not seesaw._probability_domain_factors(x, log_count, 0.8, 1.5)[0]  # a general power: logit domain
+    assert not seesaw._probability_domain_factors(x, torch.tensor([0.0, 100.0], dtype=torch.float64), 0.8, 2.0)[0]
 
 
 class _Counts:

@@ -57,8 +57,9 @@ class _SeesawCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, log_count, p, q, eps, scale):
-        if _in_probabilities(logits, log_count, p, q):
-            loss, ctx.grad = _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale)
+        use_probabilities, count_factor = _probability_domain_factors(logits, log_count, p, q)
+        if use_probabilities:
+            loss, ctx.grad = _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale)
             return loss.to(logits.dtype)
         rows = labels[:, None]
         if q > 0:
@@ -84,16 +85,22 @@ class _SeesawCE(torch.autograd.Function):
 _MAX_LOG_COUNT_SPREAD = 60.0
 
 
-def _in_probabilities(logits, log_count, p, q) -> bool:
-    """Whether :func:`_seesaw_ce_in_probabilities` applies: the CPU policy (it reads a value
-    back), q ∈ {0, 1, 2} (powers as products; a general power is a slow exp/log pass on the CPU)
-    and count ratios whose p-th power stays in float32's range."""
+def _probability_domain_factors(logits, log_count, p, q):
+    """``(applies, m)``: whether :func:`_seesaw_ce_in_probabilities` applies (the CPU policy: it
+    reads a value back; q ∈ {0, 1, 2}: powers as products, a general power being a slow exp/log
+    pass on the CPU; count ratios whose p-th power stays in float32's range) and its float32
+    ``m = (N / N_max)^p`` (None when p = 0)."""
     if gpu_policy(logits.device) or q not in (0.0, 1.0, 2.0):
-        return False
-    return p == 0 or float(log_count.max() - log_count.min()) * p < _MAX_LOG_COUNT_SPREAD
+        return False, None
+    if p == 0:
+        return True, None
+    log_factor = (log_count - log_count.max()).mul_(p)  # ≤ 0, float64
+    if not bool(log_factor.min() > -_MAX_LOG_COUNT_SPREAD):
+        return False, None
+    return True, log_factor.exp_().float()
 
 
-def _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale):
+def _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale):
     """
     :class:`_SeesawCE`'s value and gradient from one softmax: ``softmax(z̃)_ij ∝ σ_ij C_ij M_ij``
     (σ = softmax(z)), and up to per-row factors, which the normalisation removes,
@@ -114,10 +121,9 @@ def _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale):
         weights.mul_(prob)
     else:
         weights = prob.clone()
-    if p > 0:
-        scaled_count = (log_count - log_count.max()).mul_(p).exp_().float()  # m
-        scaled_count_y = scaled_count[rows]
-        weights.mul_(torch.minimum(scaled_count[None, :], scaled_count_y))
+    if count_factor is not None:  # m
+        count_factor_y = count_factor[rows]
+        weights.mul_(torch.minimum(count_factor[None, :], count_factor_y))
     row_sum = weights.sum(dim=1, keepdim=True)
     prob_adjusted_y = weights.gather(1, rows).div_(row_sum)
     if bool(prob_adjusted_y.min() > TINY_PROBABILITY):
@@ -126,8 +132,8 @@ def _seesaw_ce_in_probabilities(logits, labels, log_count, p, q, eps, scale):
         log_weight_y = logits.gather(1, rows) - logits.amax(dim=1, keepdim=True) + prob.amax(dim=1, keepdim=True).log_()
         if q > 0:
             log_weight_y += q * floor.log()
-        if p > 0:
-            log_weight_y += scaled_count_y.log()
+        if count_factor is not None:
+            log_weight_y += count_factor_y.log()
         loss = (row_sum.log() - log_weight_y).sum(dtype=torch.float64) * scale
     grad = weights.mul_(scale / row_sum)
     grad.scatter_(1, rows, -scale, reduce="add")
