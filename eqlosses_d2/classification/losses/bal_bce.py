@@ -56,9 +56,10 @@ class _ShiftedSmoothedBCE(torch.autograd.Function):
         if off:
             total -= off * (logits_total.double() + num_rows * shift.sum(dtype=torch.float64))
         total -= (on - off) * shifted.gather(1, rows).sum(dtype=torch.float64)
-        grad.mul_(1.0 / num_rows)
-        if off:
-            grad.sub_(off / num_rows)
+        if off:  # (σ − off) / N in one pass: −off/N + σ · (1/N)
+            torch.add(grad.new_tensor(-off / num_rows), grad, alpha=1.0 / num_rows, out=grad)
+        else:
+            grad.mul_(1.0 / num_rows)
         grad.scatter_(1, rows, -(on - off) / num_rows, reduce="add")
         ctx.grad = grad
         return (total / num_rows).to(logits.dtype)
