@@ -94,3 +94,19 @@ def test_bal_bce_prior_shift_follows_the_counts():
     np.testing.assert_allclose(loss.prior_shift().numpy(), expected([5, 5, 5]), atol=1e-7)
     loss.class_stats.image_count = torch.tensor([1, 2, 4])  # another tensor: recomputed
     np.testing.assert_allclose(loss.prior_shift().numpy(), expected([1, 2, 4]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [None, 0])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_sigmoid_and_softplus_sums(dim, overwrite):
+    from eqlosses_d2.classification.losses.kernels import sigmoid_and_softplus_sums
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(130, 3, generator=g) * 6  # 130 rows: two groups of 64 and a remainder
+    z[0, 0], z[1, 1] = 40.0, -40.0
+    out = torch.empty_like(z)
+    sums = sigmoid_and_softplus_sums(z.clone(), out, dim=dim, overwrite_logits=overwrite)
+    zz = z.double().numpy()
+    softplus = np.maximum(zz, 0) + np.log1p(np.exp(-np.abs(zz)))
+    np.testing.assert_allclose(sums.numpy(), softplus.sum() if dim is None else softplus.sum(0), rtol=2e-6)
+    np.testing.assert_allclose(out.numpy(), 1 / (1 + np.exp(-zz)), atol=1e-7)

@@ -52,10 +52,12 @@ class _ShiftedSmoothedBCE(torch.autograd.Function):
         rows = labels[:, None]
         shifted = logits + shift
         grad = torch.empty_like(logits)
-        total = sigmoid_and_softplus_sums(shifted, grad).double()
+        shifted_y_sum = shifted.gather(1, rows).sum(dtype=torch.float64)
+        total = sigmoid_and_softplus_sums(shifted, grad, overwrite_logits=True).double()
+        del shifted  # overwritten
         if off:
             total -= off * (logits_total.double() + num_rows * shift.sum(dtype=torch.float64))
-        total -= (on - off) * shifted.gather(1, rows).sum(dtype=torch.float64)
+        total -= (on - off) * shifted_y_sum
         if off:  # (σ − off) / N in one pass: −off/N + σ · (1/N)
             torch.add(grad.new_tensor(-off / num_rows), grad, alpha=1.0 / num_rows, out=grad)
         else:

@@ -49,15 +49,24 @@ def softmax_ce_rows_and_grad(adjusted: torch.Tensor, labels: torch.Tensor, scale
 TINY_PROBABILITY = 1e-30
 
 
-def sigmoid_and_softplus_sums(logits: torch.Tensor, out: torch.Tensor, dim=None) -> torch.Tensor:
+def sigmoid_and_softplus_sums(logits: torch.Tensor, out: torch.Tensor, dim=None, overwrite_logits: bool = False) -> torch.Tensor:
     """``out`` (the shape of ``logits``) becomes ``σ(logits)``; returns ``Σ softplus(logits)``
     over ``dim`` (None: all entries), float32, from that sigmoid: ``softplus(z) = max(z, 0) −
-    log max(σ(z), 1 − σ(z))`` (the log of a number in [0.5, 1], accurate to float32 rounding)."""
+    log max(σ(z), 1 − σ(z))`` (the log of a number in [0.5, 1], accurate to float32 rounding).
+    ``overwrite_logits``: ``logits`` is a temporary of the caller's, used as the scratch buffer
+    (its values are lost), one (N, C) buffer fewer."""
     torch.sigmoid(logits, out=out)
-    scratch = torch.rsub(out, 1.0)
+    if overwrite_logits:
+        scratch = logits.clamp_(min=0.0)
+        positive_sums = scratch.sum() if dim is None else scratch.sum(dim)
+        torch.sub(out.new_ones(()), out, out=scratch)  # 1 − σ
+    else:
+        scratch = torch.rsub(out, 1.0)
     log_sums = _sum_of_logs(torch.maximum(out, scratch, out=scratch), dim)
-    torch.clamp(logits, min=0.0, out=scratch)
-    return (scratch.sum() if dim is None else scratch.sum(dim)) - log_sums
+    if not overwrite_logits:
+        torch.clamp(logits, min=0.0, out=scratch)
+        positive_sums = scratch.sum() if dim is None else scratch.sum(dim)
+    return positive_sums - log_sums
 
 
 #: entries multiplied together before one log (all in [0.5, 1]: the product stays above 0.5^64 ≈ 5e-20,
