@@ -121,15 +121,17 @@ def _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale):
         weights.mul_(prob)
     else:
         weights = prob.clone()
-    if count_factor is not None:  # m
+    if count_factor is not None:  # m; M in σ's buffer (σ is not read again but in the rare case below)
         count_factor_y = count_factor[rows]
-        weights.mul_(torch.minimum(count_factor[None, :], count_factor_y))
+        weights.mul_(torch.minimum(count_factor[None, :], count_factor_y, out=prob))
+        del prob
     row_sum = weights.sum(dim=1, keepdim=True)
     prob_adjusted_y = weights.gather(1, rows).div_(row_sum)
     if bool(prob_adjusted_y.min() > TINY_PROBABILITY):
         loss = prob_adjusted_y.log_().sum(dtype=torch.float64) * -scale
     else:
-        log_weight_y = logits.gather(1, rows) - logits.amax(dim=1, keepdim=True) + prob.amax(dim=1, keepdim=True).log_()
+        largest = torch.softmax(logits, dim=1).amax(dim=1, keepdim=True)  # max σ_i (σ again: rare)
+        log_weight_y = logits.gather(1, rows) - logits.amax(dim=1, keepdim=True) + largest.log_()
         if q > 0:
             log_weight_y += q * floor.log()
         if count_factor is not None:
