@@ -31,9 +31,11 @@ def add_classification_config(cfg):
     # Number of classes of the image classifier (MODEL.META_ARCHITECTURE "LongTailImageClassifier");
     # checked against the datasets' classes.
     node.NUM_CLASSES = 1000
-    # Classifier head, by its name in CLASSIFIER_HEAD_REGISTRY: "linear" or "cosine".
+    # Classifier head, by its name in CLASSIFIER_HEAD_REGISTRY: "linear", "cosine", "tau_norm", "lws", "marc",
+    # "tde", "vmf".
     node.HEAD = "linear"
-    # Loss, by its name in IMAGE_CLS_LOSS_REGISTRY: "softmax", "balanced_softmax", "softmax_eql", "sigmoid", "eqlv2", "seesaw", "iif", "bal_bce".
+    # Loss, by its name in IMAGE_CLS_LOSS_REGISTRY: "softmax", "balanced_softmax", "softmax_eql", "sigmoid",
+    # "eqlv2", "seesaw", "iif", "bal_bce", "cdb_w", "difficulty_net", "grw".
     node.LOSS = "softmax"
     # Backbone output that is globally average-pooled into the head's input ("": the last one).
     node.IN_FEATURE = ""
