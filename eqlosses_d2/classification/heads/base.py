@@ -5,12 +5,14 @@ name in ``CLASSIFIER_HEAD_REGISTRY`` (``MODEL.EQLOSSES.CLASSIFICATION.HEAD``), o
 and declares its own node ``MODEL.EQLOSSES.CLASSIFICATION.<NODE>`` in ``add_config``.
 """
 from torch import nn
+from torch.nn import functional as F
 
 from ...losses.base import ConfiguredMethod
 from ...registry import CLASSIFIER_HEAD_REGISTRY, lookup
 from ..config import add_classification_config
+from ..decoupling import add_decoupling_config
 
-__all__ = ["ClassifierHead", "build_head"]
+__all__ = ["ClassifierHead", "FrozenLinearHead", "build_head"]
 
 
 class ClassifierHead(ConfiguredMethod, nn.Module):
@@ -27,6 +29,28 @@ class ClassifierHead(ConfiguredMethod, nn.Module):
         super().__init__()
         self.in_features = in_features
         self.num_classes = num_classes
+
+
+class FrozenLinearHead(ClassifierHead):
+    """A second-stage head on the frozen stage-1 linear classifier (LWS, MARC): ``fc`` has the
+    ``linear`` head's parameter names, so a stage-1 checkpoint loads into it, and is frozen
+    (``requires_grad`` off, and detached in :meth:`frozen_logits`, so even a ``TRAINABLE_MODULES``
+    that names it trains only the subclass's own parameters)."""
+
+    @classmethod
+    def add_config(cls, cfg):
+        super().add_config(cfg)
+        add_decoupling_config(cfg)
+
+    def __init__(self, in_features, num_classes):
+        super().__init__(in_features, num_classes)
+        self.fc = nn.Linear(in_features, num_classes)
+        self.fc.requires_grad_(False)
+
+    def frozen_logits(self, features):
+        """(logits ``W x + b``, ``W``) of the stage-1 classifier, detached."""
+        weight = self.fc.weight.detach()
+        return F.linear(features, weight, self.fc.bias.detach()), weight
 
 
 def build_head(classification_cfg, in_features: int, num_classes: int) -> ClassifierHead:

@@ -18,29 +18,20 @@ cosine to 0, backbone frozen. No hyper-parameters, no config node of its own.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...registry import CLASSIFIER_HEAD_REGISTRY, register
-from ..decoupling import add_decoupling_config
-from .base import ClassifierHead
+from .base import FrozenLinearHead
 
 __all__ = ["LearnableWeightScalingHead"]
 
 
 @register(CLASSIFIER_HEAD_REGISTRY)
-class LearnableWeightScalingHead(ClassifierHead):
+class LearnableWeightScalingHead(FrozenLinearHead):
     name = "lws"
-
-    @classmethod
-    def add_config(cls, cfg):
-        super().add_config(cfg)
-        add_decoupling_config(cfg)
 
     def __init__(self, in_features, num_classes):
         super().__init__(in_features, num_classes)
-        self.fc = nn.Linear(in_features, num_classes)
-        self.fc.requires_grad_(False)
         self.scales = nn.Parameter(torch.ones(num_classes))
 
     def forward(self, features):
-        return F.linear(features, self.fc.weight.detach(), self.fc.bias.detach()) * self.scales
+        return self.frozen_logits(features)[0] * self.scales

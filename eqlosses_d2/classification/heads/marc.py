@@ -18,31 +18,22 @@ backbone frozen. No hyper-parameters, no config node of its own.
 """
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ...registry import CLASSIFIER_HEAD_REGISTRY, register
-from ..decoupling import add_decoupling_config
-from .base import ClassifierHead
+from .base import FrozenLinearHead
 
 __all__ = ["MarginCalibrationHead"]
 
 
 @register(CLASSIFIER_HEAD_REGISTRY)
-class MarginCalibrationHead(ClassifierHead):
+class MarginCalibrationHead(FrozenLinearHead):
     name = "marc"
-
-    @classmethod
-    def add_config(cls, cfg):
-        super().add_config(cfg)
-        add_decoupling_config(cfg)
 
     def __init__(self, in_features, num_classes):
         super().__init__(in_features, num_classes)
-        self.fc = nn.Linear(in_features, num_classes)
-        self.fc.requires_grad_(False)
         self.omega = nn.Parameter(torch.ones(num_classes))
         self.beta = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, features):
-        weight, bias = self.fc.weight.detach(), self.fc.bias.detach()
-        return self.omega * F.linear(features, weight, bias) + self.beta * weight.norm(dim=1)
+        logits, weight = self.frozen_logits(features)
+        return self.omega * logits + self.beta * weight.norm(dim=1)
