@@ -32,7 +32,7 @@ of :func:`.sigmoid.shifted_smoothed_bce` with ``Σ z'`` from the sum the finiten
 import torch
 from torch.nn import functional as F
 
-from ...losses.base import check_finite_logits, scaled_stashed_grad
+from ...losses.base import scaled_stashed_grad
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
 from .kernels import sigmoid_and_softplus_sums
@@ -111,16 +111,10 @@ class ImageBalancedBCE(ImageClassificationLoss):
         return shift
 
     def forward(self, logits, labels):
-        # the base class's checks, with the finiteness read from the sum of the logits that the
-        # loss needs anyway (one pass fewer)
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"loss '{self.name}' expects logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} logits")
+        # the finiteness check reads the sum of the logits that the loss needs anyway (one pass fewer)
         logits = logits.float().contiguous()
         logits_total = logits.sum()
-        if not logits.is_cuda:
-            check_finite_logits(logits, f"loss '{self.name}'", total=logits_total)
+        self._check(logits, labels, total=logits_total)
         shift = self.prior_shift().to(logits.device)
         if logits.shape[0] == 0:
             return {"loss_cls": logits.sum() * 0.0}

@@ -51,13 +51,15 @@ class ImageClassificationLoss(ConfiguredMethod, nn.Module):
             )
         return stats.image_count
 
-    def _check(self, logits, labels):
+    def _check(self, logits, labels, total=None):
+        """Shapes, and (off CUDA) finite logits; ``total``: the sum of the logits when the loss takes
+        it anyway, so the finiteness check needs no pass of its own."""
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"loss '{self.name}' expects logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"loss '{self.name}': {labels.shape[0]} labels for {logits.shape[0]} logits")
         if not logits.is_cuda:
-            check_finite_logits(logits, f"loss '{self.name}'")
+            check_finite_logits(logits, f"loss '{self.name}'", total=total)
 
 
 def build_image_loss(classification_cfg, num_classes: int, class_stats=None) -> ImageClassificationLoss:
