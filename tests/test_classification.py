@@ -17,26 +17,10 @@ from eqlosses_d2.classification.data.synthetic import SyntheticClassificationSpe
 from eqlosses_d2.config import ConfigError, validate_config
 from eqlosses_d2.registry import CLASSIFIER_HEAD_REGISTRY, IMAGE_CLS_LOSS_REGISTRY, names
 
-
-class Counts:
-    """Stand-in for the model's ClassStatsBuffers."""
-
-    def __init__(self, counts):
-        self.image_count = torch.tensor(counts, dtype=torch.int64)
-        self.is_set = torch.tensor(True)
+from classification_helpers import Counts, classification_node
 
 
-def _node(**overrides):
-    cfg = get_cfg()
-    add_eqlosses_config(cfg)
-    node = cfg.MODEL.EQLOSSES.CLASSIFICATION
-    for key, value in overrides.items():
-        path = key.split(".")
-        target = node
-        for part in path[:-1]:
-            target = target[part]
-        target[path[-1]] = value
-    return node
+_node = classification_node
 
 
 def _value_and_grad(loss, logits, labels):

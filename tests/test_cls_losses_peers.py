@@ -15,33 +15,17 @@ from detectron2.config import get_cfg
 from eqlosses_d2 import add_eqlosses_config
 from eqlosses_d2.classification import build_image_loss
 
+from classification_helpers import Counts, classification_node
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = ("sigmoid", "eqlv2", "seesaw", "iif", "bal_bce")
 
 
-class Counts:
-    """Stand-in for the model's ClassStatsBuffers."""
-
-    def __init__(self, counts):
-        self.image_count = torch.tensor(counts, dtype=torch.float32)
-        self.is_set = torch.tensor(True)
-
-
-def _node(**overrides):
-    cfg = get_cfg()
-    add_eqlosses_config(cfg)
-    node = cfg.MODEL.EQLOSSES.CLASSIFICATION
-    for key, value in overrides.items():
-        path = key.split(".")
-        target = node
-        for part in path[:-1]:
-            target = target[part]
-        target[path[-1]] = value
-    return node
+_node = classification_node
 
 
 def _loss(name, num_classes, counts=None, **overrides):
-    stats = None if counts is None else Counts(counts)
+    stats = None if counts is None else Counts(counts, dtype=torch.float32)
     return build_image_loss(_node(LOSS=name, **overrides), num_classes, class_stats=stats).train()
 
 
