@@ -13,6 +13,7 @@ from . import data as _data  # noqa: E402,F401  # registration: datasets
 from . import modeling as _modeling  # noqa: E402,F401  # registration: RoI heads
 from . import model_zoo  # noqa: E402,F401  # registration: eqlosses_d2:// paths (Detectron2's PathManager)
 from . import classification as _classification  # noqa: E402,F401  # registration: image classifier, its heads, losses, datasets
+from . import segmentation as _segmentation  # noqa: E402,F401  # registration: semantic segmentation heads, pixel losses, datasets
 from .data import ClassStatistics, get_class_statistics, prepare_dataset  # noqa: E402
 from .data import CopyPasteDatasetMapper  # noqa: E402
 from .modeling import ClassStatsBuffers, LongTailStandardROIHeads, find_class_stats  # noqa: E402

@@ -15,6 +15,8 @@ registry                   selected by                           holds
                                                                  (:mod:`eqlosses_d2.classification`)
 ``CLASSIFIER_HEAD_REGISTRY`` ``MODEL.EQLOSSES.CLASSIFICATION.HEAD`` classifier heads (linear, cosine, ...;
                                                                  :mod:`eqlosses_d2.classification.heads`)
+``PIXEL_LOSS_REGISTRY``    ``MODEL.EQLOSSES.SEM_SEG.LOSS``       per-pixel losses of the semantic segmentation
+                                                                 heads (:mod:`eqlosses_d2.segmentation.losses`)
 ``CONFIG_CHECK_REGISTRY``  (all of them, in order)               one-line config checks, each next to
                                                                  what it checks
 =========================  ====================================  ====================================
@@ -41,6 +43,7 @@ __all__ = [
     "DENSE_CLS_LOSS_REGISTRY",
     "IMAGE_CLS_LOSS_REGISTRY",
     "KINDS",
+    "PIXEL_LOSS_REGISTRY",
     "Kind",
     "ROI_CLS_LOSS_REGISTRY",
     "Registry",
@@ -73,6 +76,10 @@ CLASSIFIER_HEAD_REGISTRY = Registry("CLASSIFIER_HEAD")
 CLASSIFIER_HEAD_REGISTRY.__doc__ = """Classifier heads, features -> logits (``MODEL.EQLOSSES.CLASSIFICATION.HEAD``):
 subclasses of :class:`eqlosses_d2.classification.heads.ClassifierHead` (pure PyTorch)."""
 
+PIXEL_LOSS_REGISTRY = Registry("PIXEL_LOSS")
+PIXEL_LOSS_REGISTRY.__doc__ = """Per-pixel losses of the semantic segmentation heads (``MODEL.EQLOSSES.SEM_SEG.LOSS``):
+subclasses of :class:`eqlosses_d2.segmentation.losses.PixelLoss`, one logit per class, ignored pixels skipped."""
+
 CONFIG_CHECK_REGISTRY = Registry("CONFIG_CHECK")
 CONFIG_CHECK_REGISTRY.__doc__ = """Functions ``check(cfg)`` that raise :class:`eqlosses_d2.config.ConfigError`
 in one line; :func:`eqlosses_d2.config.validate_config` runs them all, in the order they were registered
@@ -95,6 +102,7 @@ KINDS = (
     Kind(CALIBRATION_REGISTRY, "TEST.EQLOSSES.CALIBRATION.METHOD", ""),
     Kind(IMAGE_CLS_LOSS_REGISTRY, "MODEL.EQLOSSES.CLASSIFICATION.LOSS", "loss"),
     Kind(CLASSIFIER_HEAD_REGISTRY, "MODEL.EQLOSSES.CLASSIFICATION.HEAD", "classifier head"),
+    Kind(PIXEL_LOSS_REGISTRY, "MODEL.EQLOSSES.SEM_SEG.LOSS", "pixel loss"),
 )
 
 

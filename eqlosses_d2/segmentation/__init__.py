@@ -1,0 +1,13 @@
+"""
+Long-tailed semantic segmentation on Detectron2 (issue 20): Detectron2's ``SemanticSegmentor``
+with heads registered in its ``SEM_SEG_HEADS_REGISTRY`` (:mod:`.heads`) whose per-pixel loss comes
+from ``PIXEL_LOSS_REGISTRY`` (:mod:`.losses`, one file per method), data (:mod:`.data`: the
+embedded long-tailed segmentation set, ADE20K's per-class counts) and evaluation (:mod:`.evaluator`).
+``import eqlosses_d2`` registers all of it.
+"""
+from .config import add_sem_seg_config, is_semantic_segmentation
+from .losses import PixelLoss, build_pixel_loss
+from .stats import SemSegClassStatistics, SemSegClassStatsBuffers
+
+__all__ = ["add_sem_seg_config", "is_semantic_segmentation", "PixelLoss", "build_pixel_loss",
+           "SemSegClassStatistics", "SemSegClassStatsBuffers"]

@@ -1,0 +1,11 @@
+"""
+Per-pixel losses of the semantic segmentation heads: pure PyTorch, one file per method, registered
+by name in ``PIXEL_LOSS_REGISTRY`` (``MODEL.EQLOSSES.SEM_SEG.LOSS``); interface in :mod:`.base`.
+"""
+from ...registry import PIXEL_LOSS_REGISTRY
+from .base import PixelLoss, build_pixel_loss
+
+# registration: one module per method
+from . import softmax as _softmax  # noqa: F401,E402
+
+__all__ = ["PIXEL_LOSS_REGISTRY", "PixelLoss", "build_pixel_loss"]
