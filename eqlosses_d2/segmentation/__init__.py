@@ -11,3 +11,8 @@ from .stats import SemSegClassStatistics, SemSegClassStatsBuffers
 
 __all__ = ["add_sem_seg_config", "is_semantic_segmentation", "PixelLoss", "build_pixel_loss",
            "SemSegClassStatistics", "SemSegClassStatsBuffers"]
+
+from .heads import LongTailDeepLabV3PlusHead, LongTailSemSegFPNHead  # noqa: E402  # registration: SEM_SEG_HEADS_REGISTRY
+from . import checks as _checks  # noqa: F401,E402  # registration: the config check
+
+__all__ += ["LongTailSemSegFPNHead", "LongTailDeepLabV3PlusHead"]

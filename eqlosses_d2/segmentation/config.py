@@ -34,4 +34,36 @@ def add_sem_seg_config(cfg):
     # the evaluator reports the mIoU of each group).
     node.RARE_MAX_IMAGES = 10
     node.COMMON_MAX_IMAGES = 100
+    _add_head_config(cfg)
     return cfg
+
+
+def _add_head_config(cfg):
+    """The keys of the heads (eqlosses_d2/segmentation/heads) and of their training (train_net.py)."""
+    # LongTailDeepLabV3PlusHead (heads/deeplab.py); its other keys are Detectron2's MODEL.SEM_SEG_HEAD
+    # (IN_FEATURES: ASPP on the last, decoder stages on the others; CONVS_DIM: decoder channels).
+    deeplab = config_node(cfg, "MODEL.EQLOSSES.SEM_SEG.DEEPLAB")
+    # ASPP output channels.
+    deeplab.ASPP_CHANNELS = 256
+    # ASPP's three atrous rates (6, 12, 18 at output stride 16).
+    deeplab.ASPP_DILATIONS = [6, 12, 18]
+    # Dropout on ASPP's output.
+    deeplab.ASPP_DROPOUT = 0.1
+    # ASPP's image pooling over a window of the training crop's size (Detectron2's DeepLab project, which
+    # needs test feature maps divisible by it) instead of global average pooling (the paper, mmsegmentation).
+    deeplab.ASPP_POOL_KERNEL_FROM_CROP = False
+    # Channels of the 1x1 projection of each low-level feature (IN_FEATURES but the last; 48 in the paper).
+    deeplab.PROJECT_CHANNELS = [48]
+    # Depthwise-separable convs in ASPP and the decoder (one 5x5 per decoder stage instead of two 3x3).
+    deeplab.USE_DEPTHWISE_SEPARABLE_CONV = False
+    inputs = config_node(cfg, "INPUT.EQLOSSES.SEM_SEG")
+    # With INPUT.CROP.ENABLED: random crops are redrawn (up to 10 times) until no single class covers more than
+    # this fraction of the crop's labelled pixels (Detectron2's RandomCrop_CategoryAreaConstraint, mmsegmentation's
+    # cat_max_ratio 0.75 on ADE20K); 1.0: plain random crops.
+    inputs.CROP_SINGLE_CATEGORY_MAX_AREA = 1.0
+    solver = config_node(cfg, "SOLVER.EQLOSSES")
+    # SOLVER.LR_SCHEDULER_NAME "WarmupPolyLR": lr = (BASE_LR - POLY_LR_END) * (1 - iter / MAX_ITER) ** POLY_LR_POWER
+    # + POLY_LR_END (mmsegmentation's poly schedule; DeepLab's with POLY_LR_END 0), times Detectron2's warmup factor.
+    solver.POLY_LR_POWER = 0.9
+    # The learning rate the poly schedule ends at (mmsegmentation: min_lr 1e-4).
+    solver.POLY_LR_END = 0.0
