@@ -18,7 +18,8 @@ What is handled (each function says how it detects the need):
   Main looks its rotated ops up in ``torch.ops.detectron2`` instead (v0.6: only
   ``nms_rotated``); that namespace gets the same treatment.
 - Pillow >= 10 removed ``Image.LINEAR`` (v0.6 uses it as a default argument).
-- numpy >= 1.24 removed ``np.int`` (v0.6's class histogram uses it).
+- numpy >= 1.24 removed ``np.int`` (v0.6's class histogram uses it) and ``np.float`` (v0.6's
+  ``SemSegEvaluator`` uses both).
 - setuptools >= 82 has no ``pkg_resources`` (``detectron2.model_zoo`` imports it,
   v0.6 and main): :func:`import_detectron2_model_zoo` provides the one function it
   uses, for that import only.
@@ -56,6 +57,9 @@ in the CPU workers of :func:`launch`); what is applied is logged once. The names
 - ``missing-extension``: no ``detectron2._C``: placeholders that fail in one line;
 - ``pillow-linear``: Detectron2's transforms use ``Image.LINEAR`` and Pillow has none;
 - ``numpy-int-histogram``: Detectron2's class histogram uses ``np.int`` and numpy has none;
+- ``numpy-int-sem-seg``: Detectron2's ``SemSegEvaluator`` uses ``np.int`` / ``np.float`` and numpy
+  has none: that module's global ``np`` becomes numpy with the two aliases (``int``, ``float``),
+  nothing else of numpy changed;
 - ``pkg-resources``: ``detectron2.model_zoo`` imports ``pkg_resources`` and setuptools has none;
 - ``cpu-ddp``: ``create_ddp_model`` without ``device_ids`` for CPU models (CPU workers only).
 
@@ -287,6 +291,42 @@ def _patch_class_histogram():
     return False
 
 
+_SEM_SEG_EVALUATION = "detectron2.evaluation.sem_seg_evaluation"
+_REMOVED_NUMPY_ALIASES = {"int": int, "float": float}  # removed in numpy 1.24 (deprecated since 1.20)
+
+
+def _sem_seg_numpy_aliases_needed() -> bool:
+    """Detectron2's ``SemSegEvaluator`` (v0.6: ``np.array(output, dtype=np.int)``,
+    ``np.full(..., dtype=np.float)``; main says ``int`` / ``float``) names an alias this numpy lacks."""
+    source = _source(_SEM_SEG_EVALUATION)
+    return any(not hasattr(np, alias) and (f"np.{alias})" in source or f"np.{alias}," in source)
+               for alias in _REMOVED_NUMPY_ALIASES)
+
+
+class _NumpyWithRemovedAliases(types.ModuleType):
+    """numpy for one Detectron2 module's global ``np``: every attribute is numpy's, plus the
+    aliases numpy 1.24 removed (``np.int`` is ``int``, ``np.float`` is ``float``, as they were)."""
+
+    def __init__(self):
+        super().__init__("numpy")
+        for alias, value in _REMOVED_NUMPY_ALIASES.items():
+            if not hasattr(np, alias):
+                setattr(self, alias, value)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _patch_sem_seg_evaluator():
+    if not _sem_seg_numpy_aliases_needed():
+        return False
+    module = importlib.import_module(_SEM_SEG_EVALUATION)
+    if isinstance(module.np, _NumpyWithRemovedAliases):
+        return False
+    module.np = _NumpyWithRemovedAliases()
+    return True
+
+
 def _pkg_resources_needed() -> bool:
     """``detectron2.model_zoo`` imports ``pkg_resources`` (v0.6 and main), which setuptools
     >= 82 no longer ships."""
@@ -309,6 +349,8 @@ def needed_patches() -> tuple:
         needed.append("pillow-linear")
     if _class_histogram_source_needs_patch(_source("detectron2.data.build")):
         needed.append("numpy-int-histogram")
+    if _sem_seg_numpy_aliases_needed():
+        needed.append("numpy-int-sem-seg")
     if _pkg_resources_needed():
         needed.append("pkg-resources")
     return tuple(needed)
@@ -343,6 +385,8 @@ def apply_detectron2_patches():
         names.append("pillow-linear")
     if _patch_class_histogram():
         names.append("numpy-int-histogram")
+    if _patch_sem_seg_evaluator():
+        names.append("numpy-int-sem-seg")
     _APPLIED = tuple(names)
     if names:
         logger.info("eqlosses_d2.compat applied (lacking in this Detectron2 or its libraries): %s", ", ".join(names))

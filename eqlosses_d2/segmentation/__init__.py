@@ -16,3 +16,9 @@ from .heads import LongTailDeepLabV3PlusHead, LongTailSemSegFPNHead  # noqa: E40
 from . import checks as _checks  # noqa: F401,E402  # registration: the config check
 
 __all__ += ["LongTailSemSegFPNHead", "LongTailDeepLabV3PlusHead"]
+from . import data as _data  # noqa: F401,E402  # registration: the embedded segmentation sets, ADE20K's metadata
+from .data import get_sem_seg_class_statistics, prepare_sem_seg_dataset  # noqa: E402
+from .evaluator import LongTailSemSegEvaluator, format_sem_seg_table  # noqa: E402
+
+__all__ += ["get_sem_seg_class_statistics", "prepare_sem_seg_dataset", "LongTailSemSegEvaluator",
+            "format_sem_seg_table"]
