@@ -19,7 +19,7 @@ import os
 import sys
 
 from ..registry import ROI_CLS_LOSS_REGISTRY, registered
-from .manifest import CLASSIFICATION_DATASETS, ModelZooError, load_manifest
+from .manifest import CLASSIFICATION_DATASETS, SEM_SEG_DATASETS, ModelZooError, load_manifest
 
 __all__ = [
     "METHODS_BEGIN",
@@ -42,7 +42,8 @@ METHODS_END = "<!-- methods-table:end -->"
 DETECTRON2_CONFIGS = "https://github.com/facebookresearch/detectron2/blob/main/configs/"
 
 # tables in this order; a dataset not listed here comes after them
-DATASET_ORDER = ("LVIS v1", "LVIS v0.5", "embedded synthetic data", "embedded synthetic data (classification)")
+DATASET_ORDER = ("LVIS v1", "LVIS v0.5", "embedded synthetic data", "embedded synthetic data (classification)",
+                 "embedded synthetic data (semantic segmentation)")
 DATASET_TEXT = {
     "LVIS v1": (
         "LVIS v1 val. Numbers are those reported by the source named in the row (the paper "
@@ -125,9 +126,24 @@ CLS_HEADER = (
 )
 
 
-def _metric_cells(block, digits, classification):
-    """The number cells of a row: box and mask AP (and r / c / f), or an image classifier's
-    top-1, top-5 and many / medium / few."""
+#: the tables of semantic segmenters: mIoU, fwIoU, mACC, pACC and the mIoU of the rare / common / frequent classes
+SEM_SEG_HEADER = (
+    "| name | method | backbone | schedule | sampler | mIoU | mIoU r / c / f | fwIoU | mACC | pACC "
+    "| numbers from | download |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def _metric_cells(block, digits, classification, sem_seg=False):
+    """The number cells of a row: box and mask AP (and r / c / f), an image classifier's
+    top-1, top-5 and many / medium / few, or a semantic segmenter's mIoU (and r / c / f), fwIoU,
+    mACC and pACC."""
+    if sem_seg:
+        values = block["sem_seg"] if block else {}
+        groups = [values.get(k) for k in ("mIoU-r", "mIoU-c", "mIoU-f")]
+        cell = lambda key: _fmt(values.get(key), digits) if values.get(key) is not None else ""  # noqa: E731
+        return [cell("mIoU"), "" if all(v is None for v in groups) else " / ".join(_fmt(v, digits) for v in groups),
+                cell("fwIoU"), cell("mACC"), cell("pACC")]
     if classification:
         cls = block["cls"] if block else {}
         splits = [cls.get(k) for k in ("many", "medium", "few")]
@@ -171,18 +187,22 @@ def render_model_zoo_md(entries):
         "[model_zoo/manifest.yaml](model_zoo/manifest.yaml).\n",
         "Columns: box and mask AP, and APr / APc / APf (rare / common / frequent classes); for "
         "image classifiers, top-1 and top-5 accuracy and the many- (> 100 training images), "
-        "medium- (20-100) and few-shot (< 20) accuracies; each where the source reports it (– where "
-        "it does not).\n",
+        "medium- (20-100) and few-shot (< 20) accuracies; for semantic segmenters, Detectron2's "
+        "mIoU, fwIoU, mACC and pACC and the mIoU of the rare / common / frequent classes (by training "
+        "images); each where the source reports it (– where it does not).\n",
     ]
     for dataset in datasets:
         title = {"embedded synthetic data": "Embedded synthetic data, quickstart schedule",
                  "embedded synthetic data (classification)": "Embedded long-tailed classification set, quickstart schedule",
+                 "embedded synthetic data (semantic segmentation)":
+                     "Embedded long-tailed semantic segmentation set, quickstart schedule",
                  }.get(dataset, dataset)
         out.append(f"## {title}\n")
         if dataset in DATASET_TEXT:
             out.append(DATASET_TEXT[dataset] + "\n")
         classification = dataset in CLASSIFICATION_DATASETS
-        table = [CLS_HEADER if classification else HEADER]
+        sem_seg = dataset in SEM_SEG_DATASETS
+        table = [SEM_SEG_HEADER if sem_seg else CLS_HEADER if classification else HEADER]
         notes = []
         for entry in entries.values():
             if entry.setting["dataset"] != dataset:
@@ -191,7 +211,7 @@ def render_model_zoo_md(entries):
             for source, block, digits in _rows(entry):
                 cells = [
                     _name_cell(entry), s["method"], s["backbone"], s["schedule"], s["sampler"],
-                    *_metric_cells(block, digits, classification),
+                    *_metric_cells(block, digits, classification, sem_seg),
                     source,
                     _download_cell(entry),
                 ]

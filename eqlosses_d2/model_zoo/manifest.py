@@ -36,13 +36,20 @@ SYNTHETIC_DATA = "embedded synthetic data, quickstart schedule"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENTRY_KEYS = {"name", "config", "config_package", "opts", "setting", "weights", "reported", "ours", "notes"}
 _SETTING_KEYS = ("dataset", "method", "backbone", "schedule", "sampler")
-_METRIC_KEYS = {"source", "data", "bbox", "segm", "cls"}
+_METRIC_KEYS = {"source", "data", "bbox", "segm", "cls", "sem_seg"}
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 #: an image classifier's numbers (``cls``): top-1 / top-5 and the many- / medium- / few-shot splits
 CLS_METRICS = ("top1", "top5", "many", "medium", "few")
 #: the datasets whose entries are image classifiers: ``cls`` numbers, no ``bbox`` / ``segm``
 CLASSIFICATION_DATASETS = ("embedded synthetic data (classification)", "ImageNet-LT", "Places-LT",
                            "iNaturalist 2018", "CIFAR-10-LT", "CIFAR-100-LT")
+#: a semantic segmenter's numbers (``sem_seg``): Detectron2's SemSegEvaluator's and the mIoU of the
+#: rare / common / frequent classes (by training images)
+SEM_SEG_METRICS = ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-r", "mIoU-c", "mIoU-f")
+#: the datasets whose entries are semantic segmenters: ``sem_seg`` numbers only
+SEM_SEG_DATASETS = ("embedded synthetic data (semantic segmentation)", "ADE20K")
+#: each kind of numbers and its metric names
+_TASK_METRICS = {"bbox": _METRICS, "segm": _METRICS, "cls": CLS_METRICS, "sem_seg": SEM_SEG_METRICS}
 _CONFIG_PACKAGES = ("eqlosses_d2", "detectron2")
 # Detectron2's file names: model_final_571f7c.pkl
 _NAME_HASH = re.compile(r"_([0-9a-f]{6})\.[A-Za-z0-9]+$")
@@ -187,13 +194,19 @@ def _parse_entry(raw, where):
         raise ModelZooError(f"{where}: no paper reports numbers on the embedded synthetic data; use 'ours'")
     if ours is not None and synthetic and ours["data"] != SYNTHETIC_DATA:
         raise ModelZooError(f"{where}: ours.data must be exactly '{SYNTHETIC_DATA}' for the embedded data")
-    classification = setting["dataset"] in CLASSIFICATION_DATASETS
+    # the one kind of numbers an entry's dataset has: cls (classification), sem_seg (semantic
+    # segmentation), else bbox / segm (detection)
+    if setting["dataset"] in CLASSIFICATION_DATASETS:
+        task, allowed = "an image classifier", ("cls",)
+    elif setting["dataset"] in SEM_SEG_DATASETS:
+        task, allowed = "a semantic segmenter", ("sem_seg",)
+    else:
+        task, allowed = "a detector", ("bbox", "segm")
     for label, block in (("reported", reported), ("ours", ours)):
-        if block is not None and classification and (block["bbox"] or block["segm"]):
-            raise ModelZooError(f"{where}: {label}: an image classifier has cls numbers, not bbox / segm")
-        if block is not None and not classification and block["cls"]:
-            raise ModelZooError(f"{where}: {label}: cls numbers on '{setting['dataset']}', which is no "
-                                f"classification dataset ({', '.join(CLASSIFICATION_DATASETS)})")
+        wrong = [kind for kind in _TASK_METRICS if block is not None and block[kind] and kind not in allowed]
+        if wrong:
+            raise ModelZooError(f"{where}: {label}: {task} on '{setting['dataset']}' has {' / '.join(allowed)} numbers, "
+                                f"not {' / '.join(wrong)}")
         if block is not None and not synthetic and not block["data"].startswith(str(setting["dataset"])):
             raise ModelZooError(
                 f"{where}: {label}.data '{block['data']}' is not on the entry's dataset '{setting['dataset']}'"
@@ -255,7 +268,7 @@ def _parse_metrics(raw, where, need_source):
     if need_source and not raw.get("source"):
         raise ModelZooError(f"{where}: 'source' (who reports these numbers) is required")
     block = {"source": str(raw.get("source", "")), "data": raw["data"]}
-    for task, known in (("bbox", _METRICS), ("segm", _METRICS), ("cls", CLS_METRICS)):
+    for task, known in _TASK_METRICS.items():
         values = raw.get(task) or {}
         if not isinstance(values, dict):
             raise ModelZooError(f"{where}: {task} must map metric names to numbers")
@@ -263,8 +276,8 @@ def _parse_metrics(raw, where, need_source):
             if metric not in known or isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ModelZooError(f"{where}: {task}.{metric}: expected one of {', '.join(known)} with a number")
         block[task] = {k: float(v) for k, v in values.items()}
-    if not block["bbox"] and not block["segm"] and not block["cls"]:
-        raise ModelZooError(f"{where}: no bbox, segm or cls numbers")
+    if not any(block[task] for task in _TASK_METRICS):
+        raise ModelZooError(f"{where}: no {', '.join(_TASK_METRICS)} numbers")
     return block
 
 
