@@ -67,12 +67,14 @@ def test_seesaw_probability_domain_equals_logit_domain(monkeypatch, p, q):
 
 
 def test_seesaw_probability_domain_applies_on_cpu_defaults_only():
-    x, log_count = torch.zeros(2, 3), torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
-    applies, factor = seesaw._probability_domain_factors(x, log_count, 0.8, 2.0)
+    x, count = torch.zeros(2, 3), torch.tensor([1.0, 3.0, 9.0], dtype=torch.float64)
+    applies, factor = seesaw._probability_domain_factors(x, count, 0.8, 2.0)
     assert applies
-    np.testing.assert_allclose(factor.numpy(), np.exp(0.8 * (np.array([0.0, 1.0, 2.0]) - 2.0)), rtol=1e-6)
-    assert not seesaw._probability_domain_factors(x, log_count, 0.8, 1.5)[0]  # a general power: logit domain
-    assert not seesaw._probability_domain_factors(x, torch.tensor([0.0, 100.0], dtype=torch.float64), 0.8, 2.0)[0]
+    np.testing.assert_allclose(factor.numpy(), (np.array([1.0, 3.0, 9.0]) / 9.0) ** 0.8, rtol=1e-6)
+    assert not seesaw._probability_domain_factors(x, count, 0.8, 1.5)[0]  # a general power: logit domain
+    # (1 / e^100)^0.8 = e^-80 is below the e^-60 floor: logit domain
+    assert not seesaw._probability_domain_factors(x, torch.tensor([1.0, math.exp(100.0)], dtype=torch.float64), 0.8, 2.0)[0]
+    assert seesaw._probability_domain_factors(x, torch.tensor([1.0, math.exp(70.0)], dtype=torch.float64), 0.8, 2.0)[0]
 
 
 class _Counts:

@@ -69,9 +69,13 @@ __all__ = [
 ]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all processes (in place when distributed); returns it."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -88,8 +92,11 @@ def sync_state(*contributions: torch.Tensor, finite: Optional[torch.Tensor] = No
     order. ``finite``: None, or a 0-dim bool tensor (the GPU policy's finite check of the
     logits, :func:`check_finite_logits`): when false this process contributes zeros, without a
     host read. Every process must call it every step with the same shapes (a collective).
+    In one process the (detached, cast) contributions themselves are returned, no copy.
     """
     tensors = [c.detach() if dtype is None else c.detach().to(dtype) for c in contributions]
+    if not _distributed():  # one process: nothing to pack or reduce (the contributions come back as they are)
+        return [keep_unless_nonfinite(finite, t) for t in tensors]
     out: list = [None] * len(tensors)
     by_dtype: Dict[torch.dtype, list] = {}
     for index, tensor in enumerate(tensors):

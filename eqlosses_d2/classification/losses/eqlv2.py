@@ -56,30 +56,29 @@ class _WeightedSigmoidBCE(torch.autograd.Function):
     ``Σ_ij w_ij BCE_ij = Σ_j r_j Σ_i softplus(z_ij) + Σ_i [(q_y − r_y) softplus(z_iy) − q_y z_iy]``
     (softplus(−z) = softplus(z) − z), ``pos_j = Σ_{i: y_i = j} q_j (1 − σ(z_ij))`` and
     ``neg_j = r_j Σ_{i: y_i ≠ j} σ(z_ij)``, the column sums of σ with the label entries zeroed.
+    ``weights`` (3, C): r, q and q − r (the last spares a per-row subtraction).
     """
 
     @staticmethod
     def forward(ctx, logits, labels, weights):
-        num_rows = logits.shape[0]
+        num_rows, num_classes = logits.shape
         rows = labels[:, None]
-        neg_weight, pos_weight = weights
         prob = torch.empty_like(logits)
         softplus_columns = sigmoid_and_softplus_sums(logits, prob, dim=0)
-        logit_y = logits.gather(1, rows).squeeze(1)
-        neg_w, pos_w = weights[:, labels]
-        loss = softplus_columns.double().dot(neg_weight.double()) + (
-            (pos_w - neg_w) * F.softplus(logit_y) - pos_w * logit_y
-        ).sum(dtype=torch.float64)
-        pos_rows = prob.gather(1, rows).squeeze(1).sub_(1.0).mul_(pos_w)  # q_y (σ_y − 1) = −(positive statistic)
+        logit_y = logits.gather(1, rows).view(-1)
+        neg_weight = weights[0]
+        _, pos_w, diff_w = weights.index_select(1, labels)  # q_y, q_y − r_y per row
+        loss = softplus_columns.dot(neg_weight) + F.softplus(logit_y).dot(diff_w) - logit_y.dot(pos_w)
+        pos_rows = prob.gather(1, rows).view(-1).sub_(1.0).mul_(pos_w)  # q_y (σ_y − 1) = −(positive statistic)
         prob.scatter_(1, rows, 0.0)
-        stats = torch.empty_like(weights)
+        stats = logits.new_zeros((2, num_classes))
+        stats[0].index_add_(0, labels, pos_rows, alpha=-1.0)
         torch.mul(prob.sum(dim=0), neg_weight, out=stats[1])
-        stats[0].zero_().index_add_(0, labels, pos_rows, alpha=-1.0)
         grad = prob.mul_(neg_weight / num_rows)
         grad.scatter_(1, rows, pos_rows.mul_(1.0 / num_rows)[:, None])
         ctx.grad = grad
         ctx.mark_non_differentiable(stats)
-        return (loss / num_rows).to(logits.dtype), stats
+        return loss.div_(num_rows), stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -115,6 +114,9 @@ class ImageEQLv2(ImageClassificationLoss):
         self.mu = float(mu)
         self.alpha = float(alpha)
         self.gradient_stats = GradientStats(num_classes, initial_ratio=self.INITIAL_RATIO)
+        # (2, 3, 1) float64: the offsets and slopes of r, q and q − r as affine functions of r
+        self._weight_rows = torch.tensor([[[0.0], [1.0 + self.alpha], [1.0 + self.alpha]],
+                                          [[1.0], [-self.alpha], [-1.0 - self.alpha]]], dtype=torch.float64)
 
     def class_weights(self):
         """(C,) float32 negative weights r and positive weights q from the statistics so far."""
@@ -122,14 +124,15 @@ class ImageEQLv2(ImageClassificationLoss):
         return weights[0], weights[1]
 
     def _stacked_class_weights(self):
-        """(2, C) float32: row 0 r, row 1 q (computed in float64, rounded once)."""
+        """(3, C) float32: row 0 r, row 1 q, row 2 q − r (computed in float64, rounded once)."""
         stats = self.gradient_stats
         # GradientStats.ratio() in fewer small operations (the sums are ≥ 0: "has statistics" is a sum > 0)
         ratio = torch.where((stats.pos_grad + stats.neg_grad) > 0, stats.pos_grad / (stats.neg_grad + 1e-10),
                             stats.initial_ratio)
-        weights = torch.empty((2, self.num_classes), dtype=torch.float64, device=ratio.device)
-        neg_weight = torch.sigmoid(ratio.sub_(self.mu).mul_(self.gamma), out=weights[0])
-        torch.mul(neg_weight, -self.alpha, out=weights[1]).add_(1.0 + self.alpha)  # 1 + α (1 − r)
+        neg_weight = torch.sigmoid(ratio.sub_(self.mu).mul_(self.gamma))
+        # [r; q; q − r] = offset + slope · r, q = 1 + α (1 − r), q − r = (1 + α)(1 − r): one operation
+        offset, slope = self._weight_rows.to(ratio.device).unbind(0)
+        weights = torch.addcmul(offset, slope, neg_weight)
         return weights.float()
 
     def forward(self, logits, labels):

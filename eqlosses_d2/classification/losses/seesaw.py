@@ -56,11 +56,12 @@ class _SeesawCE(torch.autograd.Function):
     term a row constant, left out). Two softmax passes in all, as plain CE."""
 
     @staticmethod
-    def forward(ctx, logits, labels, log_count, p, q, eps, scale):
-        use_probabilities, count_factor = _probability_domain_factors(logits, log_count, p, q)
+    def forward(ctx, logits, labels, count, p, q, eps, scale):
+        use_probabilities, count_factor = _probability_domain_factors(logits, count, p, q)
         if use_probabilities:
             loss, ctx.grad = _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale)
             return loss.to(logits.dtype)
+        log_count = count.log()  # float64
         rows = labels[:, None]
         if q > 0:
             logit_y = logits.gather(1, rows)
@@ -82,22 +83,22 @@ class _SeesawCE(torch.autograd.Function):
 
 
 #: the probability-domain computation keeps ``(N_j / N_max)^p`` above e^-60 (far from float32's underflow)
-_MAX_LOG_COUNT_SPREAD = 60.0
+_MIN_COUNT_FACTOR = math.exp(-60.0)
 
 
-def _probability_domain_factors(logits, log_count, p, q):
+def _probability_domain_factors(logits, count, p, q):
     """``(applies, m)``: whether :func:`_seesaw_ce_in_probabilities` applies (the CPU policy: it
     reads a value back; q ∈ {0, 1, 2}: powers as products, a general power being a slow exp/log
     pass on the CPU; count ratios whose p-th power stays in float32's range) and its float32
-    ``m = (N / N_max)^p`` (None when p = 0)."""
+    ``m = (N / N_max)^p`` (None when p = 0); ``count``: N clamped at 1, float64."""
     if gpu_policy(logits.device) or q not in (0.0, 1.0, 2.0):
         return False, None
     if p == 0:
         return True, None
-    log_factor = (log_count - log_count.max()).mul_(p)  # ≤ 0, float64
-    if not bool(log_factor.min() > -_MAX_LOG_COUNT_SPREAD):
+    factor = (count / count.max()).pow_(p)  # in (0, 1], float64
+    if not bool(factor.min() > _MIN_COUNT_FACTOR):
         return False, None
-    return True, log_factor.exp_().float()
+    return True, factor.float()
 
 
 def _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale):
@@ -191,9 +192,9 @@ class ImageSeesawLoss(ImageClassificationLoss):
         if logits.shape[0] == 0:
             return {"loss_cls": logits.float().sum() * 0.0}
         logits = logits.float().contiguous()
-        log_count = self.cumulative_count.clamp(min=1).log_().to(logits.device)  # float64
+        count = self.cumulative_count.clamp(min=1).to(logits.device)  # float64
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _SeesawCE.apply(logits, labels, log_count, self.p, self.q, self.eps,
+            loss = _SeesawCE.apply(logits, labels, count, self.p, self.q, self.eps,
                                    self.loss_weight / logits.shape[0])
         return {"loss_cls": loss}
 
