@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """
-Train and evaluate long-tailed detectors with eqlosses_d2.
+Train and evaluate long-tailed detectors, image classifiers and semantic segmenters with eqlosses_d2.
 
     python train_net.py --config-file configs/quickstart/mask_rcnn_R18_FPN_synthetic.yaml
+    python train_net.py --config-file configs/quickstart/softmax_sem_seg_synthetic.yaml  # semantic segmentation
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file CONFIG --num-gpus 8 [--resume]
     python train_net.py --config-file NAME --eval-only MODEL.WEIGHTS eqlosses_d2://NAME  # model zoo
@@ -52,6 +53,10 @@ from eqlosses_d2.data import DatasetError
 from eqlosses_d2.evaluation import LVISEvaluator
 from eqlosses_d2.evaluation.table import format_ap_table
 from eqlosses_d2.modeling.trainable import restrict_trainable
+from eqlosses_d2.segmentation import is_semantic_segmentation
+from eqlosses_d2.segmentation.data import get_sem_seg_class_statistics, prepare_sem_seg_dataset, training_split_of
+from eqlosses_d2.segmentation.evaluator import LongTailSemSegEvaluator, format_sem_seg_table
+from eqlosses_d2.segmentation.training import POLY_LR_SCHEDULER, build_poly_lr_scheduler, build_sem_seg_train_loader
 from eqlosses_d2.prefill import MemoryPrefillHook
 from eqlosses_d2.resume import RankStates, ResumeError, build_resumable_train_loader, seek_train_loader
 
@@ -70,7 +75,7 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         if with_class_stats and stats_module is not None:
             name = class_stats_dataset(cfg)
             try:
-                stats = get_class_statistics(name)
+                stats = class_statistics(cfg, name)
             except (DatasetError, FileNotFoundError, ValueError) as e:
                 if cfg.MODEL.EQLOSSES.REQUIRE_CLASS_STATS:
                     raise DatasetError(f"MODEL.EQLOSSES.CLASS_STATS_DATASET: {e}") from None
@@ -94,7 +99,7 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
             return
         name = class_stats_dataset(cfg)
         try:
-            stats = get_class_statistics(name)
+            stats = class_statistics(cfg, name)
         except (DatasetError, FileNotFoundError, ValueError) as e:
             raise DatasetError(
                 f"MODEL.WEIGHTS has no class statistics and MODEL.EQLOSSES.CLASS_STATS_DATASET '{name}' "
@@ -126,6 +131,10 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
             )
         if evaluator_type == "classification":
             return ClassificationEvaluator(dataset_name, output_dir=output_folder)
+        if evaluator_type == "sem_seg":
+            # frequency groups: the dataset's training split's counts, with the config's thresholds
+            stats = class_statistics(cfg, training_split_of(dataset_name))
+            return LongTailSemSegEvaluator(dataset_name, output_dir=output_folder, class_statistics=stats)
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_detectron2_extension())
         raise DatasetError(f"dataset '{dataset_name}': no evaluator for evaluator_type={evaluator_type!r}")
@@ -134,7 +143,15 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
     def build_train_loader(cls, cfg):
         if is_classification(cfg):
             return build_classification_train_loader(cfg)
+        if is_semantic_segmentation(cfg):
+            return build_sem_seg_train_loader(cfg)
         return build_resumable_train_loader(cfg)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        if cfg.SOLVER.LR_SCHEDULER_NAME == POLY_LR_SCHEDULER:
+            return build_poly_lr_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -228,8 +245,17 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         if comm.is_main_process() and cfg.TEST.EQLOSSES.PRINT_TABLE and results:
             name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) == 1 else None
             table = format_accuracy_table if is_classification(cfg) else format_ap_table
+            table = format_sem_seg_table if is_semantic_segmentation(cfg) else table
             print("\n" + table(results, name), flush=True)
         return results
+
+
+def class_statistics(cfg, name):
+    """The per-class statistics of dataset ``name`` that a model trained with ``cfg`` stores."""
+    if is_semantic_segmentation(cfg):
+        node = cfg.MODEL.EQLOSSES.SEM_SEG
+        return get_sem_seg_class_statistics(name).with_thresholds(node.RARE_MAX_IMAGES, node.COMMON_MAX_IMAGES)
+    return get_class_statistics(name)
 
 
 def setup_cfg(args):
@@ -254,6 +280,8 @@ def prepare_datasets(cfg, eval_only=False):
     names = train + list(cfg.DATASETS.TEST)
     if is_classification(cfg):
         return prepare_classification_datasets(cfg, names)
+    if is_semantic_segmentation(cfg):
+        return prepare_sem_seg_datasets(cfg, names)
     for name in names:
         meta = prepare_dataset(name)
         stats = meta.get("class_statistics")
@@ -281,6 +309,24 @@ def prepare_classification_datasets(cfg, names):
             raise ConfigError(
                 f"MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES={num_classes} does not match dataset '{name}', "
                 f"which has {stats.num_classes} classes"
+            )
+
+
+def prepare_sem_seg_datasets(cfg, names):
+    """The semantic segmenter's datasets: generated, checked, their class count equal to
+    MODEL.SEM_SEG_HEAD.NUM_CLASSES and their ignore label to IGNORE_VALUE."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    for name in names:
+        meta = prepare_sem_seg_dataset(name)
+        if len(meta.stuff_classes) != head.NUM_CLASSES:
+            raise ConfigError(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={head.NUM_CLASSES} does not match dataset '{name}', "
+                f"which has {len(meta.stuff_classes)} classes"
+            )
+        if meta.get("ignore_label", head.IGNORE_VALUE) != head.IGNORE_VALUE:
+            raise ConfigError(
+                f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE={head.IGNORE_VALUE} does not match dataset '{name}', "
+                f"whose ignore label is {meta.ignore_label}"
             )
 
 

@@ -148,6 +148,17 @@ def test_inference_returns_the_loss_scores_at_input_resolution(name, shapes):
         assert torch.allclose(head(features)[0], 2 * logits + 1)
 
 
+def test_deeplab_loss_on_a_batch_not_divisible_by_the_stride():
+    """ResNet (no size divisibility) on a 62 x 94 batch: res2 is 16 x 24, the logits 64 x 96; the
+    loss is CE over their top-left 62 x 94 (where sem_seg_postprocess crops at inference)."""
+    head = _head("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)
+    features, targets = _features(DEEPLAB_SHAPES), _targets()[:, :62, :94]
+    head.train()
+    loss = head(features, targets)[1]["loss_sem_seg"]
+    logits = F.interpolate(head.layers(features), scale_factor=4, mode="bilinear", align_corners=False)[..., :62, :94]
+    assert torch.allclose(loss.double(), 0.5 * F.cross_entropy(logits.double(), targets, ignore_index=255), rtol=1e-6)
+
+
 def test_heads_own_the_class_statistics_and_the_loss_reads_them():
     for name, shapes in (("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)):
         head = _head(name, shapes)

@@ -40,5 +40,11 @@ class LongTailPixelLossMixin:
     def losses(self, predictions, targets):
         predictions = predictions.float()  # https://github.com/pytorch/pytorch/issues/48163 (as Detectron2's)
         predictions = F.interpolate(predictions, scale_factor=self.common_stride, mode="bilinear", align_corners=False)
+        height, width = targets.shape[-2:]
+        if predictions.shape[-2] >= height and predictions.shape[-1] >= width:
+            # a batch not padded to a multiple of the stride (a backbone without size divisibility, e.g. the
+            # dilated ResNet of DeepLab): the logits cover ceil(size / stride) x stride pixels; the image is
+            # their top-left part, as sem_seg_postprocess crops at inference (Detectron2's heads fail here)
+            predictions = predictions[..., :height, :width]
         losses = self.loss(predictions, targets)
         return {name: value * self.loss_weight for name, value in losses.items()}

@@ -1,0 +1,160 @@
+"""Semantic segmentation through train_net.py: a few iterations on the tiny embedded segmentation set
+(the quickstart config, shrunk), evaluation with its mIoU table (the same numbers from --eval-only on
+the final checkpoint), the training masks' per-class pixel and image counts in the checkpoint, an
+exact --resume (weights, BatchNorm statistics, Softmax-EQL's gradient statistics, the sample stream),
+one-line errors, and every segmentation config merged, checked and its model built."""
+import glob
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_net
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from eqlosses_d2.config import validate_config
+from eqlosses_d2.segmentation.data import TINY_SEM_SEG_SPEC, register_synthetic_sem_seg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/quickstart/softmax_sem_seg_synthetic.yaml"
+SEM_SEG_CONFIGS = sorted(
+    # Base-ADE20K.yaml: the data, input and solver both ADE20K families share (no head of its own)
+    [p for p in glob.glob(os.path.join(ROOT, "configs", "ADE20K", "*.yaml")) if not p.endswith("Base-ADE20K.yaml")]
+    + glob.glob(os.path.join(ROOT, "configs", "quickstart", "*sem_seg_synthetic.yaml"))
+    + glob.glob(os.path.join(ROOT, "configs", "quickstart", "Base-Synthetic-SemSeg-*.yaml"))
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_seg(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic_sem_seg"))
+    train, val = register_synthetic_sem_seg("pytest_seg_tiny", TINY_SEM_SEG_SPEC, root=root)
+    return {"train": train, "val": val}
+
+
+def _opts(data, out, max_iter=4, **extra):
+    opts = [
+        "DATASETS.TRAIN", f"('{data['train']}',)",
+        "DATASETS.TEST", f"('{data['val']}',)",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", str(TINY_SEM_SEG_SPEC.num_classes),
+        "MODEL.DEVICE", "cpu",
+        "INPUT.MIN_SIZE_TRAIN", "(48, 64, 80)",
+        "INPUT.CROP.SIZE", "(64, 64)",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "SOLVER.IMS_PER_BATCH", "4",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.WARMUP_ITERS", "2",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SEED", "1",
+        "OUTPUT_DIR", str(out),
+    ]
+    for key, value in extra.items():
+        opts += [key, value]
+    return opts
+
+
+def _run(argv):
+    args = train_net.default_argument_parser().parse_args(argv)
+    train_net.check_args(args)
+    return train_net.main(args)
+
+
+def _mask_counts(dataset):
+    """Per-class labelled pixels and images of a split, read from its masks here."""
+    num_classes = TINY_SEM_SEG_SPEC.num_classes
+    pixels, images = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    for record in DatasetCatalog.get(dataset):
+        labels = np.asarray(Image.open(record["sem_seg_file_name"]))
+        counts = np.bincount(labels[labels != 255].ravel(), minlength=num_classes)
+        pixels += counts
+        images += counts > 0
+    return pixels, images
+
+
+def test_train_then_eval_only(tiny_seg, tmp_path, capsys):
+    out = tmp_path / "run"
+    results = _run(["--config-file", CONFIG] + _opts(tiny_seg, out))
+    metrics = results["sem_seg"]
+    for key in ("mIoU", "fwIoU", "mACC", "pACC"):
+        assert 0.0 <= metrics[key] <= 100.0, key
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and tiny_seg["val"] in printed  # the table, after the evaluation
+    # the training masks' counts are in the checkpoint (the head's class statistics buffers)
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    pixels, images = _mask_counts(tiny_seg["train"])
+    assert state["sem_seg_head.class_stats.pixel_count"].tolist() == pixels.tolist()
+    assert state["sem_seg_head.class_stats.image_count"].tolist() == images.tolist()
+    assert bool(state["sem_seg_head.class_stats.is_set"])
+    assert int(state["sem_seg_head.class_stats.num_images"]) == TINY_SEM_SEG_SPEC.num_train_images
+    # frequency groups from MODEL.EQLOSSES.SEM_SEG.RARE_MAX_IMAGES / COMMON_MAX_IMAGES (10 / 100): 0 r, 1 c, 2 f
+    expected_groups = [0 if n <= 10 else (1 if n <= 100 else 2) for n in images]
+    assert state["sem_seg_head.class_stats.frequency_group"].tolist() == expected_groups
+    # --eval-only on the final checkpoint gives the same numbers
+    again = _run(["--config-file", CONFIG, "--eval-only"] + _opts(tiny_seg, tmp_path / "eval") +
+                 ["MODEL.WEIGHTS", str(out / "model_final.pth")])
+    for key, value in metrics.items():
+        theirs = again["sem_seg"][key]
+        assert (isinstance(value, float) and math.isnan(value) and math.isnan(theirs)) or theirs == value, key
+
+
+def test_num_classes_mismatch_is_one_line(tiny_seg, tmp_path, capsys):
+    argv = ["--config-file", CONFIG] + _opts(tiny_seg, tmp_path / "x") + ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7"]
+    assert train_net.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "MODEL.SEM_SEG_HEAD.NUM_CLASSES=7 does not match dataset 'pytest_seg_tiny_train', which has 8 classes" in err
+
+
+@pytest.mark.parametrize("loss", ["softmax_eql", "softmax"])
+def test_resume_matches_uninterrupted_run(loss, tiny_seg, tmp_path):
+    def opts(out):
+        return _opts(tiny_seg, out, max_iter=6, **{
+            "SOLVER.CHECKPOINT_PERIOD": "3", "DATASETS.TEST": "()", "MODEL.EQLOSSES.SEM_SEG.LOSS": loss})
+
+    full = tmp_path / "full"
+    _run(["--config-file", CONFIG] + opts(full))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(full / "model_0000002.pth", resumed / "model_0000002.pth")
+    (resumed / "last_checkpoint").write_text("model_0000002.pth")
+    _run(["--config-file", CONFIG, "--resume"] + opts(resumed))
+
+    def state(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    a, b = state(full / "model_final.pth"), state(resumed / "model_final.pth")
+    assert a["iteration"] == b["iteration"] == 5
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    mid = state(full / "model_0000002.pth")["model"]
+    assert not torch.equal(mid["sem_seg_head.predictor.weight"], a["model"]["sem_seg_head.predictor.weight"])
+    assert not torch.equal(mid["backbone.bottom_up.res2.0.conv1.norm.running_mean"],
+                           a["model"]["backbone.bottom_up.res2.0.conv1.norm.running_mean"])
+    if loss == "softmax_eql":
+        assert a["model"]["sem_seg_head.loss.pos_grad"].dtype == torch.float64
+        assert a["model"]["sem_seg_head.loss.pos_grad"].gt(mid["sem_seg_head.loss.pos_grad"]).any()
+
+
+@pytest.mark.parametrize("path", SEM_SEG_CONFIGS, ids=[os.path.relpath(p, ROOT) for p in SEM_SEG_CONFIGS])
+def test_config_merges_checks_and_builds(path):
+    args = train_net.default_argument_parser().parse_args(["--config-file", path, "MODEL.DEVICE", "cpu"])
+    cfg = train_net.setup_cfg(args)
+    assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+    cfg.defrost()
+    for node in (cfg.MODEL.RESNETS, cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.FPN):
+        if node.NORM == "SyncBN":  # SyncBN needs a process group to run, not to build; BN builds the same shapes
+            node.NORM = "BN"
+    validate_config(cfg)
+    model = build_model(cfg)
+    head = model.sem_seg_head
+    assert type(head).__name__ == cfg.MODEL.SEM_SEG_HEAD.NAME
+    assert head.loss.name == cfg.MODEL.EQLOSSES.SEM_SEG.LOSS
+    assert head.predictor.out_channels == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if "ADE20K" in path:
+        assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 150 and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert tuple(cfg.INPUT.CROP.SIZE) == (512, 512) and cfg.SOLVER.MAX_ITER == 160000
