@@ -36,8 +36,8 @@ MLP's weights and Adam's moments and step (float32, as theirs), the current clas
 (float64). The MLP is initialized as ``nn.Linear`` does, from a generator seeded with
 ``INIT_SEED`` (the same in every process; the model's own initialization is left untouched).
 Its weights are buffers, not parameters: Detectron2's optimizer does not see them and DDP does
-not reduce them; the Adam step is written out (``torch.optim.Adam``'s update, L2 weight decay
-added to the gradient) and tested against ``torch.optim.Adam``.
+not reduce them; they are stepped by PyTorch's own Adam function (``torch.optim.adam.adam``, fused
+where PyTorch has the kernel), tested against ``torch.optim.Adam``.
 
 Cost: every training step runs the MLP forward and backward and an Adam step over its
 2·C·H + H² + 2H + C weights (3.1 M at C = 1000, H = 1024): about 20 ms on one CPU thread
@@ -62,6 +62,7 @@ import math
 
 import torch
 from torch.nn import functional as F
+from torch.optim.adam import adam as adam_update
 
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
@@ -159,21 +160,21 @@ class DifficultyNetCE(ImageClassificationLoss):
 
     @torch.no_grad()
     def _adam_step(self, grads):
-        """``torch.optim.Adam`` (β 0.9, 0.999, ε 1e-8, L2 weight decay, no amsgrad) on the MLP's buffers."""
+        """One step of PyTorch's Adam (``torch.optim.adam.adam``, the function ``torch.optim.Adam``
+        runs: β 0.9, 0.999, ε 1e-8, L2 weight decay, no amsgrad) on the MLP's buffers, fused into
+        one kernel per tensor where PyTorch has it (float32 on the CPU or CUDA: ~6x faster than
+        the same update written out, a dozen passes over 3 M weights)."""
+        names = self._mlp_names()
+        params = [getattr(self, name) for name in names]
+        # the step count before this step, one tensor per weight (the update increments them)
+        steps = [self.adam_step.to(torch.float32) for _ in names]
+        fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+        adam_update(params, list(grads), [getattr(self, f"{name}_exp_avg") for name in names],
+                    [getattr(self, f"{name}_exp_avg_sq") for name in names], [], steps,
+                    fused=fused or None, foreach=False if not fused else None, amsgrad=False,
+                    beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], lr=self.lr, weight_decay=self.weight_decay,
+                    eps=_ADAM_EPS, maximize=False)
         self.adam_step += 1
-        step = float(self.adam_step)
-        beta1, beta2 = _ADAM_BETAS
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-        for name, grad in zip(self._mlp_names(), grads):
-            param = getattr(self, name)
-            exp_avg, exp_avg_sq = getattr(self, f"{name}_exp_avg"), getattr(self, f"{name}_exp_avg_sq")
-            if self.weight_decay:
-                grad = grad.add(param, alpha=self.weight_decay)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(_ADAM_EPS)
-            param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
 
     def update_mlp(self):
         """One Adam step of the MLP on λ · MSE(f(a), 1 − a/Σa), then the class weights C·f(a)/Σf(a)."""
