@@ -6,10 +6,11 @@ class maps, so that the quickstart needs no download. It is clearly synthetic: n
 
 Content
 -------
-- Class 0, ``"background"``, is every pixel no object covers (the stuff class: ~80% of the
-  labelled pixels, in every image). Classes 1..C-1 are things, ``"<colour>_<shape>"`` picked as
-  the detection set picks its categories (balanced shape and colour use, neighbours differ in
-  both), so that several classes share a colour and rare ones can be confused with frequent ones.
+- Class 0, ``"background"``, is every pixel no object covers (the stuff class: ~90% of the
+  labelled pixels, in every image). Classes 1..C-1 are things, ``"<colour>_<shape>"`` in the
+  classification set's order (:mod:`eqlosses_d2.classification.data.synthetic`: neighbours differ
+  in shape and colour), so that several classes share a colour and rare ones can be confused with
+  frequent ones (quickstart: red is classes 1, 10 and 18).
 - Each thing class has a typical size (a fraction of the image side, drawn once from the seed in
   ``[min_object_frac, max_object_frac]``); each instance is that size times ``U(0.8, 1.2)``, with a
   random rotation and a small brightness jitter. Pixel counts are therefore long-tailed like the
@@ -46,7 +47,7 @@ import tempfile
 
 import numpy as np
 
-from ...classification.data.synthetic import SyntheticClassificationSpec, train_counts
+from ...classification.data.synthetic import SyntheticClassificationSpec, _categories, train_counts
 from ...data.synthetic_spec import _MIN_OBJECT_PX, COLOURS, SHAPES, default_data_root, generate_once
 
 __all__ = ["SyntheticSemSegSpec", "QUICKSTART_SEM_SEG_SPEC", "TINY_SEM_SEG_SPEC", "SPLITS", "IGNORE_LABEL",
@@ -54,7 +55,7 @@ __all__ = ["SyntheticSemSegSpec", "QUICKSTART_SEM_SEG_SPEC", "TINY_SEM_SEG_SPEC"
            "ensure_synthetic_sem_seg", "image_file", "mask_file"]
 
 #: bump when the generated content changes for an unchanged spec (a new directory name)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the classification set's class order
 SPLITS = ("train", "val")
 PROFILES = ("exponential", "pareto")
 IGNORE_LABEL = 255
@@ -184,11 +185,11 @@ def plan_synthetic_sem_seg(spec: SyntheticSemSegSpec) -> dict:
     pixels, planned train / val image counts; index 0 of the list is thing class 1) and, per split,
     ``present``: for each image the sorted class indices (1..C-1) of its objects.
     """
-    from ...data.synthetic import _assign, _pick_categories
+    from ...data.synthetic import _assign
 
     rng = np.random.Generator(np.random.PCG64(spec.seed))
     k = spec.num_thing_classes
-    combos = _pick_categories(rng, k)
+    combos = _thing_categories(spec)
     typical = rng.uniform(spec.min_object_frac, spec.max_object_frac, size=k) * spec.image_size
     targets = {"train": thing_image_counts(spec), "val": np.full(k, spec.val_images_per_class, dtype=np.int64)}
     sizes = {"train": spec.num_train_images, "val": spec.num_val_images}
@@ -202,12 +203,16 @@ def plan_synthetic_sem_seg(spec: SyntheticSemSegSpec) -> dict:
     return {"classes": classes, "splits": splits}
 
 
-def class_names(spec: SyntheticSemSegSpec) -> list:
-    """``["background", "<colour>_<shape>", ...]`` (C names; no drawing)."""
-    from ...data.synthetic import _pick_categories
+def _thing_categories(spec):
+    """(shape, colour) of thing classes 1..C-1: the classification set's order (shapes vary fastest,
+    the colour shifts by one each round of shapes: neighbours differ in both, and every colour is
+    shared by classes far apart in frequency: red is classes 1, 10 and 18 of the quickstart)."""
+    return _categories(SyntheticClassificationSpec(num_classes=spec.num_thing_classes))
 
-    combos = _pick_categories(np.random.Generator(np.random.PCG64(spec.seed)), spec.num_thing_classes)
-    return [BACKGROUND] + [f"{colour}_{shape}" for shape, colour in combos]
+
+def class_names(spec: SyntheticSemSegSpec) -> list:
+    """``["background", "<colour>_<shape>", ...]`` (C names; no drawing, no generator loaded)."""
+    return [BACKGROUND] + [f"{colour}_{shape}" for shape, colour in _thing_categories(spec)]
 
 
 def _render(spec, classes, present, rng):
