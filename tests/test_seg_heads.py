@@ -4,6 +4,7 @@ Detectron2's own SemSegFPNHead / DeepLabV3PlusHead loss for softmax, and to a ha
 value), ignored pixels skipped, inference shapes, the DeepLab head's strides and its equality with
 Detectron2's DeepLab project head on the same weights, the class statistics in the state dict, the
 config checks, the poly LR schedule and the training augmentations."""
+import copy
 import math
 
 import pytest
@@ -17,7 +18,8 @@ from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
 from eqlosses_d2 import add_eqlosses_config
 from eqlosses_d2.config import ConfigError, validate_config
-from eqlosses_d2.segmentation import LongTailDeepLabV3PlusHead, LongTailSemSegFPNHead, SemSegClassStatsBuffers
+from eqlosses_d2.registry import PIXEL_LOSS_REGISTRY, names
+from eqlosses_d2.segmentation import SemSegClassStatistics, SemSegClassStatsBuffers
 from eqlosses_d2.segmentation.training import build_poly_lr_scheduler, build_sem_seg_train_aug
 
 NUM_CLASSES = 5
@@ -103,6 +105,30 @@ def test_training_loss_is_weighted_softmax_ce_on_upsampled_logits(name, shapes):
         # Detectron2's own SemSegFPNHead.losses on the same head and logits
         theirs = SemSegFPNHead.losses(head, head.layers(features), targets)["loss_sem_seg"]
         assert torch.allclose(losses["loss_sem_seg"], theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss", names(PIXEL_LOSS_REGISTRY))
+def test_every_registered_pixel_loss_is_the_heads_loss(loss):
+    """For every loss of the registry: the head's loss_sem_seg is LOSS_WEIGHT x the loss (a copy of
+    the head's, state included) on the upsampled logits, and its inference the loss's predict."""
+    head = _head("LongTailSemSegFPNHead", FPN_SHAPES, **{"MODEL.EQLOSSES.SEM_SEG.LOSS": loss})
+    stats = SemSegClassStatistics(image_count=[20, 9, 5, 2, 1], pixel_count=[5000, 700, 300, 90, 20], num_images=24,
+                                  num_images_with_annotations=24)
+    head.class_stats.set_from(stats)
+    assert head.loss.name == loss and head.loss.class_stats is head.class_stats
+    features, targets = _features(FPN_SHAPES), _targets()
+    head.train()
+    reference = copy.deepcopy(head.loss)
+    object.__setattr__(reference, "class_stats", head.class_stats)
+    logits = F.interpolate(head.layers(features), scale_factor=4, mode="bilinear", align_corners=False)
+    expected = {k: 0.5 * v for k, v in reference(logits.detach(), targets).items()}
+    losses = head(features, targets)[1]
+    assert losses.keys() == expected.keys()
+    for key in losses:
+        assert torch.allclose(losses[key], expected[key], rtol=1e-5, atol=1e-7), key
+    head.eval()
+    with torch.no_grad():
+        assert torch.allclose(head(features)[0], head.loss.predict(logits.detach()), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, shapes", [("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)])
@@ -253,6 +279,9 @@ def test_config_checks_are_one_line():
         "MODEL.EQLOSSES.SEM_SEG.DEEPLAB.PROJECT_CHANNELS": [8, 8]})
     assert "ASPP_DILATIONS needs 3 rates" in _check(head="LongTailDeepLabV3PlusHead", **{
         "MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_DILATIONS": [6, 12]})
+    assert "needs a head of eqlosses_d2" in _check(**{"MODEL.SEM_SEG_HEAD.NAME": "SemSegFPNHead",
+                                                      "MODEL.EQLOSSES.SEM_SEG.LOSS": "softmax_eql"})
+    validate_config(_cfg(**{"MODEL.SEM_SEG_HEAD.NAME": "SemSegFPNHead"}))  # Detectron2's head, its own CE
     assert "CROP_SINGLE_CATEGORY_MAX_AREA must be in (0, 1]" in _check(**{"INPUT.EQLOSSES.SEM_SEG.CROP_SINGLE_CATEGORY_MAX_AREA": 0.0})
     assert "NUM_CLASSES must be >= 1" in _check(**{"MODEL.SEM_SEG_HEAD.NUM_CLASSES": 0})
     assert "POLY_LR_POWER must be > 0" in _check(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR", "SOLVER.EQLOSSES.POLY_LR_POWER": 0.0})

@@ -6,7 +6,7 @@ an unknown name or a bad hyper-parameter is caught here.
 """
 from ..config import ConfigError
 from ..registry import CONFIG_CHECK_REGISTRY
-from .config import is_semantic_segmentation
+from .config import SEM_SEG_HEADS, is_semantic_segmentation
 from .losses import build_pixel_loss
 from .training import POLY_LR_SCHEDULER
 
@@ -37,6 +37,11 @@ def validate_sem_seg(cfg):
         raise ConfigError(e.args[0]) from None
     except ValueError as e:
         raise ConfigError(f"MODEL.EQLOSSES.SEM_SEG.{e}") from None
+    if head.NAME not in SEM_SEG_HEADS and node.LOSS != "softmax":
+        raise ConfigError(
+            f"MODEL.EQLOSSES.SEM_SEG.LOSS '{node.LOSS}' needs a head of eqlosses_d2 ({', '.join(SEM_SEG_HEADS)}); "
+            f"MODEL.SEM_SEG_HEAD.NAME '{head.NAME}' computes its own loss"
+        )
     if not 0 <= node.RARE_MAX_IMAGES <= node.COMMON_MAX_IMAGES:
         raise ConfigError(
             f"MODEL.EQLOSSES.SEM_SEG.RARE_MAX_IMAGES {node.RARE_MAX_IMAGES} must be in [0, COMMON_MAX_IMAGES "
