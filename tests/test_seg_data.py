@@ -255,7 +255,7 @@ def test_prepare_errors_are_one_line(tmp_path):
     assert "pytest_no_such_dataset' is not registered" in _one_line(e)
     with pytest.raises(DatasetError) as e:
         seg_data.prepare_sem_seg_dataset("coco_2017_val")  # registered, not semantic segmentation
-    assert "is not a semantic segmentation dataset" in _one_line(e)
+    assert _one_line(e) == "dataset 'coco_2017_val' is not a semantic segmentation dataset (its metadata has no stuff_classes)"
 
 
 # -- ADE20K through Detectron2's registration, on a constructed tree ------------------------------

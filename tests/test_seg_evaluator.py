@@ -39,18 +39,21 @@ EXPECTED = {"mIoU": 37.5, "fwIoU": 45.0, "mACC": 52.5, "pACC": 60.0,
             "mIoU-r": 100 / 3, "mIoU-c": 50.0, "mIoU-f": 100 / 3}
 
 
+def _register_toy(name, directory):
+    records = [{"file_name": os.path.join(directory, f"image_{i}.png"),
+                "sem_seg_file_name": os.path.join(directory, f"gt_{i}.png"),
+                "height": gt.shape[0], "width": gt.shape[1], "image_id": i} for i, gt in enumerate(GT)]
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(stuff_classes=CLASSES, ignore_label=255, evaluator_type="sem_seg")
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     directory = tmp_path_factory.mktemp("seg_eval")
-    records = []
     for i, gt in enumerate(GT):
-        mask = str(directory / f"gt_{i}.png")
-        Image.fromarray(gt.astype(np.uint8), "L").save(mask)
-        records.append({"file_name": str(directory / f"image_{i}.png"), "sem_seg_file_name": mask,
-                        "height": gt.shape[0], "width": gt.shape[1], "image_id": i})
+        Image.fromarray(gt.astype(np.uint8), "L").save(directory / f"gt_{i}.png")
     name = f"pytest_sem_seg_toy_{directory.name}"
-    DatasetCatalog.register(name, lambda: records)
-    MetadataCatalog.get(name).set(stuff_classes=CLASSES, ignore_label=255, evaluator_type="sem_seg")
+    _register_toy(name, str(directory))
     yield name
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
@@ -113,6 +116,32 @@ def test_long_tail_evaluator_by_hand(toy, tmp_path):
     assert table[0] == "| dataset | mIoU | mIoU-r | mIoU-c | mIoU-f | fwIoU | mACC | pACC |"
     assert table[2] == "| toy | 37.50 | nan | 38.89 | 33.33 | 45.00 | 52.50 | 60.00 |"
     assert format_sem_seg_table({"x": {"sem_seg": res}, "y": {"sem_seg": res}}).count("| 37.50 |") == 2
+
+
+def _evaluate_one_image_per_rank(name, directory, out):
+    """One rank of two: evaluate only image <rank> with the gathering evaluator; save the result."""
+    import detectron2.utils.comm as comm
+
+    _register_toy(name, directory)  # a spawned process starts bare
+    evaluator = LongTailSemSegEvaluator(name, distributed=True, class_statistics=TRAIN)
+    evaluator.reset()
+    rank = comm.get_rank()
+    record = DatasetCatalog.get(name)[rank]
+    evaluator.process([record], [{"sem_seg": _logits(PRED[rank])}])
+    torch.save({"world_size": comm.get_world_size(), "results": evaluator.evaluate()}, f"{out}/rank{rank}.pt")
+
+
+def test_two_processes_gather_before_the_groups(toy, tmp_path):
+    """Two gloo processes, one image each: rank 0 reports the hand values of both images, rank 1 nothing."""
+    from eqlosses_d2.compat import launch
+
+    directory = os.path.dirname(DatasetCatalog.get(toy)[0]["sem_seg_file_name"])
+    launch(_evaluate_one_image_per_rank, 2, dist_url="auto", args=(toy, directory, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and not ranks[1]["results"]
+    res = ranks[0]["results"]["sem_seg"]
+    for key, value in EXPECTED.items():
+        assert _close(res[key], value), (key, res[key], value)
 
 
 def test_statistics_from_the_training_split(toy, tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ class LongTailSemSegEvaluator(SemSegEvaluator):
         res["mIoU"] = miou
         stats = self.class_statistics()
         res.update(group_mean_iou(iou, stats.frequency))
+        sizes = {g: stats.frequency.count(g) for g in FREQUENCY_GROUP_KEYS}
+        logger.info("Frequency groups by training images (rare <= %d < common <= %d < frequent): %d / %d / %d classes",
+                    stats.rare_max_images, stats.common_max_images, sizes["r"], sizes["c"], sizes["f"])
         if self._output_dir:
             self._write_per_class(iou, acc, stats)
         return results
@@ -177,19 +180,3 @@ class LongTailSemSegEvaluator(SemSegEvaluator):
         plot_or_warn(plot_per_class_iou, records, path=os.path.join(self._output_dir, "per_class_iou.png"),
                      title=f"{self._dataset_name}: per-class IoU")
         return records
-
-
-def build_sem_seg_evaluator(cfg, dataset_name, output_dir=None, class_statistics=None):
-    """The evaluator with the config's group thresholds (``MODEL.EQLOSSES.SEM_SEG``) applied to the
-    statistics (given, else the training split's)."""
-    from .data.datasets import get_sem_seg_class_statistics, training_split_of
-
-    node = cfg.MODEL.EQLOSSES.SEM_SEG
-    if class_statistics is None:
-        class_statistics = get_sem_seg_class_statistics(training_split_of(dataset_name))
-    class_statistics = class_statistics.with_thresholds(node.RARE_MAX_IMAGES, node.COMMON_MAX_IMAGES)
-    return LongTailSemSegEvaluator(dataset_name, distributed=True, output_dir=output_dir,
-                                   class_statistics=class_statistics)
-
-
-__all__.append("build_sem_seg_evaluator")

@@ -107,9 +107,9 @@ def prepare_sem_seg_dataset(name: str, with_statistics: bool = True):
     if name not in DatasetCatalog.list():
         raise DatasetError(f"dataset '{name}' is not registered (known: see DatasetCatalog.list())")
     meta = MetadataCatalog.get(name)
-    if meta.get("evaluator_type") != EVALUATOR_TYPE or meta.get("stuff_classes") is None:
+    if meta.get("stuff_classes") is None:
         raise DatasetError(f"dataset '{name}' is not a semantic segmentation dataset (its metadata has no "
-                           f"stuff_classes or evaluator_type '{meta.get('evaluator_type')}', not '{EVALUATOR_TYPE}')")
+                           f"stuff_classes)")
     spec = meta.get("sem_seg_spec")
     if spec is not None:
         from .synthetic import ensure_synthetic_sem_seg
