@@ -205,7 +205,8 @@ class EQLReference:
             return self.neg
         return [r + n for r, n in zip(self.pos_neg, self.neg)]
 
-    def step(self, logits, targets):
+    def contributions(self, logits, targets):
+        """(value, gradient, pos, neg) of one batch with the present statistics, which stay as they are."""
         G = self.indicator_values()
         log_g = [math.log(max(g, self.eps)) for g in G]
 
@@ -215,14 +216,24 @@ class EQLReference:
         pixels = _valid_pixels(targets)
         factor = self.loss_weight / max(len(pixels), 1)
         value, grad = _reference(logits, targets, adjusted, pixel_weight=lambda p: factor)
+        pos, neg = [0.0] * C, [0.0] * C
         for n, i, j, y in pixels:
             for c in range(C):
                 g = abs(float(grad[n, c, i, j]))
                 if c == y:
-                    self.pos[c] += g
+                    pos[c] += g
                 else:
-                    self.neg[c] += g
+                    neg[c] += g
+        return value, grad, pos, neg
+
+    def add(self, pos, neg):
+        self.pos = [a + b for a, b in zip(self.pos, pos)]
+        self.neg = [a + b for a, b in zip(self.neg, neg)]
         self.pos_neg = [p / (n + 1e-10) for p, n in zip(self.pos, self.neg)]
+
+    def step(self, logits, targets):
+        value, grad, pos, neg = self.contributions(logits, targets)
+        self.add(pos, neg)
         return value, grad
 
 
@@ -266,10 +277,12 @@ class SeesawReference:
         self.p, self.q, self.eps, self.loss_weight = p, q, eps, loss_weight
         self.counts = list(counts) if counts is not None else [0.0] * C
 
-    def step(self, logits, targets):
-        pixels = _valid_pixels(targets)
-        for _, _, _, y in pixels:
+    def count(self, targets):
+        for _, _, _, y in _valid_pixels(targets):
             self.counts[y] += 1
+
+    def loss(self, logits, targets):
+        """(value, gradient) with the present counts."""
         N = [max(n, 1.0) for n in self.counts]
 
         def adjusted(z, y, pixel):
@@ -285,8 +298,12 @@ class SeesawReference:
                 out.append(z[j] + math.log(mitigation * compensation))
             return out
 
-        factor = self.loss_weight / max(len(pixels), 1)
+        factor = self.loss_weight / max(len(_valid_pixels(targets)), 1)
         return _reference(logits, targets, adjusted, pixel_weight=lambda p: factor)
+
+    def step(self, logits, targets):
+        self.count(targets)
+        return self.loss(logits, targets)
 
 
 # counts spread e^25: p = 3 puts (N_j / N_max)^p beyond e^60, where the CPU policy leaves the probability domain
