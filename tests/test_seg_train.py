@@ -81,8 +81,10 @@ def test_train_then_eval_only(tiny_seg, tmp_path, capsys):
     metrics = results["sem_seg"]
     for key in ("mIoU", "fwIoU", "mACC", "pACC"):
         assert 0.0 <= metrics[key] <= 100.0, key
-    printed = capsys.readouterr().out
-    assert "mIoU" in printed and tiny_seg["val"] in printed  # the table, after the evaluation
+    assert {"mIoU-r", "mIoU-c", "mIoU-f"} <= set(metrics)
+    printed = capsys.readouterr().out  # the table, after the evaluation
+    assert "| dataset | mIoU | mIoU-r | mIoU-c | mIoU-f | fwIoU | mACC | pACC |" in printed
+    assert f"| {tiny_seg['val']} | {metrics['mIoU']:.2f} |" in printed
     # the training masks' counts are in the checkpoint (the head's class statistics buffers)
     state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     pixels, images = _mask_counts(tiny_seg["train"])
@@ -107,6 +109,14 @@ def test_num_classes_mismatch_is_one_line(tiny_seg, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert "MODEL.SEM_SEG_HEAD.NUM_CLASSES=7 does not match dataset 'pytest_seg_tiny_train', which has 8 classes" in err
+
+
+def test_ignore_value_mismatch_is_one_line(tiny_seg, tmp_path, capsys):
+    argv = ["--config-file", CONFIG] + _opts(tiny_seg, tmp_path / "x") + ["MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "0"]
+    assert train_net.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "MODEL.SEM_SEG_HEAD.IGNORE_VALUE=0 does not match dataset 'pytest_seg_tiny_train', whose ignore label is 255" in err
 
 
 @pytest.mark.parametrize("loss", ["softmax_eql", "softmax"])
