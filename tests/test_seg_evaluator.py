@@ -15,6 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import SemSegEvaluator
 
 from eqlosses_d2 import compat
+from eqlosses_d2.data import DatasetError
 from eqlosses_d2.segmentation import SemSegClassStatistics
 from eqlosses_d2.segmentation.evaluator import (LongTailSemSegEvaluator, format_sem_seg_table, group_mean_iou,
                                                 per_class_iou_acc)
@@ -39,6 +40,12 @@ EXPECTED = {"mIoU": 37.5, "fwIoU": 45.0, "mACC": 52.5, "pACC": 60.0,
             "mIoU-r": 100 / 3, "mIoU-c": 50.0, "mIoU-f": 100 / 3}
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """The masks' statistics (computed when an evaluator is built) go to a temporary cache."""
+    monkeypatch.setenv("EQLOSSES_D2_CACHE", str(tmp_path / "cache"))
+
+
 def _register_toy(name, directory):
     records = [{"file_name": os.path.join(directory, f"image_{i}.png"),
                 "sem_seg_file_name": os.path.join(directory, f"gt_{i}.png"),
@@ -52,6 +59,7 @@ def toy(tmp_path_factory):
     directory = tmp_path_factory.mktemp("seg_eval")
     for i, gt in enumerate(GT):
         Image.fromarray(gt.astype(np.uint8), "L").save(directory / f"gt_{i}.png")
+        Image.fromarray(np.zeros(gt.shape + (3,), np.uint8), "RGB").save(directory / f"image_{i}.png")
     name = f"pytest_sem_seg_toy_{directory.name}"
     _register_toy(name, str(directory))
     yield name
@@ -146,7 +154,6 @@ def test_two_processes_gather_before_the_groups(toy, tmp_path):
 
 def test_statistics_from_the_training_split(toy, tmp_path, monkeypatch):
     """Without statistics the evaluator reads those of class_count_dataset, computed from its masks."""
-    monkeypatch.setenv("EQLOSSES_D2_CACHE", str(tmp_path / "cache"))
     mask = str(tmp_path / "train.png")
     Image.fromarray(np.array([[0, 1], [2, 255]], np.uint8), "L").save(mask)
     image = str(tmp_path / "train.jpg")
@@ -173,6 +180,28 @@ def test_wrong_statistics_are_one_line(toy):
     with pytest.raises(ValueError) as e:
         LongTailSemSegEvaluator(toy, distributed=False, class_statistics=three)
     assert str(e.value) == f"class_statistics have 3 classes but dataset '{toy}' has 5 (stuff_classes)"
+
+
+def test_bad_evaluation_masks_fail_when_the_evaluator_is_built(tmp_path, monkeypatch):
+    """A label that is no class (7 with 5 classes, not 255) or a missing mask: one line at construction."""
+    for i, gt in enumerate(GT):
+        Image.fromarray(np.where(gt == 3, 7, gt).astype(np.uint8), "L").save(tmp_path / f"gt_{i}.png")
+        Image.fromarray(np.zeros(gt.shape + (3,), np.uint8), "RGB").save(tmp_path / f"image_{i}.png")
+    name = f"pytest_sem_seg_bad_{tmp_path.name}"
+    _register_toy(name, str(tmp_path))
+    try:
+        with pytest.raises(DatasetError) as e:
+            LongTailSemSegEvaluator(name, distributed=False, class_statistics=TRAIN)
+        assert str(e.value) == (f"dataset '{name}': mask {tmp_path / 'gt_1.png'} has label 7 at 1 pixels, neither "
+                                f"a class (0..4) nor the ignore value 255")
+        os.remove(tmp_path / "gt_1.png")
+        MetadataCatalog.get(name).__dict__.pop("class_statistics", None)
+        with pytest.raises(DatasetError) as e:
+            LongTailSemSegEvaluator(name, distributed=False, class_statistics=TRAIN)
+        assert str(e.value) == f"dataset '{name}': mask {tmp_path / 'gt_1.png'} not found"
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def test_detectron2_sem_seg_evaluator_runs_with_the_compat_patch(toy):

@@ -17,7 +17,10 @@ none with ground-truth pixels in the evaluation set. ``fwIoU = Σ_c GT_c / Σ GT
 the mean of the defined ACC_c, ``pACC = Σ TP / Σ GT``. The training counts come from the
 statistics passed in (the model's), else from those of the dataset's ``class_count_dataset``
 (its training split, computed from the masks: :mod:`.data.statistics`); their thresholds are the
-statistics' ``rare_max_images`` / ``common_max_images``.
+statistics' ``rare_max_images`` / ``common_max_images``. The evaluation masks are checked when the
+evaluator is built (:func:`~eqlosses_d2.segmentation.data.prepare_sem_seg_dataset`: a missing image or
+mask, or a label neither a class nor the ignore value, is one :class:`~eqlosses_d2.data.DatasetError`
+line then, not an exception after the inference pass).
 
 Differences from Detectron2: v0.6's ``SemSegEvaluator`` divides the IoU sum by the classes with
 ground truth *or* predictions (a class predicted but absent from the evaluation set counts as 0);
@@ -120,7 +123,9 @@ class LongTailSemSegEvaluator(SemSegEvaluator):
     def __init__(self, dataset_name, distributed=True, output_dir=None, class_statistics=None):
         from .data.datasets import prepare_sem_seg_dataset
 
-        prepare_sem_seg_dataset(dataset_name, with_statistics=False)  # generate / check the directories
+        # generate what is embedded; check every image and mask now (a missing file or a label that is no
+        # class is one line here, not a failure after the inference pass); the masks' statistics are cached
+        prepare_sem_seg_dataset(dataset_name)
         super().__init__(dataset_name, distributed=distributed, output_dir=output_dir)
         if class_statistics is not None and class_statistics.num_classes != self._num_classes:
             raise ValueError(f"class_statistics have {class_statistics.num_classes} classes but dataset "
