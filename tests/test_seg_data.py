@@ -224,6 +224,8 @@ def test_tiny_set_records_and_long_tail(tiny):
     assert val.image_count == [8] + [3] * 7
     # images and masks agree: every pixel of a thing has its class's colour (up to the 8% brightness jitter)
     plan = synthetic.plan_synthetic_sem_seg(TINY_SEM_SEG_SPEC)
+    present = plan["splits"]["train"]["present"]
+    assert all(1 <= len(p) <= 4 for p in present) and sum(map(len, present)) == 58  # 20 + 14 + ... + 2
     for record in records[:6]:
         rgb = np.asarray(Image.open(record["file_name"])).astype(float)
         labels = np.asarray(Image.open(record["sem_seg_file_name"]))
@@ -255,7 +257,8 @@ def test_prepare_errors_are_one_line(tmp_path):
     assert "pytest_no_such_dataset' is not registered" in _one_line(e)
     with pytest.raises(DatasetError) as e:
         seg_data.prepare_sem_seg_dataset("coco_2017_val")  # registered, not semantic segmentation
-    assert _one_line(e) == "dataset 'coco_2017_val' is not a semantic segmentation dataset (its metadata has no stuff_classes)"
+    assert _one_line(e) == ("dataset 'coco_2017_val' is not a semantic segmentation dataset "
+                            "(its metadata has no stuff_classes)")
 
 
 # -- ADE20K through Detectron2's registration, on a constructed tree ------------------------------

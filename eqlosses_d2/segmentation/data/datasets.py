@@ -37,7 +37,8 @@ from .synthetic import (IGNORE_LABEL, QUICKSTART_SEM_SEG_SPEC, SPLITS, TINY_SEM_
                         class_names, dataset_dir_for, image_file, mask_file)
 
 __all__ = ["SYNTHETIC_SEM_SEG_DATASETS", "ADE20K_SEM_SEG_DATASETS", "register_synthetic_sem_seg",
-           "register_ade20k_sem_seg", "prepare_sem_seg_dataset", "get_sem_seg_class_statistics", "load_synthetic_sem_seg", "training_split_of"]
+           "register_ade20k_sem_seg", "prepare_sem_seg_dataset", "get_sem_seg_class_statistics",
+           "load_synthetic_sem_seg", "training_split_of"]
 
 EVALUATOR_TYPE = "sem_seg"
 

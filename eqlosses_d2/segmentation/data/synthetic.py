@@ -28,8 +28,9 @@ Thing class i (i = 0..K-1, class index i+1, K = C-1) is present in exactly
 ``n_i = round(n_max · ρ^(−i/(K−1)))`` training images ("exponential", CIFAR-LT's profile) or
 ``round(n_max · (i+1)^(−log ρ / log K))`` ("pareto"), ρ = ``imbalance_ratio`` = n_0 / n_{K−1},
 n_max = ``max_images_per_class`` (the formula of
-:func:`eqlosses_d2.classification.data.synthetic.train_counts`, called here); an image holds 1 to
-``max_objects_per_image`` thing classes (one instance each). The val split is balanced: every
+:func:`eqlosses_d2.classification.data.synthetic.train_counts`, called here); an image holds up to
+``max_objects_per_image`` thing classes (one instance each), at least one where the (image, class)
+pairs are at least the images (both presets). The val split is balanced: every
 thing class is in exactly ``val_images_per_class`` images.
 
 Layout: ``<data root>/synthetic_lt_sem_seg_<spec key>/{images,masks}/{train,val}/<id:06d>.png`` and
@@ -120,7 +121,8 @@ def _validate(spec):
             _fail(field, f"must be a number (got {value!r})")
     combos = len(SHAPES) * len(COLOURS)
     if not 2 <= spec.num_classes <= combos + 1:
-        _fail("num_classes", f"must be in [2, {combos + 1}] (the background and shape x colour things; got {spec.num_classes})")
+        _fail("num_classes", f"must be in [2, {combos + 1}] (the background and shape x colour things; "
+                             f"got {spec.num_classes})")
     if not 32 <= spec.image_size <= 2048:
         _fail("image_size", f"must be in [32, 2048] (got {spec.image_size})")
     if spec.seed < 0:
@@ -332,7 +334,8 @@ def ensure_synthetic_sem_seg(spec: SyntheticSemSegSpec = QUICKSTART_SEM_SEG_SPEC
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m eqlosses_d2.segmentation.data.synthetic",
                                      description="Generate the embedded long-tailed semantic segmentation set.")
-    parser.add_argument("--root", default=None, help="data root (default: $EQLOSSES_D2_DATA or ~/.cache/eqlosses_d2/datasets)")
+    parser.add_argument("--root", default=None,
+                        help="data root (default: $EQLOSSES_D2_DATA or ~/.cache/eqlosses_d2/datasets)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny set")
     args = parser.parse_args(argv)
     spec = TINY_SEM_SEG_SPEC if args.tiny else QUICKSTART_SEM_SEG_SPEC
