@@ -150,7 +150,8 @@ def test_rotated_ops_looked_up_in_torch_ops_fail_with_clear_message():
 
 # ----------------------------------------------------------------------------- applied only what is lacking
 
-_D2_SOURCE = "detectron2.data.transforms.transform", "detectron2.data.build", "detectron2.model_zoo.model_zoo"
+_D2_SOURCE = ("detectron2.data.transforms.transform", "detectron2.data.build", "detectron2.model_zoo.model_zoo",
+              "detectron2.evaluation.sem_seg_evaluation")
 V06_VENV = (  # the project venv: pb1-detectron2 0.6 without its extension, Pillow >= 10, numpy >= 1.24, setuptools >= 82
     not compat.has_detectron2_extension()
     and "Image.LINEAR" in compat._source(_D2_SOURCE[0])
@@ -164,14 +165,15 @@ _MAIN_SOURCE = {
     _D2_SOURCE[0]: "    def __init__(self, src_rect, output_size, interp=Image.BILINEAR, fill=0):\n",
     _D2_SOURCE[1]: "    histogram = np.zeros((num_classes,), dtype=int)\n",
     _D2_SOURCE[2]: "import pkg_resources\n",  # main still imports it
+    _D2_SOURCE[3]: "            pred = np.array(output, dtype=int)\n",
 }
 
 
 @pytest.mark.skipif(not V06_VENV, reason="the exact list of the project venv (pb1-detectron2 0.6, current libraries)")
 def test_applied_lists_what_this_install_lacks():
-    base = ("missing-extension", "pillow-linear", "numpy-int-histogram")
+    base = ("missing-extension", "pillow-linear", "numpy-int-histogram", "numpy-int-sem-seg")
     assert compat.apply_detectron2_patches() == base
-    assert compat.applied()[:3] == base and set(compat.applied()[3:]) <= {"pkg-resources"}
+    assert compat.applied()[:4] == base and set(compat.applied()[4:]) <= {"pkg-resources"}
     assert compat.needed_patches() == base + ("pkg-resources",)
     compat.import_detectron2_model_zoo()  # applies the pkg_resources shim, for that import only
     assert compat.applied() == base + ("pkg-resources",)
@@ -184,6 +186,7 @@ def test_applied_lists_what_this_install_lacks():
         ("extension", "missing-extension"),
         ("transforms", "pillow-linear"),
         ("histogram", "numpy-int-histogram"),
+        ("sem-seg", "numpy-int-sem-seg"),
         ("setuptools", "pkg-resources"),
         ("all", None),
     ],
@@ -195,12 +198,12 @@ def test_a_detectron2_that_has_the_feature_gets_no_patch_for_it(monkeypatch, pre
     (main built with its extension, current libraries, an old setuptools) nothing applies."""
     import detectron2
 
-    everything = ("missing-extension", "pillow-linear", "numpy-int-histogram", "pkg-resources")
+    everything = ("missing-extension", "pillow-linear", "numpy-int-histogram", "numpy-int-sem-seg", "pkg-resources")
     assert compat.needed_patches() == everything
     real_find_spec = importlib.util.find_spec
     if present in ("extension", "all"):
         monkeypatch.setattr(detectron2, "_C", type(sys)("detectron2._C"))  # what importing the built extension binds
-    for feature, module in (("transforms", _D2_SOURCE[0]), ("histogram", _D2_SOURCE[1])):
+    for feature, module in (("transforms", _D2_SOURCE[0]), ("histogram", _D2_SOURCE[1]), ("sem-seg", _D2_SOURCE[3])):
         if present in (feature, "all"):
             monkeypatch.setattr(compat, "_source", lambda name, m=module, previous=compat._source: (
                 _MAIN_SOURCE[name] if name == m else previous(name)))
