@@ -1,11 +1,34 @@
 """Softmax cross-entropy per pixel, the baseline (Detectron2's ``SemSegFPNHead`` loss):
-``L = mean over valid pixels of CE(z_p, y_p)``; no state. (A batch without a valid pixel: 0.)"""
-from torch.nn import functional as F
+``L = mean over valid pixels of CE(z_p, y_p)``, Detectron2's ``F.cross_entropy(logits, targets,
+ignore_index=255, reduction="mean")``; no state. (A batch without a valid pixel: 0 with a zero
+gradient, where Detectron2's CE gives NaN.)
 
+Computed by the fused chunked kernel the other pixel losses use (:func:`.kernels.pixel_softmax_ce`):
+the same value and gradient up to float32 rounding (relative differences around 1e-7), holding
+one logit-sized buffer (the gradient) instead of ``F.cross_entropy``'s three (its saved log-softmax,
+the NLL gradient and the input gradient): ``benchmarks/bench_seg_losses.py``."""
+import torch
+
+from ...losses.base import scaled_stashed_grad
 from ...registry import PIXEL_LOSS_REGISTRY, register
 from .base import PixelLoss
+from .kernels import PixelBatch, check_finite_loss, pixel_softmax_ce
 
 __all__ = ["PixelSoftmaxCE"]
+
+
+class _PixelCE(torch.autograd.Function):
+    """``Σ_p f_p CE(z_p, y_p)`` and its gradient ``f ⊙ (softmax(z) − onehot)``."""
+
+    @staticmethod
+    def forward(ctx, logits, batch, factor):
+        out = pixel_softmax_ce(logits, batch, factor)
+        ctx.grad = out["grad"]
+        return out["loss"].to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return scaled_stashed_grad(ctx, grad_loss, "softmax CE (pixels)"), None, None
 
 
 @register(PIXEL_LOSS_REGISTRY)
@@ -14,7 +37,9 @@ class PixelSoftmaxCE(PixelLoss):
 
     def forward(self, logits, targets):
         self._check(logits, targets)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, targets.long(), ignore_index=self.ignore_value, reduction="sum")
-        valid = (targets != self.ignore_value).sum()
-        return {"loss_sem_seg": loss / valid.clamp(min=1)}
+        logits = logits.float().contiguous()
+        batch = PixelBatch(logits, targets, self.ignore_value, self.name)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            loss = _PixelCE.apply(logits, batch, batch.per_valid_pixel())
+        check_finite_loss(loss, self.name)
+        return {"loss_sem_seg": loss}
