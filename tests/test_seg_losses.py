@@ -579,3 +579,32 @@ def test_chunks_cover_each_image(monkeypatch):
     monkeypatch.setattr(losses_base, "DEVICE_POLICY", "gpu")
     assert kernels.pixel_chunks(torch.empty(2, C, 3, 4)) == [(0, 0, 12), (1, 0, 12)]
     assert kernels.pixel_chunks(torch.empty(2, C, 3, 4), buffers=2) == [(0, 0, 6), (0, 6, 12), (1, 0, 6), (1, 6, 12)]
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_host_read_under_the_gpu_policy(name, monkeypatch):
+    """A training step (forward and backward, after a warm-up step that checks the class statistics
+    once) reads no tensor value on the host under the GPU policy: the counts of ``.item()``,
+    ``bool()``, ``float()``, ... on any tensor are zero."""
+    monkeypatch.setattr(losses_base, "DEVICE_POLICY", "gpu")
+    loss = _loss(name)
+    _run(loss, *_batch(95))
+    reads = []
+    for read in HOST_READS:
+        original = getattr(torch.Tensor, read)
+
+        def counted(self, *args, _read=read, _original=original, **kwargs):
+            reads.append(_read)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, read, counted)
+    logits, targets = _batch(96)
+    x = logits.clone().requires_grad_()
+    value = loss(x, targets)["loss_sem_seg"]
+    value.backward()
+    monkeypatch.undo()
+    assert reads == [], reads
+    assert x.grad is not None and torch.isfinite(value)
