@@ -8,8 +8,9 @@ weights. Their documented OHEM recipe (``docs/en/advanced_guides/training_tricks
 R-50 on Cityscapes with ``sampler=dict(type='OHEMPixelSampler', thresh=0.7, min_kept=100000)``)
 gives our defaults.
 
-Selection, once per batch over all its images (as theirs), on the softmax probability of the
-label p_y of each valid pixel (ignored pixels are never kept):
+Selection, once per batch over all its images (as theirs; under DDP each process selects in its
+own batch, as their sampler does per GPU: nothing is synchronised), on the softmax probability of
+the label p_y of each valid pixel (ignored pixels are never kept):
 
     k = min(min_kept · N, V − 1)          (N images in the batch, V valid pixels in it)
     t = max(p_(k), thresh)                (p_(k): the k-th smallest p_y, counting from 0)

@@ -130,8 +130,8 @@ class PixelSoftmaxEQL(PixelLoss):
         shift = (self.tau * self.accumulated_grad().clamp(min=self.eps).log()).float().to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss, pos, neg = _SoftmaxEQLPixels.apply(logits, batch, shift, batch.per_valid_pixel(self.loss_weight))
+        finite = check_finite_loss(loss, self.name)
         if self.training:  # every process, every step (a collective), after the loss that used the old G
-            finite = check_finite_loss(loss, self.name)
             with torch.no_grad():
                 pos, neg = sync_state(pos, neg, finite=finite, dtype=torch.float64)
                 self.pos_grad += pos.to(self.pos_grad.device)
