@@ -11,15 +11,20 @@ softmax over the classes is a reduction over the outer dimension, vectorised acr
 The chunks come from :func:`eqlosses_d2.losses.fused.row_ranges` (its CPU policy: cache-sized
 chunks, every pass after the first reads from cache; its GPU policy: at most
 ``GPU_CHUNK_ELEMENTS`` entries per chunk, e.g. one chunk per 512 x 512 image at 150 classes), and
-nowhere else. Nothing (N, C, H, W)-sized is allocated but the gradient; the per-pixel vectors
-(loss, label probability: N·P entries, 1/C of the logits) are the only other buffers.
+nowhere else. Nothing (N, C, H, W)-sized is allocated but the gradient; the other buffers are
+per-pixel vectors (labels, factors, losses, label probabilities: N·P entries each, 1/C of the
+logits) and a method's chunk-sized temporaries (Seesaw's one).
 
 Per chunk, with x̃ = the method's adjusted logits written into the gradient's chunk, f the
 per-pixel factor (0 for an ignored pixel, e.g. 1 / valid pixels otherwise) and w optional
 per-class factors (IIF's weights, which multiply the logits too):
 
-    lse = max x̃ + log Σ_j exp(x̃_j − max x̃),   loss_pixel = lse − x̃_y   (exact, no log of a probability),
-    grad = f · w ⊙ (softmax(x̃) − onehot(y)).
+    lse = max x̃ + log Σ_j exp(x̃_j − max x̃),   loss_pixel = lse − x̃_y,
+    grad = f · w ⊙ (softmax(x̃) − onehot(y)),
+
+the loss from the log-sum-exp and the label's logit (no log of a probability, so exact where the
+label's probability underflows), the exponentials as ``exp2`` (:func:`exp_shifted`), the per-pixel
+losses summed in float64.
 
 An ignored pixel's label is read as class 0 (its factor is 0: it adds nothing to the loss, the
 gradient or the statistics). Under the GPU policy (:func:`eqlosses_d2.losses.base.gpu_policy`)
@@ -37,8 +42,8 @@ __all__ = ["LOG2E", "PixelBatch", "exp_shifted", "pixel_chunks", "pixel_softmax_
 
 class PixelBatch:
     """The labels of a batch in the kernels' layout: ``labels`` (N, P) int64 with ignored pixels
-    read as 0, ``valid`` (N, P) bool, ``num_valid`` (0-dim int64 tensor, on the logits' device),
-    and the (N, C, P) view of the logits. On the CPU policy the labels' range is checked (one
+    read as 0, ``valid`` (N, P) bool and ``num_valid`` (0-dim int64 tensor, on the logits'
+    device). On the CPU policy the labels' range is checked (one
     clear line naming the bad value); under the GPU policy it is not (no host read), and an out of
     range label fails in the gather, as in Detectron2's cross-entropy."""
 
