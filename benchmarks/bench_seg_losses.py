@@ -91,28 +91,35 @@ def step(name, loss, logits, targets):
     return x
 
 
-def measure_memory(name, shape):
-    """In this (fresh) process: peak resident memory of one forward+backward above what was resident
-    before it, in bytes."""
+def measure_memory(names_, shape):
+    """In this (fresh) process: for each name in turn, the peak resident memory of its first
+    forward+backward above what was resident before it, in bytes ({name: bytes}). The logits-sized
+    blocks are mapped and unmapped by glibc's default allocator (above its mmap threshold), so one
+    loss's freed buffers do not hide the next one's."""
     logits, targets, stats = make_batch(shape)
-    loss = None if name == PLAIN else build(name, shape[1], stats)
-    x = logits.clone().requires_grad_()
-    before = status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
-        f.write("5")
-    if name == PLAIN:
-        F.cross_entropy(x, targets, ignore_index=IGNORE).backward()
-    else:
-        loss(x, targets)["loss_sem_seg"].backward()
-    return (status_kb("VmHWM") - before) * 1024
+    out = {}
+    for name in names_:
+        loss = None if name == PLAIN else build(name, shape[1], stats)
+        x = logits.clone().requires_grad_()
+        before = status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+            f.write("5")
+        if name == PLAIN:
+            F.cross_entropy(x, targets, ignore_index=IGNORE).backward()
+        else:
+            loss(x, targets)["loss_sem_seg"].backward()
+        out[name] = (status_kb("VmHWM") - before) * 1024
+        del x, loss
+    return out
 
 
-def memory_in_subprocess(name, shape):
-    env = {k: v for k, v in os.environ.items() if k not in REUSE_MEMORY}  # glibc's defaults
-    command = [sys.executable, os.path.abspath(__file__), "--measure-memory", name,
+def memory_in_subprocess(names_, shape):
+    """:func:`measure_memory` in a fresh process with glibc's default allocator."""
+    env = {k: v for k, v in os.environ.items() if k not in REUSE_MEMORY}
+    command = [sys.executable, os.path.abspath(__file__), "--measure-memory", ",".join(names_),
                "--memory-shape", ",".join(map(str, shape))]
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["bytes"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _shape(text):
@@ -132,7 +139,7 @@ def main():
     parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
     args = parser.parse_args()
     if args.measure_memory:
-        print(json.dumps({"bytes": measure_memory(args.measure_memory, _shape(args.memory_shape))}))
+        print(json.dumps(measure_memory(args.measure_memory.split(","), _shape(args.memory_shape))))
         return
     shape = _shape(args.shape)
     logits, targets, stats = make_batch(shape)
@@ -153,8 +160,8 @@ def main():
     if args.memory_shape != "none":
         memory_shape = _shape(args.memory_shape)
         copy_bytes = 4 * memory_shape[0] * memory_shape[1] * memory_shape[2] * memory_shape[3]
-        for name in [PLAIN] + losses:
-            extra = memory_in_subprocess(name, memory_shape)
+        for name in [PLAIN] + losses:  # one process each: every row measures a first call
+            extra = memory_in_subprocess([name], memory_shape)[name]
             memory[name] = (extra / 2 ** 20, extra / copy_bytes)
 
     n, c, h, w = shape

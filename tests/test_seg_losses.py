@@ -608,3 +608,32 @@ def test_no_host_read_under_the_gpu_policy(name, monkeypatch):
     monkeypatch.undo()
     assert reads == [], reads
     assert x.grad is not None and torch.isfinite(value)
+
+
+def _peak_extra_memory(names_, shape):
+    """{name: peak resident bytes of one forward+backward above the inputs}, in a fresh process with
+    glibc's default allocator (benchmarks/bench_seg_losses.py --measure-memory)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_seg_losses.py"), "--measure-memory",
+                          ",".join(names_), "--memory-shape", ",".join(map(str, shape))],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_one_logit_sized_buffer_per_loss():
+    """The fused losses hold the gradient and chunk-sized buffers only: their peak extra memory is
+    about one copy of the logits (F.cross_entropy: three: its log-softmax, the NLL gradient, the
+    input gradient), measured as the resident-set peak of a first call in a fresh process."""
+    shape = (4, 150, 128, 128)
+    copy = 4 * 4 * 150 * 128 * 128
+    extra = _peak_extra_memory(["seesaw", "softmax_eql", "ohem", "F.cross_entropy"], shape)
+    assert extra["F.cross_entropy"] > 2.5 * copy  # the measurement sees the copies
+    for name in ("seesaw", "softmax_eql", "ohem"):
+        assert extra[name] < 1.4 * copy, (name, extra[name] / copy)
