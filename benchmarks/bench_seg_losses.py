@@ -151,8 +151,10 @@ def main():
     table = []
     for name in losses:
         loss = build(name, shape[1], stats)
-        samples = interleaved_samples([("ce", plain), (name, lambda loss=loss, name=name: step(name, loss, logits, targets))],
-                                      args.repeats)
+        def run(loss=loss, name=name):
+            step(name, loss, logits, targets)
+
+        samples = interleaved_samples([("ce", plain), (name, run)], args.repeats)
         ce, ms = (statistics.median(samples[k]) * 1000 for k in ("ce", name))
         table.append((name, ms, ce))
 

@@ -253,7 +253,8 @@ class EQLReference:
         return value, grad
 
 
-@pytest.mark.parametrize("indicator, tau, loss_weight", [("pos", 1.0, 1.0), ("neg", 0.5, 2.0), ("pos_and_neg", 1.0, 1.0)])
+@pytest.mark.parametrize("indicator, tau, loss_weight",
+                         [("pos", 1.0, 1.0), ("neg", 0.5, 2.0), ("pos_and_neg", 1.0, 1.0)])
 def test_softmax_eql_three_steps(regime, indicator, tau, loss_weight):
     loss = _loss("softmax_eql", tau=tau, indicator=indicator, loss_weight=loss_weight)
     reference = EQLReference(tau=tau, indicator=indicator, loss_weight=loss_weight)
@@ -262,7 +263,8 @@ def test_softmax_eql_three_steps(regime, indicator, tau, loss_weight):
         value, grad = _run(loss, logits, targets)
         ref_value, ref_grad = reference.step(logits, targets)
         _assert_close(value, grad, ref_value, ref_grad)
-        for name, expected in (("pos_grad", reference.pos), ("neg_grad", reference.neg), ("pos_neg", reference.pos_neg)):
+        expected_state = {"pos_grad": reference.pos, "neg_grad": reference.neg, "pos_neg": reference.pos_neg}
+        for name, expected in expected_state.items():
             torch.testing.assert_close(getattr(loss, name), torch.tensor(expected, dtype=torch.float64),
                                        rtol=1e-5, atol=1e-9, msg=name)
     assert loss.pos_grad.dtype == torch.float64 and float(loss.pos_grad[3]) > 0  # the tail class was seen
@@ -500,7 +502,8 @@ def test_every_registered_loss_builds_from_its_config_node():
     for name in names(PIXEL_LOSS_REGISTRY):
         loss = build_pixel_loss(_sem_seg_node(name), C, class_stats=stats, ignore_value=254)
         assert loss.name == name and loss.num_classes == C and loss.ignore_value == 254
-    built = build_pixel_loss(_sem_seg_node("softmax_eql", **{"SOFTMAX_EQL.TAU": 0.5, "SOFTMAX_EQL.INDICATOR": "neg"}), C)
+    node = _sem_seg_node("softmax_eql", **{"SOFTMAX_EQL.TAU": 0.5, "SOFTMAX_EQL.INDICATOR": "neg"})
+    built = build_pixel_loss(node, C)
     assert (built.tau, built.indicator, built.eps) == (0.5, "neg", 1e-4)
     built = build_pixel_loss(_sem_seg_node("ohem", **{"OHEM.MIN_KEPT": 7, "OHEM.NORMALIZER": "all"}), C)
     assert (built.thresh, built.min_kept, built.normalizer) == (0.7, 7, "all")
@@ -508,7 +511,8 @@ def test_every_registered_loss_builds_from_its_config_node():
     assert (built.p, built.q, built.eps, built.loss_weight) == (0.8, 2.0, 0.01, 1.0)
     built = build_pixel_loss(_sem_seg_node("iif", **{"IIF.COUNT": "pixel"}), C, class_stats=stats)
     assert (built.variant, built.count) == ("smooth", "pixel")
-    built = build_pixel_loss(_sem_seg_node("balanced_softmax", **{"BALANCED_SOFTMAX.PRIOR": "image"}), C, class_stats=stats)
+    node = _sem_seg_node("balanced_softmax", **{"BALANCED_SOFTMAX.PRIOR": "image"})
+    built = build_pixel_loss(node, C, class_stats=stats)
     assert (built.tau, built.prior) == (1.0, "image")
 
 
@@ -547,7 +551,8 @@ def test_bad_inputs_are_one_line(name):
     logits, targets = _batch(90)
     bad = targets.clone()
     bad[0, 1, 1] = C
-    with pytest.raises(ValueError, match=rf"pixel loss '{name}': label {C} is neither in \[0, {C}\) nor the ignore value"):
+    message = rf"pixel loss '{name}': label {C} is neither in \[0, {C}\) nor the ignore value"
+    with pytest.raises(ValueError, match=message):
         _loss(name)(logits, bad)
     with pytest.raises(ValueError, match=rf"pixel loss '{name}' expects logits of shape \(N, {C}, H, W\)"):
         _loss(name)(logits[:, :3], targets)

@@ -37,7 +37,8 @@ import torch
 from ...losses import fused
 from ...losses.base import gpu_policy
 
-__all__ = ["LOG2E", "PixelBatch", "exp_shifted", "pixel_chunks", "pixel_softmax_ce", "require_counts", "check_finite_loss"]
+__all__ = ["LOG2E", "PixelBatch", "check_finite_loss", "exp_shifted", "pixel_chunks", "pixel_softmax_ce",
+           "require_counts"]
 
 
 class PixelBatch:
@@ -57,7 +58,8 @@ class PixelBatch:
                 value = int(targets[bad][0])
                 raise ValueError(f"pixel loss '{who}': label {value} is neither in [0, {num_classes}) nor the "
                                  f"ignore value {ignore_value} (MODEL.SEM_SEG_HEAD.NUM_CLASSES / IGNORE_VALUE)")
-        self.labels = torch.where(self.valid, targets, torch.zeros((), dtype=targets.dtype, device=targets.device)).long()
+        zero = torch.zeros((), dtype=targets.dtype, device=targets.device)
+        self.labels = torch.where(self.valid, targets, zero).long()
         self.num_valid = self.valid.sum()
         self.num_images, self.num_classes = num_images, num_classes
         self.num_pixels = self.labels.shape[1]
