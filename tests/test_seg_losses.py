@@ -350,6 +350,29 @@ def test_seesaw_three_steps(regime, p, q, counts):
         assert torch.equal(loss.cumulative_count, torch.tensor(reference.counts, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("policy", ["auto", "gpu"])
+def test_seesaw_domain_choice(policy, monkeypatch):
+    """Which of the two equivalent forms runs (both checked against the reference above): the
+    probability domain for q in {0, 1, 2} with count factors within e^-60 (CPU: read from the counts;
+    GPU policy: p <= 1.63, no host read), the logit domain otherwise."""
+    from eqlosses_d2.segmentation.losses.seesaw import _probability_domain_factors
+
+    monkeypatch.setattr(losses_base, "DEVICE_POLICY", policy)
+    logits = torch.zeros(1, C, 1, 1)
+    spread = torch.tensor(SPREAD_COUNTS, dtype=torch.float64).clamp(min=1).log()  # log-count spread 25
+    small = torch.tensor([1000.0, 10.0, 10.0, 1.0, 1.0], dtype=torch.float64).log()
+    assert _probability_domain_factors(logits, small, 0.8, 2.0)[0]
+    assert _probability_domain_factors(logits, spread, 0.8, 1.0)[0]  # 0.8 x 25 = 20 <= 60
+    assert not _probability_domain_factors(logits, small, 0.8, 1.5)[0]
+    assert _probability_domain_factors(logits, spread, 0.0, 0.0) == (True, None)
+    assert not _probability_domain_factors(logits, spread, 3.0, 2.0)[0]  # 3 x 25 = 75 > 60
+    # p = 2: within range for these counts; the GPU policy cannot tell without reading them
+    assert _probability_domain_factors(logits, small, 2.0, 2.0)[0] == (policy == "auto")
+    applies, factor = _probability_domain_factors(logits, small, 0.8, 2.0)
+    torch.testing.assert_close(factor.double(), torch.tensor([1000.0, 10.0, 10.0, 1.0, 1.0]).div(1000.0).pow(0.8)
+                               .double(), rtol=1e-6, atol=0)
+
+
 def test_seesaw_counts_are_the_valid_pixels_of_each_class():
     loss = _loss("seesaw")
     expected = torch.zeros(C, dtype=torch.float64)

@@ -32,13 +32,14 @@ adjusted chunk is built in the gradient's buffer, plus one chunk-sized temporary
 loss and its gradient ``loss_weight · (softmax(z̃) − onehot) / V`` (S is a constant of the loss, as
 their ``detach``), and holds only the gradient. Two equivalent forms:
 
-- probability domain (CPU policy, q ∈ {0, 1, 2}, count ratios within e^60 after the power p):
-  ``softmax(z̃) ∝ e ⊙ max(e, D)^q ⊙ min(m_j, m_y)`` with e = exp(z − max z), D = max(e_y, eps Σ e),
-  m = (N / N_max)^p: one exponential per entry, as plain CE;
-- logit domain (every other case, and the GPU policy, which cannot read the counts' spread without
-  a host synchronization): with lse the log-sum-exp of z and L = log N, ``log C_yj = q · max(z_j −
-  c, 0)``, ``c = max(z_y, lse + log eps)`` (= lse + max(log σ_y, log eps)), and ``log M_yj = p ·
-  min(L_j, L_y) − p · L_y`` (the last term a row constant, left out); two exponentials per entry.
+- probability domain (q ∈ {0, 1, 2} and count ratios within e^60 after the power p: read from the
+  counts on the CPU policy; under the GPU policy, which reads nothing on the host, p ≤ 1.63, which
+  keeps every float64-exact count ratio within it): ``softmax(z̃) ∝ e ⊙ max(e, D)^q ⊙ min(m_j,
+  m_y)`` with e = exp(z − max z), D = max(e_y, eps Σ e), m = (N / N_max)^p: one exponential per
+  entry, as plain CE;
+- logit domain (every other case): with lse the log-sum-exp of z and L = log N, ``log C_yj = q ·
+  max(z_j − c, 0)``, ``c = max(z_y, lse + log eps)`` (= lse + max(log σ_y, log eps)), and ``log M_yj
+  = p · min(L_j, L_y) − p · L_y`` (the last term a row constant, left out); two exponentials per entry.
 """
 import math
 
@@ -77,18 +78,28 @@ class _SeesawPixels(torch.autograd.Function):
 #: the probability domain keeps every count factor ``(N_j / N_max)^p`` above e^-60 (float32's normal range
 #: ends near e^-87)
 _MAX_LOG_COUNT_SPREAD = 60.0
+#: log(2^53): float64 counts above 2^53 (9e15 pixels of one class) are no longer exact integers; below it,
+#: with counts clamped at 1, no log-count spread exceeds this
+_MAX_EXACT_LOG_COUNT = 53 * math.log(2.0)
 
 
 def _probability_domain_factors(logits, log_count, p, q):
-    """``(applies, m)``: whether the probability domain applies (CPU policy, where reading the counts'
-    spread costs no device synchronization; q in {0, 1, 2}, whose powers are products, a general power
-    being an exp/log pass; p · (max L − min L) ≤ 60) and its float32 ``m = (N / N_max)^p`` (None when
-    p = 0). The logit domain (exact for every p, q, spread) serves every other case."""
-    if gpu_policy(logits.device) or q not in (0.0, 1.0, 2.0):
+    """``(applies, m)``: whether the probability domain applies and its float32 ``m = (N / N_max)^p``
+    (None when p = 0). It needs q in {0, 1, 2} (powers as products; a general power would be an
+    exp/log pass) and count factors within e^-60: on the CPU policy read from the counts (no device
+    to wait for); under the GPU policy, without a host read, whenever p · log(2^53) ≤ 60 (p ≤ 1.63,
+    the authors' 0.8 included), the spread of counts below 2^53 (m is clamped at e^-60 as a guard,
+    which no such count reaches). The logit domain (exact for every p, q, spread) serves every other
+    case."""
+    if q not in (0.0, 1.0, 2.0):
         return False, None
     if p == 0:
         return True, None
     log_factor = (log_count - log_count.max()).mul_(p)  # ≤ 0, float64
+    if gpu_policy(logits.device):
+        if p * _MAX_EXACT_LOG_COUNT > _MAX_LOG_COUNT_SPREAD:
+            return False, None
+        return True, log_factor.clamp_(min=-_MAX_LOG_COUNT_SPREAD).exp_().float()
     if not bool(log_factor.min() > -_MAX_LOG_COUNT_SPREAD):
         return False, None
     return True, log_factor.exp_().float()
