@@ -6,7 +6,10 @@ the CPU and the GPU device policy (forced on the CPU), with an output gradient o
 all-ignored batch gives 0 and a zero gradient; Softmax-EQL's gradient statistics and Seesaw's
 pixel counts after three steps equal the hand-computed sums, resume exactly from a state dict and
 stay unchanged in eval mode; OHEM's three regimes (threshold, min_kept, the all-kept quirk) and its
-three normalisers; every config node builds through build_pixel_loss; bad values give one line.
+three normalisers; Seesaw's two equivalent forms and which one runs; softmax against float64
+F.cross_entropy at 150 classes; no host read under the GPU policy; about one logit-sized buffer of
+peak memory (F.cross_entropy: three); every config node builds through build_pixel_loss; bad values
+give one line.
 """
 import math
 
