@@ -3,9 +3,11 @@ Softmax-EQL per pixel (Tan et al., "The Equalization Losses: Gradient-Driven Tra
 Long-tailed Object Recognition", arXiv 2210.05566): the classification form
 (:mod:`eqlosses_d2.classification.losses.softmax_eql`, after ModelTC/United-Perception's
 ``SoftmaxEQLLoss``, ``up/tasks/cls/models/losses/cls_loss.py``) with every valid pixel a sample.
-The authors have no segmentation variant that we found: United-Perception's segmentation losses
-(``up/tasks/seg/models/losses/seg_loss.py``) are CE and OHEM only, and the paper's experiments are
-detection and classification; so this is their classification loss applied per pixel.
+The paper reports long-tailed semantic segmentation on ADE20K too, but the authors' released code
+has no segmentation form that we found: United-Perception's segmentation losses
+(``up/tasks/seg/models/losses/seg_loss.py``, every stored version) are CE and OHEM only, and we
+could not read the paper's segmentation section; so this is their classification loss applied per
+pixel, with the pixel as the sample (how their segmentation runs counted pixels is not known to us).
 
 With G the indicator's accumulated gradient statistics, a valid pixel of label y is trained on
 
