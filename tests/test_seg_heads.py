@@ -62,12 +62,14 @@ def _cfg(head="LongTailSemSegFPNHead", **opts):
 
 FPN_SHAPES = {f"p{level}": ShapeSpec(channels=8, stride=2**level) for level in (2, 3, 4, 5)}
 DEEPLAB_SHAPES = {"res2": ShapeSpec(channels=8, stride=4), "res5": ShapeSpec(channels=16, stride=16)}
+BOTH_HEADS = [("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)]
 
 
 def _features(shapes, height=64, width=96, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
-        name: torch.randn(batch, s.channels, height // s.stride, width // s.stride, generator=g) for name, s in shapes.items()
+        name: torch.randn(batch, s.channels, height // s.stride, width // s.stride, generator=g)
+        for name, s in shapes.items()
     }
 
 
@@ -89,7 +91,7 @@ def _head(name, shapes, **opts):
     return build_sem_seg_head(cfg, shapes)
 
 
-@pytest.mark.parametrize("name, shapes", [("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)])
+@pytest.mark.parametrize("name, shapes", BOTH_HEADS)
 def test_training_loss_is_weighted_softmax_ce_on_upsampled_logits(name, shapes):
     head = _head(name, shapes)
     assert type(head).__name__ == name
@@ -131,7 +133,7 @@ def test_every_registered_pixel_loss_is_the_heads_loss(loss):
         assert torch.allclose(head(features)[0], head.loss.predict(logits.detach()), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, shapes", [("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)])
+@pytest.mark.parametrize("name, shapes", BOTH_HEADS)
 def test_loss_by_hand_with_constant_logits_and_ignored_pixels(name, shapes):
     """Predictor weights 0 and bias b: every pixel's logits are b (bilinear upsampling keeps a
     constant), so a pixel of class y costs logsumexp(b) - b_y; the loss is 0.5 x their mean over the
@@ -159,7 +161,7 @@ def test_loss_by_hand_with_constant_logits_and_ignored_pixels(name, shapes):
     assert all(p.grad is None or not p.grad.any() for p in head.parameters())
 
 
-@pytest.mark.parametrize("name, shapes", [("LongTailSemSegFPNHead", FPN_SHAPES), ("LongTailDeepLabV3PlusHead", DEEPLAB_SHAPES)])
+@pytest.mark.parametrize("name, shapes", BOTH_HEADS)
 def test_inference_returns_the_loss_scores_at_input_resolution(name, shapes):
     head = _head(name, shapes).eval()
     features = _features(shapes)
@@ -202,7 +204,8 @@ def test_full_model_builds_from_config_and_predicts_the_image_size(name):
     model = build_model(cfg)
     assert type(model.sem_seg_head).__name__ == name
     images = [torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8).float(), torch.rand(3, 64, 64) * 255]
-    batch = [{"image": images[0], "sem_seg": _targets(64, 96, 1)[0]}, {"image": images[1], "sem_seg": _targets(64, 64, 1)[0]}]
+    batch = [{"image": images[0], "sem_seg": _targets(64, 96, 1)[0]},
+             {"image": images[1], "sem_seg": _targets(64, 64, 1)[0]}]
     model.train()
     losses = model(batch)
     assert set(losses) == {"loss_sem_seg"} and torch.isfinite(losses["loss_sem_seg"])
@@ -256,7 +259,8 @@ def test_deeplab_head_equals_detectron2_deeplab_project_head():
     with torch.no_grad():
         assert torch.allclose(ours(features)[0], theirs(features)[0], rtol=1e-5, atol=1e-6)
     ours.train(), theirs.train()
-    assert torch.allclose(ours(features, targets)[1]["loss_sem_seg"], theirs(features, targets)[1]["loss_sem_seg"], rtol=1e-6)
+    ours_loss, theirs_loss = ours(features, targets)[1]["loss_sem_seg"], theirs(features, targets)[1]["loss_sem_seg"]
+    assert torch.allclose(ours_loss, theirs_loss, rtol=1e-6)
 
 
 def _check(**opts):
@@ -272,7 +276,8 @@ def test_config_checks_are_one_line():
     validate_config(_cfg())
     validate_config(_cfg("LongTailDeepLabV3PlusHead"))
     message = _check(**{"MODEL.EQLOSSES.SEM_SEG.LOSS": "nope"})
-    assert message.startswith("MODEL.EQLOSSES.SEM_SEG.LOSS: unknown pixel loss 'nope' (known: ") and "softmax" in message
+    assert message.startswith("MODEL.EQLOSSES.SEM_SEG.LOSS: unknown pixel loss 'nope' (known: ")
+    assert "softmax" in message
     message = _check(**{"MODEL.SEM_SEG_HEAD.NAME": "NoSuchHead"})
     assert "unknown 'NoSuchHead'" in message and "LongTailDeepLabV3PlusHead" in message
     assert "PROJECT_CHANNELS has 2 values" in _check(head="LongTailDeepLabV3PlusHead", **{
@@ -282,9 +287,11 @@ def test_config_checks_are_one_line():
     assert "needs a head of eqlosses_d2" in _check(**{"MODEL.SEM_SEG_HEAD.NAME": "SemSegFPNHead",
                                                       "MODEL.EQLOSSES.SEM_SEG.LOSS": "softmax_eql"})
     validate_config(_cfg(**{"MODEL.SEM_SEG_HEAD.NAME": "SemSegFPNHead"}))  # Detectron2's head, its own CE
-    assert "CROP_SINGLE_CATEGORY_MAX_AREA must be in (0, 1]" in _check(**{"INPUT.EQLOSSES.SEM_SEG.CROP_SINGLE_CATEGORY_MAX_AREA": 0.0})
+    assert "CROP_SINGLE_CATEGORY_MAX_AREA must be in (0, 1]" in _check(**{
+        "INPUT.EQLOSSES.SEM_SEG.CROP_SINGLE_CATEGORY_MAX_AREA": 0.0})
     assert "NUM_CLASSES must be >= 1" in _check(**{"MODEL.SEM_SEG_HEAD.NUM_CLASSES": 0})
-    assert "POLY_LR_POWER must be > 0" in _check(**{"SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR", "SOLVER.EQLOSSES.POLY_LR_POWER": 0.0})
+    assert "POLY_LR_POWER must be > 0" in _check(**{
+        "SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR", "SOLVER.EQLOSSES.POLY_LR_POWER": 0.0})
 
 
 def test_poly_lr_schedule_by_hand():

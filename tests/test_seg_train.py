@@ -117,7 +117,8 @@ def test_ignore_value_mismatch_is_one_line(tiny_seg, tmp_path, capsys):
     assert train_net.cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
-    assert "MODEL.SEM_SEG_HEAD.IGNORE_VALUE=0 does not match dataset 'pytest_seg_tiny_train', whose ignore label is 255" in err
+    assert "MODEL.SEM_SEG_HEAD.IGNORE_VALUE=0 does not match dataset 'pytest_seg_tiny_train', " \
+           "whose ignore label is 255" in err
 
 
 @pytest.mark.parametrize("loss", ["softmax_eql", "softmax"])

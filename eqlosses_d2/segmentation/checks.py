@@ -22,7 +22,8 @@ def validate_sem_seg(cfg):
             raise ConfigError(f"SOLVER.EQLOSSES.POLY_LR_POWER must be > 0, got {solver.POLY_LR_POWER}")
         if not 0 <= solver.POLY_LR_END <= cfg.SOLVER.BASE_LR:
             raise ConfigError(
-                f"SOLVER.EQLOSSES.POLY_LR_END must be in [0, SOLVER.BASE_LR {cfg.SOLVER.BASE_LR}], got {solver.POLY_LR_END}"
+                f"SOLVER.EQLOSSES.POLY_LR_END must be in [0, SOLVER.BASE_LR {cfg.SOLVER.BASE_LR}], "
+                f"got {solver.POLY_LR_END}"
             )
     if not is_semantic_segmentation(cfg):
         return
@@ -50,14 +51,19 @@ def validate_sem_seg(cfg):
     if head.NAME == "LongTailDeepLabV3PlusHead":
         deeplab = node.DEEPLAB
         if len(deeplab.ASPP_DILATIONS) != 3:
-            raise ConfigError(f"MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_DILATIONS needs 3 rates, got {list(deeplab.ASPP_DILATIONS)}")
+            raise ConfigError(
+                f"MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_DILATIONS needs 3 rates, got {list(deeplab.ASPP_DILATIONS)}"
+            )
         if len(deeplab.PROJECT_CHANNELS) != len(head.IN_FEATURES) - 1:
             raise ConfigError(
                 f"MODEL.EQLOSSES.SEM_SEG.DEEPLAB.PROJECT_CHANNELS has {len(deeplab.PROJECT_CHANNELS)} values for the "
-                f"{len(head.IN_FEATURES) - 1} low-level features of MODEL.SEM_SEG_HEAD.IN_FEATURES {list(head.IN_FEATURES)}"
+                f"{len(head.IN_FEATURES) - 1} low-level features of MODEL.SEM_SEG_HEAD.IN_FEATURES "
+                f"{list(head.IN_FEATURES)}"
             )
         if not 0 <= deeplab.ASPP_DROPOUT < 1:
-            raise ConfigError(f"MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_DROPOUT must be in [0, 1), got {deeplab.ASPP_DROPOUT}")
+            raise ConfigError(
+                f"MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_DROPOUT must be in [0, 1), got {deeplab.ASPP_DROPOUT}"
+            )
     area = cfg.INPUT.EQLOSSES.SEM_SEG.CROP_SINGLE_CATEGORY_MAX_AREA
     if not 0 < area <= 1:
         raise ConfigError(f"INPUT.EQLOSSES.SEM_SEG.CROP_SINGLE_CATEGORY_MAX_AREA must be in (0, 1], got {area}")

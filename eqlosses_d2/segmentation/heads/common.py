@@ -19,7 +19,9 @@ class LongTailPixelLossMixin:
     def pixel_loss_from_config(cfg, num_classes: int, ignore_value: int):
         """The ``loss`` and ``class_stats`` arguments of the head, from ``cfg``."""
         class_stats = SemSegClassStatsBuffers(num_classes)
-        loss = build_pixel_loss(cfg.MODEL.EQLOSSES.SEM_SEG, num_classes, class_stats=class_stats, ignore_value=ignore_value)
+        loss = build_pixel_loss(
+            cfg.MODEL.EQLOSSES.SEM_SEG, num_classes, class_stats=class_stats, ignore_value=ignore_value
+        )
         return {"loss": loss, "class_stats": class_stats}
 
     def _init_pixel_loss(self, loss, class_stats):

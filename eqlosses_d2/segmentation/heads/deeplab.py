@@ -127,9 +127,8 @@ class LongTailDeepLabV3PlusHead(LongTailPixelLossMixin, nn.Module):
             )
             weight_init.c2_xavier_fill(projection)
             self.projections.append(projection)
-            self.fusions.append(
-                self._fusion(project_channels[index] + coarser_channels, decoder_channels, norm, use_depthwise_separable_conv)
-            )
+            fusion_in = project_channels[index] + coarser_channels
+            self.fusions.append(self._fusion(fusion_in, decoder_channels, norm, use_depthwise_separable_conv))
         self.predictor = Conv2d(decoder_channels if low_level else aspp_channels, num_classes, kernel_size=1)
         nn.init.normal_(self.predictor.weight, 0, 0.001)
         nn.init.constant_(self.predictor.bias, 0)
@@ -169,12 +168,15 @@ class LongTailDeepLabV3PlusHead(LongTailPixelLossMixin, nn.Module):
         if node.ASPP_POOL_KERNEL_FROM_CROP:
             if not (cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute"):
                 raise ValueError(
-                    "MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_POOL_KERNEL_FROM_CROP needs INPUT.CROP.ENABLED with TYPE 'absolute'"
+                    "MODEL.EQLOSSES.SEM_SEG.DEEPLAB.ASPP_POOL_KERNEL_FROM_CROP needs INPUT.CROP.ENABLED with "
+                    "TYPE 'absolute'"
                 )
             stride = max(shape.stride for shape in shapes.values())
             height, width = cfg.INPUT.CROP.SIZE
             if height % stride or width % stride:
-                raise ValueError(f"INPUT.CROP.SIZE {tuple(cfg.INPUT.CROP.SIZE)} is not divisible by the ASPP input's stride {stride}")
+                raise ValueError(
+                    f"INPUT.CROP.SIZE {tuple(cfg.INPUT.CROP.SIZE)} is not divisible by the ASPP input's stride {stride}"
+                )
             pool_kernel_size = (height // stride, width // stride)
         ret = {
             "input_shape": shapes,
