@@ -104,6 +104,17 @@ def test_train_then_eval_only(tiny_seg, tmp_path, capsys):
         assert (isinstance(value, float) and math.isnan(value) and math.isnan(theirs)) or theirs == value, key
 
 
+def test_deeplab_quickstart_trains_on_sizes_not_divisible_by_its_stride(tiny_seg, tmp_path, capsys):
+    """The DeepLabV3+ variant (a ResNet without size divisibility): 50 and 62 px training images give
+    logits of 52 and 64 px, cropped to the targets; evaluation on 64 px images."""
+    config = "configs/quickstart/deeplab_softmax_sem_seg_synthetic.yaml"
+    results = _run(["--config-file", config] + _opts(tiny_seg, tmp_path / "dl", max_iter=3, **{
+        "INPUT.MIN_SIZE_TRAIN": "(50, 62)", "INPUT.CROP.ENABLED": "False"}))
+    assert 0.0 <= results["sem_seg"]["mIoU"] <= 100.0
+    state = torch.load(tmp_path / "dl" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert "sem_seg_head.aspp.convs.0.weight" in state and bool(state["sem_seg_head.class_stats.is_set"])
+
+
 def test_num_classes_mismatch_is_one_line(tiny_seg, tmp_path, capsys):
     argv = ["--config-file", CONFIG] + _opts(tiny_seg, tmp_path / "x") + ["MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7"]
     assert train_net.cli(argv) == 2
