@@ -31,6 +31,10 @@ from . import gumbel as _gumbel  # noqa: F401,E402
 from . import iif as _iif  # noqa: F401,E402
 from . import pcb as _pcb  # noqa: F401,E402
 from . import equilibrium as _equilibrium  # noqa: F401,E402
+from . import balanced_softmax as _balanced_softmax  # noqa: F401,E402
+from . import bal_bce as _bal_bce  # noqa: F401,E402
+from . import ecm as _ecm  # noqa: F401,E402
+from . import db as _db  # noqa: F401,E402
 from . import focal as _focal  # noqa: F401,E402  # dense
 from . import efl as _efl  # noqa: F401,E402  # dense
 
