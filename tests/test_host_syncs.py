@@ -59,6 +59,10 @@ CPU_POLICY_READS = {
     "sigmoid": {"__bool__": 1},
     "softmax": {"__bool__": 1},
     "softmax_eql": {"__bool__": 1, "__float__": 1},
+    "balanced_softmax": {"__bool__": 1, "__float__": 1},
+    "bal_bce": {"__bool__": 1, "__float__": 1},
+    "ecm": {"__bool__": 1, "__float__": 1},
+    "db": {"__bool__": 1, "__float__": 1},
     "focal": {"__bool__": 2, "__float__": 1, "__int__": 2},
     "efl": {"__bool__": 2, "__float__": 1, "__int__": 2},
 }

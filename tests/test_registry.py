@@ -85,7 +85,7 @@ def test_registries_are_detectron2s():
         assert isinstance(registry, Registry)
     assert names(ROI_CLS_LOSS_REGISTRY) == sorted([
         "softmax", "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw", "federated", "gumbel",
-        "gumbel_droploss", "iif", "pcb", "equilibrium",
+        "gumbel_droploss", "iif", "pcb", "equilibrium", "balanced_softmax", "bal_bce", "ecm", "db",
     ])
     assert names(DENSE_CLS_LOSS_REGISTRY) == ["efl", "focal"]
     assert names(CALIBRATION_REGISTRY) == ["iif", "none", "norcal", "tau_norm"]
