@@ -34,7 +34,9 @@ statistics (a checkpoint carries them) instead of a hard-coded LVIS v0.5 table; 
 clamped to [1, M − 1] (M: images with annotations) so that a class without images (or in every
 image) keeps a finite shift (their table has none); the shift is applied without modifying the
 head's output in place (theirs writes into ``pred_class_logits``); value and gradient
-``(σ(x) − t) / N`` come from one fused computation (:mod:`.shifted_bce`). Their LVIS recipe is
+``(σ(x) − t) / N`` come from one fused computation (:mod:`.shifted_bce`). The softmax form's CE and
+its gradient ``(softmax(z + a) − onehot) / N`` come from :func:`.fused.affine_softmax_cross_entropy`
+(cache-sized row chunks). Their LVIS recipe is
 decoupled: the classifier alone is re-trained for 22k iterations (RFS 0.001) from a sigmoid RFS
 Mask R-CNN (``DECOUPLE_TRAINING``); the recipe configs here say how to run it either way. Their
 classifier bias starts from the prior 0.001 (``SigmoidFastRCNNOutputLayers``), as here.
@@ -47,6 +49,7 @@ from torch.nn import functional as F
 
 from .bal_bce import CachedClassConstants
 from .base import ClassificationLoss, empty_loss
+from .fused import affine_softmax_cross_entropy
 from .shifted_bce import shifted_bce
 from .sigmoid import prior_bias, with_background_column
 from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
@@ -133,8 +136,7 @@ class BalancedSoftmax(ClassificationLoss):
             return {"loss_cls": shifted_bce(logits, labels, shift, row_mask=foreground, who="Balanced Softmax")}
         if logits.shape[0] == 0:
             return {"loss_cls": empty_loss(logits)}
-        adjusted = logits.float() + self.adjustment(labels)
-        return {"loss_cls": F.cross_entropy(adjusted, labels, reduction="mean")}
+        return {"loss_cls": affine_softmax_cross_entropy(logits, labels, shift=self.adjustment(labels))}
 
     def predict_probs(self, logits):
         if self.form == "sigmoid":
