@@ -352,6 +352,7 @@ def test_bad_values_are_one_line(name, hparams, message):
 
 CONFIGS = [os.path.join("LVISv1-InstanceSegmentation", f"{name}_mask_rcnn_R_50_FPN_{sched}.yaml")
            for name in NAMES for sched in ("1x", "2x")] + [
+    os.path.join("LVISv1-InstanceSegmentation", "balanced_softmax_mask_rcnn_R_50_FPN_1x_finetune.yaml")] + [
     os.path.join("quickstart", f"{name}_mask_rcnn_R18_FPN_synthetic.yaml") for name in NAMES]
 
 
@@ -375,9 +376,11 @@ def test_config_builds_its_model(config):
         assert cfg.MODEL.EQLOSSES.COSINE_SCALE == 20.0 and cfg.MODEL.EQLOSSES.MASK_PREDICTOR_SCALE == 20.0
         assert cfg.SOLVER.WARMUP_ITERS == 10000 and cfg.SOLVER.CLIP_GRADIENTS.ENABLED
         assert cfg.SOLVER.STEPS == ((60000, 82500) if "1x" in config else (150000, 165000))
-    if config.endswith("balanced_softmax_mask_rcnn_R_50_FPN_1x.yaml"):  # the authors' decoupled recipe
+    if config.endswith("balanced_softmax_mask_rcnn_R_50_FPN_1x_finetune.yaml"):  # the authors' decoupled recipe
         assert cfg.MODEL.EQLOSSES.TRAINABLE_MODULES == ["roi_heads.box_predictor.cls_score"]
         assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS) == (22000, (11000, 18000))
+    elif config.startswith("LVIS"):
+        assert cfg.MODEL.EQLOSSES.TRAINABLE_MODULES == [] and cfg.SOLVER.MAX_ITER == (90000 if "1x" in config else 180000)
 
 
 # -- host reads and collectives of a training step (as tests/test_host_syncs.py counts them) ------
