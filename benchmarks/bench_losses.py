@@ -119,6 +119,10 @@ def uniform_labels(num_rois, num_classes, generator, rois_per_instance=8):
     return labels, instance_ids
 
 
+#: extra rows, each a loss with settings other than its defaults (measured whenever that loss is)
+VARIANTS = {"balanced_softmax (FORM softmax)": ("balanced_softmax", {"form": "softmax"})}
+
+
 def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
     g = torch.Generator().manual_seed(0)
     stats = lvis_like_stats(num_classes, g)
@@ -144,8 +148,9 @@ def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
                 x = logits.clone().requires_grad_()
                 (F.binary_cross_entropy_with_logits(x, target, reduction="sum") / num_rois).backward()
             plain["sigmoid BCE"] = run
-    for name in losses:
-        loss = build_loss(name, num_classes, class_stats=stats)
+    for name in losses + [row for row, (base, _) in VARIANTS.items() if base in losses]:
+        base, hparams = VARIANTS.get(name, (name, {}))
+        loss = build_loss(base, num_classes, class_stats=stats, **hparams)
         logits = torch.randn(num_rois, loss.num_logits, generator=g)
         if name == "pcb":  # its active phase: past START and every class seen
             loss.instance_count.fill_(1.0)
