@@ -194,10 +194,12 @@ def test_value_and_gradient_against_hand_reference(case, policy, monkeypatch):
     np.testing.assert_allclose(z.grad.double().numpy(), fd, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("labels", [[C, C, C], [0, 3, 1]], ids=["background", "foreground"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_all_background_and_large_logits(case):
+def test_one_kind_of_roi_and_large_logits(case, labels):
+    """Batches of background RoIs only and of foreground RoIs only (the softmax form's
+    background prior b = 1 and b = 0: log(0 + 1e-12) on the other columns), logits of scale 8."""
     loss = _build(case)
-    labels = [C, C, C]
     z = _logits(loss.num_logits, seed=3, rows=3, scale=8.0).requires_grad_()
     out = loss(z, torch.tensor(labels))["loss_cls"]
     expected = CASES[case][1](z.detach().double().tolist(), labels)
