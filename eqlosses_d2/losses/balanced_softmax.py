@@ -5,7 +5,7 @@ the box predictor, in two forms (``FORM``):
 
 ``"sigmoid"`` (default): the authors' detection code, their "sigmoid variant of Balanced Softmax"
 (cunjunyu/BalancedMetaSoftmax-InstanceSeg, ``projects/BALMS/balms/fast_rcnn.py``,
-``BalancedSoftmaxFastRCNNOutputs.balanced_softmax_loss``, the code of their LVIS results). C logits,
+``BalancedSoftmaxFastRCNNOutputs.balanced_softmax_loss``, the code of their LVIS v0.5 results). C logits,
 no background logit (a background RoI has all-negative targets, as their ``SigmoidFastRCNNOutputs``):
 
     x_ij = z_ij − τ · log((1 − f_j) / f_j)   on foreground RoIs,   x_ij = z_ij   on background RoIs,
@@ -34,12 +34,16 @@ statistics (a checkpoint carries them) instead of a hard-coded LVIS v0.5 table; 
 clamped to [1, M − 1] (M: images with annotations) so that a class without images (or in every
 image) keeps a finite shift (their table has none); the shift is applied without modifying the
 head's output in place (theirs writes into ``pred_class_logits``); value and gradient
-``(σ(x) − t) / N`` come from one fused computation (:mod:`.shifted_bce`). The softmax form's CE and
-its gradient ``(softmax(z + a) − onehot) / N`` come from :func:`.fused.affine_softmax_cross_entropy`
-(cache-sized row chunks). Their LVIS recipe is
-decoupled: the classifier alone is re-trained for 22k iterations (RFS 0.001) from a sigmoid RFS
-Mask R-CNN (``DECOUPLE_TRAINING``); the recipe configs here say how to run it either way. Their
-classifier bias starts from the prior 0.001 (``SigmoidFastRCNNOutputLayers``), as here.
+``(σ(x) − t) / N`` come from one fused computation (:mod:`.shifted_bce`). Their classifier bias
+starts from the prior 0.001 (``cfg.MODEL.ROI_HEADS.PRIOR_PROB`` in their ``cfg.py``), as here. Their
+LVIS recipe (LVIS v0.5) is decoupled: the classifier alone is re-trained for 22k iterations (RFS
+0.001) from a sigmoid RFS Mask R-CNN (``DECOUPLE_TRAINING``); the recipe configs here run it that
+way (``*_1x_finetune``) and end to end.
+
+The softmax form is not in either authors' code (Ren et al. released the sigmoid form for
+detection, Menon et al. no detection code): it is the logit adjustment of both papers with the
+background made a class of the prior. Its CE and gradient ``(softmax(z + a) − onehot) / N`` come
+from :func:`.fused.affine_softmax_cross_entropy` (cache-sized row chunks).
 
 Defaults: FORM "sigmoid", TAU 1.0, PRIOR_PROB 0.001 (sigmoid form). Config node
 ``MODEL.EQLOSSES.BALANCED_SOFTMAX``.

@@ -28,8 +28,8 @@ Differences from their code: the counts come from the model's class statistics (
 carries them) instead of a pickle file, and are clamped at 1 (a class without images would get an
 infinite margin and a 0 · ∞ weight; their LVIS file has none); the margins and weights are
 computed in float64 and used in float32; ``log p⁺`` / ``log p⁻`` are taken as the stable
-``−softplus(∓x)`` instead of the logs of the two ratios (which underflow to log 0 = −inf for
-|2z + m⁺ − m⁻| beyond ~100 in float32); value and gradient ``2 w_j (σ(x) − t) / N`` come from one
+``−softplus(∓x)`` instead of the logs of the two ratios of exponentials (in float32 an exponent
+above ~88 overflows, inf / inf = NaN, and a ratio below ~1e-45 is 0, log 0 = −inf); value and gradient ``2 w_j (σ(x) − t) / N`` come from one
 fused computation (:mod:`.shifted_bce`). No state.
 """
 import torch
