@@ -6,9 +6,14 @@ Every expected number is derived here from the formulas with explicit loops in f
 independently of the implementations (ECM's and DB's loops follow their authors' code line by
 line); gradients are central finite differences of those loops. The batch has background RoIs, a
 class without training images or instances (class 2, whose counts are clamped at 1) and a RoI of
-that class. Also: empty batches and all-background batches, the GPU policy (no host read) giving
-the same values, inference probabilities, config nodes, the LVIS and quickstart configs building
-their models, and the host reads and collectives of a training step.
+that class. Checks: value and gradient (CPU and GPU policy, defaults and other settings); batches
+of background RoIs only and of foreground RoIs only at large logits; empty batches (a connected
+zero); heads (logit counts, bias inits) and inference probabilities; the cached per-class
+constants following in-place changes of the statistics; ECM's margins and weights in closed form;
+one-line errors (no statistics, NaN logits, bad values, a second backward); bf16 autocast; config
+nodes and defaults; every LVIS and quickstart config of these losses building its model (sampler,
+schedule, trainable modules); no collective and no buffer (no state); host reads of a training
+step (none under the GPU policy) and NaN losses for NaN logits without a host read.
 """
 import math
 import os
@@ -290,8 +295,19 @@ def test_non_finite_logits_are_rejected(name):
         loss(z, torch.tensor([0, C]))
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_policy_non_finite_logits_give_nan_without_a_host_read(case, monkeypatch):
+    """Under the GPU policy a NaN logit is not read on the host: the returned loss is NaN, which
+    Detectron2's trainer stops on in the same iteration."""
+    monkeypatch.setattr(loss_base, "DEVICE_POLICY", "gpu")
+    loss = _build(case)
+    z = _logits(loss.num_logits)
+    z[2, 1] = float("nan")
+    assert torch.isnan(loss(z, torch.tensor(LABELS))["loss_cls"])
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_second_backward_is_a_clear_error_or_works(name):
+def test_second_backward_is_a_clear_error(name):
     loss = build_loss(name, C, class_stats=_stats())
     z = _logits(loss.num_logits).requires_grad_()
     total = loss(z, torch.tensor(LABELS))["loss_cls"]
