@@ -47,14 +47,17 @@ class CachedClassConstants:
     load bumps): no recomputation, and no host read, per iteration."""
 
     def __init__(self):
-        self._key = None
+        self._tensors = ()  # held, so that a freed tensor's id cannot be taken by a new one
+        self._versions = ()
         self._value = None
 
     def get(self, tensors, compute):
-        key = tuple((id(t), t._version, t.device) for t in tensors)
-        if self._key != key:
+        tensors = tuple(tensors)
+        versions = tuple(t._version for t in tensors)
+        same = len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors))
+        if not same or versions != self._versions:
             self._value = compute()
-            self._key = key
+            self._tensors, self._versions = tensors, versions
         return self._value
 
 
