@@ -285,7 +285,8 @@ def tagged_checkpoint(save_dir: str):
 
 def _head_prefixes(model):
     """name prefix -> what it is, for the modules evaluation cannot do without trained
-    weights: the box predictor(s), the mask predictor, a one-stage detector's head."""
+    weights: the box predictor(s), the mask predictor, a one-stage detector's head, a semantic
+    segmentation head's predictor."""
     model = getattr(model, "module", model)
     prefixes = {}
     roi_heads = getattr(model, "roi_heads", None)
@@ -297,6 +298,9 @@ def _head_prefixes(model):
             prefixes["roi_heads.mask_head.predictor."] = "mask predictor"
     if roi_heads is None and isinstance(getattr(model, "head", None), torch.nn.Module):
         prefixes["head."] = "one-stage head"
+    sem_seg_head = getattr(model, "sem_seg_head", None)
+    if sem_seg_head is not None and isinstance(getattr(sem_seg_head, "predictor", None), torch.nn.Module):
+        prefixes["sem_seg_head.predictor."] = "semantic segmentation predictor"
     return prefixes
 
 

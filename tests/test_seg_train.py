@@ -104,6 +104,23 @@ def test_train_then_eval_only(tiny_seg, tmp_path, capsys):
         assert (isinstance(value, float) and math.isnan(value) and math.isnan(theirs)) or theirs == value, key
 
 
+def test_eval_only_refuses_a_predictor_of_another_num_classes(tiny_seg, tmp_path, capsys):
+    """A checkpoint whose segmentation predictor has other classes would leave it random: one line, no output."""
+    out = tmp_path / "run"
+    _run(["--config-file", CONFIG] + _opts(tiny_seg, out, max_iter=1))
+    checkpoint = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    for key in ("sem_seg_head.predictor.weight", "sem_seg_head.predictor.bias"):
+        checkpoint["model"][key] = torch.cat([checkpoint["model"][key], checkpoint["model"][key][:3]])  # 3 classes more
+    weights = tmp_path / "other_classes.pth"
+    torch.save(checkpoint, weights)
+    argv = ["--config-file", CONFIG, "--eval-only"] + _opts(tiny_seg, tmp_path / "eval") + ["MODEL.WEIGHTS", str(weights)]
+    assert train_net.cli(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(weights) in err and "2 parameter(s) of the semantic segmentation predictor" in err
+    assert "sem_seg_head.predictor.weight" in err and "another NUM_CLASSES" in err
+    assert not os.path.exists(tmp_path / "eval" / "inference")
+
+
 def test_deeplab_quickstart_trains_on_sizes_not_divisible_by_its_stride(tiny_seg, tmp_path, capsys):
     """The DeepLabV3+ variant (a ResNet without size divisibility): 50 and 62 px training images give
     logits of 52 and 64 px, cropped to the targets; evaluation on 64 px images."""

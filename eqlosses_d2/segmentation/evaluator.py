@@ -35,7 +35,9 @@ ADE20K (150 classes, 20,210 training images): by the training image counts the S
 release publishes (``objectInfo150.csv``, column ``Train``: 42 (escalator) to 11,664 (wall)), the
 default thresholds 10 / 100 make 0 rare, 19 common (runway, arcade machine, hovel, booth, dirt
 track, escalator, ship, fountain, conveyer belt, washer, swimming pool, barrel, waterfall, tent,
-cradle, tank, animal, lake, pier) and 131 frequent classes, so ``mIoU-r`` is NaN there; the
+cradle, tank, animal, lake, pier) and 131 frequent classes, so ``mIoU-r`` would be NaN there. The
+ADE20K configs (``configs/ADE20K/Base-ADE20K.yaml``) therefore set 100 / 1000: those 19 rare, 89
+common and 42 frequent classes (no published convention exists for ADE20K's groups). The
 evaluator uses the counts computed from Detectron2's masks at first use, which should agree
 (Detectron2's masks relabel, they do not move pixels).
 """
