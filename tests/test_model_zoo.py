@@ -206,7 +206,7 @@ def test_every_shipped_config_has_an_entry():
 def _derived_setting(cfg):
     """Backbone, schedule and sampler as the manifest words them, read from a config."""
     res = cfg.MODEL.RESNETS
-    fpn = "" if cfg.MODEL.META_ARCHITECTURE == "LongTailImageClassifier" else "-FPN"  # a classifier pools res5
+    fpn = "-FPN" if "fpn" in cfg.MODEL.BACKBONE.NAME else ""  # a classifier pools res5, DeepLab reads res2 / res5
     if res.NUM_GROUPS > 1:
         backbone = f"X-{res.DEPTH}-{res.NUM_GROUPS}x{res.WIDTH_PER_GROUP}d{fpn}"
     else:
@@ -232,11 +232,14 @@ def test_shipped_entries_agree_with_their_configs(monkeypatch):
             if dataset == "embedded synthetic data (classification)":
                 assert cfg.DATASETS.TRAIN[0].startswith("synthetic_cls_lt")
                 assert entry.ours is None or entry.ours["data"].startswith(dataset)
+            elif dataset == "embedded synthetic data (semantic segmentation)":
+                assert cfg.DATASETS.TRAIN[0].startswith("synthetic_lt_sem_seg")
+                assert entry.ours is None or entry.ours["data"].startswith(dataset)
             else:
                 assert entry.ours is None or entry.ours["data"] == model_zoo.SYNTHETIC_DATA
         else:
             prefix = {"LVIS v1": "lvis_v1", "LVIS v0.5": "lvis_v0.5", "ImageNet-LT": "imagenet_lt",
-                      "iNaturalist 2018": "inaturalist2018", "CIFAR-100-LT": "cifar100_lt"}[dataset]
+                      "iNaturalist 2018": "inaturalist2018", "CIFAR-100-LT": "cifar100_lt", "ADE20K": "ade20k_sem_seg"}[dataset]
             assert cfg.DATASETS.TRAIN[0].startswith(prefix)
             for block in (entry.reported, entry.ours):
                 assert block is None or block["data"].startswith(dataset)

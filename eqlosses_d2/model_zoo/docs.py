@@ -106,7 +106,8 @@ def _rows(entry):
     """(numbers-from, metrics block or None, digits) for each row of an entry."""
     rows = []
     if entry.reported is not None:
-        rows.append((entry.reported["source"], entry.reported, 1))
+        # papers' AP with one decimal; mIoU as the segmentation model zoos publish it, with two
+        rows.append((entry.reported["source"], entry.reported, 2 if entry.reported["sem_seg"] else 1))
     if entry.ours is not None:
         source = entry.ours["source"]
         rows.append(("ours" + (f" ({source})" if source else ""), entry.ours, 2))
