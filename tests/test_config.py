@@ -59,6 +59,10 @@ def test_config_merges_and_builds(config_file):
     if cfg.MODEL.META_ARCHITECTURE == "LongTailImageClassifier":  # an image classifier: tests/test_classification.py
         assert find_class_stats(model).num_classes == cfg.MODEL.EQLOSSES.CLASSIFICATION.NUM_CLASSES
         return
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":  # a semantic segmenter: tests/test_seg_train.py
+        assert find_class_stats(model).num_classes == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        assert "sem_seg_head.class_stats.pixel_count" in model.state_dict()
+        return
     # one-stage detectors keep classes and thresholds in MODEL.RETINANET, their statistics at the top
     one_stage = cfg.MODEL.META_ARCHITECTURE in ("LongTailRetinaNet", "LongTailFCOS")
     heads = cfg.MODEL.RETINANET if one_stage else cfg.MODEL.ROI_HEADS

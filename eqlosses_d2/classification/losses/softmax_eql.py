@@ -47,9 +47,72 @@ from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
 from .kernels import softmax_ce_rows_and_grad
 
-__all__ = ["ImageSoftmaxEQL"]
+__all__ = ["ImageSoftmaxEQL", "SoftmaxEQLStatistics"]
 
 INDICATORS = ("pos", "neg", "pos_and_neg")
+
+
+class SoftmaxEQLStatistics:
+    """
+    What every Softmax-EQL form (this one, the per-pixel one of :mod:`eqlosses_d2.segmentation`)
+    shares: the hyper-parameters τ, ε, the indicator and the loss weight (their config keys and
+    checks), the float64 buffers ``pos_grad``, ``neg_grad`` and ``pos_neg`` (the authors' ratio,
+    starting at ones), the indicator's G and its log-margins, and the update after a step. A mixin
+    of an ``nn.Module`` loss: the buffers are the loss's own (checkpoint keys ``pos_grad``, ...).
+    """
+
+    @staticmethod
+    def add_statistics_config(node):
+        """The node's keys and defaults (the authors')."""
+        # τ of the margin τ·log(max(G_j, ε) / max(G_y, ε))
+        node.TAU = 1.0
+        # ε: lower clamp of G
+        node.EPS = 1e-4
+        # G: "pos" (pos_grad), "neg" (neg_grad) or "pos_and_neg" (pos_neg ratio + neg_grad, the authors' code)
+        node.INDICATOR = "pos"
+        # weight of the loss (the statistics accumulate the weighted gradient, as the authors' hook)
+        node.LOSS_WEIGHT = 1.0
+
+    def init_statistics(self, num_classes: int, key: str, tau: float, eps: float, indicator: str, loss_weight: float):
+        """Check and keep the hyper-parameters (``key``: the node's name in errors) and add the buffers."""
+        if indicator not in INDICATORS:
+            raise ValueError(f"{key}.INDICATOR must be one of {', '.join(INDICATORS)}; got '{indicator}'")
+        if not eps > 0:
+            raise ValueError(f"{key}.EPS must be > 0, got {eps}")
+        if not loss_weight > 0:
+            raise ValueError(f"{key}.LOSS_WEIGHT must be > 0, got {loss_weight}")
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self.indicator = indicator
+        self.loss_weight = float(loss_weight)
+        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("pos_neg", torch.ones(num_classes, dtype=torch.float64))
+
+    def accumulated_grad(self) -> torch.Tensor:
+        """(C,) float64 G of the indicator (the authors' ``indicator``)."""
+        if self.indicator == "pos":
+            return self.pos_grad
+        if self.indicator == "neg":
+            return self.neg_grad
+        return self.pos_neg + self.neg_grad
+
+    def log_margin(self, device) -> torch.Tensor:
+        """(C,) float32 ``τ log max(G, ε)``, added to every logit of a sample (equal to the margins up
+        to a per-sample constant, which changes neither CE nor its gradient)."""
+        return (self.tau * self.accumulated_grad().clamp(min=self.eps).log()).float().to(device)
+
+    @torch.no_grad()
+    def accumulate(self, pos: torch.Tensor, neg: torch.Tensor, finite=None):
+        """Add a step's (C,) contributions, summed over processes first (a collective), and renew the ratio."""
+        pos, neg = sync_state(pos, neg, finite=finite, dtype=torch.float64)
+        self.pos_grad += pos.to(self.pos_grad.device)
+        self.neg_grad += neg.to(self.neg_grad.device)
+        self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, tau={self.tau}, eps={self.eps}, indicator='{self.indicator}', "
+                f"loss_weight={self.loss_weight}")
 
 
 class _AdjustedCEWithGradStats(torch.autograd.Function):
@@ -78,46 +141,18 @@ class _AdjustedCEWithGradStats(torch.autograd.Function):
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
-class ImageSoftmaxEQL(ImageClassificationLoss):
+class ImageSoftmaxEQL(SoftmaxEQLStatistics, ImageClassificationLoss):
     name = "softmax_eql"
     config_node = "SOFTMAX_EQL"
 
     @classmethod
     def add_config(cls, cfg):
         super().add_config(cfg)
-        _C = config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.SOFTMAX_EQL")
-        # τ of the margin τ·log(max(G_j, ε) / max(G_y, ε))
-        _C.TAU = 1.0
-        # ε: lower clamp of G
-        _C.EPS = 1e-4
-        # G: "pos" (pos_grad), "neg" (neg_grad) or "pos_and_neg" (pos_neg ratio + neg_grad, the authors' code)
-        _C.INDICATOR = "pos"
-        # weight of the loss (the statistics accumulate the weighted gradient, as the authors' hook)
-        _C.LOSS_WEIGHT = 1.0
+        cls.add_statistics_config(config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.SOFTMAX_EQL"))
 
     def __init__(self, num_classes, class_stats=None, tau=1.0, eps=1e-4, indicator="pos", loss_weight=1.0):
         super().__init__(num_classes, class_stats)
-        if indicator not in INDICATORS:
-            raise ValueError(f"SOFTMAX_EQL.INDICATOR must be one of {', '.join(INDICATORS)}; got '{indicator}'")
-        if not eps > 0:
-            raise ValueError(f"SOFTMAX_EQL.EPS must be > 0, got {eps}")
-        if not loss_weight > 0:
-            raise ValueError(f"SOFTMAX_EQL.LOSS_WEIGHT must be > 0, got {loss_weight}")
-        self.tau = float(tau)
-        self.eps = float(eps)
-        self.indicator = indicator
-        self.loss_weight = float(loss_weight)
-        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("pos_neg", torch.ones(num_classes, dtype=torch.float64))
-
-    def accumulated_grad(self) -> torch.Tensor:
-        """(C,) float64 G of the indicator (the authors' ``indicator``)."""
-        if self.indicator == "pos":
-            return self.pos_grad
-        if self.indicator == "neg":
-            return self.neg_grad
-        return self.pos_neg + self.neg_grad
+        self.init_statistics(num_classes, "SOFTMAX_EQL", tau, eps, indicator, loss_weight)
 
     def margins(self, labels: torch.Tensor) -> torch.Tensor:
         """(N, C) float32 shifts ``τ log(max(G_j, ε) / max(G_y, ε))``, zero on the label."""
@@ -134,16 +169,8 @@ class ImageSoftmaxEQL(ImageClassificationLoss):
                 zeros = self.pos_grad.new_zeros(self.num_classes)
                 sync_state(zeros, zeros)
             return {"loss_cls": logits.sum() * 0.0}
-        adjustment = (self.tau * self.accumulated_grad().clamp(min=self.eps).log()).float().to(logits.device)
+        adjustment = self.log_margin(logits.device)
         loss, pos, neg = _AdjustedCEWithGradStats.apply(logits, adjustment, labels, self.loss_weight / logits.shape[0])
         if self.training:
-            with torch.no_grad():
-                pos, neg = sync_state(pos, neg, dtype=torch.float64)
-                self.pos_grad += pos.to(self.pos_grad.device)
-                self.neg_grad += neg.to(self.neg_grad.device)
-                self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+            self.accumulate(pos, neg)
         return {"loss_cls": loss}
-
-    def extra_repr(self):
-        return (f"num_classes={self.num_classes}, tau={self.tau}, eps={self.eps}, indicator='{self.indicator}', "
-                f"loss_weight={self.loss_weight}")

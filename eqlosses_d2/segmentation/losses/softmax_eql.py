@@ -47,14 +47,13 @@ theirs would see the loss-scaled gradient); float64 buffers; updates in training
 """
 import torch
 
-from ...losses.base import scaled_stashed_grad, sync_state
+from ...classification.losses.softmax_eql import SoftmaxEQLStatistics
+from ...losses.base import scaled_stashed_grad
 from ...registry import PIXEL_LOSS_REGISTRY, config_node, register
 from .base import PixelLoss
 from .kernels import PixelBatch, check_finite_loss, pixel_softmax_ce
 
 __all__ = ["PixelSoftmaxEQL"]
-
-INDICATORS = ("pos", "neg", "pos_and_neg")
 
 
 class _SoftmaxEQLPixels(torch.autograd.Function):
@@ -83,64 +82,28 @@ class _SoftmaxEQLPixels(torch.autograd.Function):
 
 
 @register(PIXEL_LOSS_REGISTRY)
-class PixelSoftmaxEQL(PixelLoss):
+class PixelSoftmaxEQL(SoftmaxEQLStatistics, PixelLoss):
     name = "softmax_eql"
     config_node = "SOFTMAX_EQL"
 
     @classmethod
     def add_config(cls, cfg):
         super().add_config(cfg)
-        _C = config_node(cfg, "MODEL.EQLOSSES.SEM_SEG.SOFTMAX_EQL")
-        # τ of the margin τ·log(max(G_j, ε) / max(G_y, ε))
-        _C.TAU = 1.0
-        # ε: lower clamp of G
-        _C.EPS = 1e-4
-        # G: "pos" (pos_grad), "neg" (neg_grad) or "pos_and_neg" (pos_neg ratio + neg_grad, the authors' code)
-        _C.INDICATOR = "pos"
-        # weight of the loss (the statistics accumulate the weighted per-pixel gradient)
-        _C.LOSS_WEIGHT = 1.0
+        cls.add_statistics_config(config_node(cfg, "MODEL.EQLOSSES.SEM_SEG.SOFTMAX_EQL"))
 
     def __init__(self, num_classes, class_stats=None, ignore_value=255, tau=1.0, eps=1e-4, indicator="pos",
                  loss_weight=1.0):
         super().__init__(num_classes, class_stats, ignore_value)
-        if indicator not in INDICATORS:
-            raise ValueError(f"SEM_SEG.SOFTMAX_EQL.INDICATOR must be one of {', '.join(INDICATORS)}; got '{indicator}'")
-        if not eps > 0:
-            raise ValueError(f"SEM_SEG.SOFTMAX_EQL.EPS must be > 0, got {eps}")
-        if not loss_weight > 0:
-            raise ValueError(f"SEM_SEG.SOFTMAX_EQL.LOSS_WEIGHT must be > 0, got {loss_weight}")
-        self.tau = float(tau)
-        self.eps = float(eps)
-        self.indicator = indicator
-        self.loss_weight = float(loss_weight)
-        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float64))
-        self.register_buffer("pos_neg", torch.ones(num_classes, dtype=torch.float64))
-
-    def accumulated_grad(self) -> torch.Tensor:
-        """(C,) float64 G of the indicator."""
-        if self.indicator == "pos":
-            return self.pos_grad
-        if self.indicator == "neg":
-            return self.neg_grad
-        return self.pos_neg + self.neg_grad
+        self.init_statistics(num_classes, "SEM_SEG.SOFTMAX_EQL", tau, eps, indicator, loss_weight)
 
     def forward(self, logits, targets):
         self._check(logits, targets)
         logits = logits.float().contiguous()
         batch = PixelBatch(logits, targets, self.ignore_value, self.name)
-        shift = (self.tau * self.accumulated_grad().clamp(min=self.eps).log()).float().to(logits.device)
+        shift = self.log_margin(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             loss, pos, neg = _SoftmaxEQLPixels.apply(logits, batch, shift, batch.per_valid_pixel(self.loss_weight))
         finite = check_finite_loss(loss, self.name)
         if self.training:  # every process, every step (a collective), after the loss that used the old G
-            with torch.no_grad():
-                pos, neg = sync_state(pos, neg, finite=finite, dtype=torch.float64)
-                self.pos_grad += pos.to(self.pos_grad.device)
-                self.neg_grad += neg.to(self.neg_grad.device)
-                self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+            self.accumulate(pos, neg, finite=finite)
         return {"loss_sem_seg": loss}
-
-    def extra_repr(self):
-        return (f"num_classes={self.num_classes}, tau={self.tau}, eps={self.eps}, indicator='{self.indicator}', "
-                f"loss_weight={self.loss_weight}")
