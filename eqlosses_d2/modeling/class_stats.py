@@ -17,6 +17,9 @@ FREQUENCY_GROUP_INDEX = {"r": 0, "c": 1, "f": 2}
 
 
 class ClassStatsBuffers(nn.Module):
+    #: the config key of the class count, named when a dataset's classes do not match
+    NUM_CLASSES_KEY = "MODEL.ROI_HEADS.NUM_CLASSES"
+
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = num_classes
@@ -33,7 +36,7 @@ class ClassStatsBuffers(nn.Module):
         if stats.num_classes != self.num_classes:
             raise ValueError(
                 f"'{dataset_name}' has {stats.num_classes} classes but the model has "
-                f"{self.num_classes} (MODEL.ROI_HEADS.NUM_CLASSES)"
+                f"{self.num_classes} ({self.NUM_CLASSES_KEY})"
             )
         device = self.image_count.device
         self.image_count.copy_(torch.as_tensor(stats.image_count, dtype=torch.int64, device=device))

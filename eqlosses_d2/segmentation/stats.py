@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from ..modeling.class_stats import FREQUENCY_GROUP_INDEX, ClassStatsBuffers
+from ..modeling.class_stats import ClassStatsBuffers
 
 __all__ = ["SemSegClassStatistics", "SemSegClassStatsBuffers", "sem_seg_frequency_group"]
 
@@ -65,26 +65,17 @@ class SemSegClassStatistics:
 
 
 class SemSegClassStatsBuffers(ClassStatsBuffers):
+    NUM_CLASSES_KEY = "MODEL.SEM_SEG_HEAD.NUM_CLASSES"
+
     def __init__(self, num_classes: int):
         super().__init__(num_classes)
         self.register_buffer("pixel_count", torch.zeros(num_classes, dtype=torch.int64))
 
     @torch.no_grad()
     def set_from(self, stats, dataset_name: str = "dataset"):
-        if stats.num_classes != self.num_classes:
-            raise ValueError(
-                f"'{dataset_name}' has {stats.num_classes} classes but the model has "
-                f"{self.num_classes} (MODEL.SEM_SEG_HEAD.NUM_CLASSES)"
-            )
-        device = self.image_count.device
-        self.image_count.copy_(torch.as_tensor(stats.image_count, dtype=torch.int64, device=device))
-        self.pixel_count.copy_(torch.as_tensor(stats.pixel_count, dtype=torch.int64, device=device))
-        self.instance_count.copy_(self.pixel_count)
-        groups = [FREQUENCY_GROUP_INDEX[f] for f in stats.frequency]
-        self.frequency_group.copy_(torch.as_tensor(groups, dtype=torch.int64, device=device))
-        self.num_images.fill_(int(stats.num_images))
-        self.num_images_with_annotations.fill_(int(stats.num_images_with_annotations))
-        self.is_set.fill_(True)
+        """Every buffer from a :class:`SemSegClassStatistics` (``instance_count``: its pixel counts)."""
+        super().set_from(stats, dataset_name)
+        self.pixel_count.copy_(self.instance_count)
         return self
 
     def pixel_frequency(self) -> torch.Tensor:
