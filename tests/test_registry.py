@@ -31,7 +31,7 @@ from test_training import QUICKSTART, _opts, _run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEFORE = os.path.join(HERE, "data", "default_config_eqlosses.yaml")
-TOPS = ("MODEL", "TEST", "INPUT")
+TOPS = ("MODEL", "TEST", "INPUT", "SOLVER")  # SOLVER.EQLOSSES: the segmentation recipes' poly LR
 
 
 def _eqlosses_nodes(cfg):
@@ -70,7 +70,7 @@ def _flatten(node, prefix=""):
 
 
 def test_only_our_nodes_are_added():
-    """Detectron2's own keys are untouched: the full dump without our three nodes is Detectron2's."""
+    """Detectron2's own keys are untouched: the full dump without our nodes is Detectron2's."""
     base, cfg = get_cfg(), get_cfg()
     add_eqlosses_config(cfg)
     for top in TOPS:
@@ -233,8 +233,8 @@ def test_outside_loss_trains(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, names_listed", [
-    ("MODEL.EQLOSSES.LOSS", "nope", "eql, eqlv2, equilibrium, federated, gumbel, gumbel_droploss, iif, pcb, seesaw, "
-                                    "sigmoid, softmax, softmax_eql"),
+    ("MODEL.EQLOSSES.LOSS", "nope", "bal_bce, balanced_softmax, db, ecm, eql, eqlv2, equilibrium, federated, gumbel, "
+                                    "gumbel_droploss, iif, pcb, seesaw, sigmoid, softmax, softmax_eql"),
     ("MODEL.EQLOSSES.ONE_STAGE.LOSS", "nope", "efl, focal"),
     ("TEST.EQLOSSES.CALIBRATION.METHOD", "nope", "iif, none, norcal, tau_norm"),
 ])
