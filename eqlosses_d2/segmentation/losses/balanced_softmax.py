@@ -27,28 +27,13 @@ chunked walk over the logits (:func:`.kernels.pixel_softmax_ce`), holding only t
 """
 import torch
 
-from ...losses.base import scaled_stashed_grad
 from ...registry import PIXEL_LOSS_REGISTRY, config_node, register
 from .base import PixelLoss
-from .kernels import PixelBatch, check_finite_loss, pixel_softmax_ce, require_counts
+from .kernels import AffinePixelCE, PixelBatch, check_finite_loss, require_counts
 
 __all__ = ["PixelBalancedSoftmax", "PRIORS"]
 
 PRIORS = ("pixel", "image")
-
-
-class _ShiftedPixelCE(torch.autograd.Function):
-    """``Σ_p f_p CE(z_p + b, y_p)`` and its gradient ``f ⊙ (softmax(z + b) − onehot)``."""
-
-    @staticmethod
-    def forward(ctx, logits, batch, shift, factor):
-        out = pixel_softmax_ce(logits, batch, factor, shift=shift)
-        ctx.grad = out["grad"]
-        return out["loss"].to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return scaled_stashed_grad(ctx, grad_loss, "Balanced Softmax (pixels)"), None, None, None
 
 
 @register(PIXEL_LOSS_REGISTRY)
@@ -89,7 +74,7 @@ class PixelBalancedSoftmax(PixelLoss):
         batch = PixelBatch(logits, targets, self.ignore_value, self.name)
         shift = self.adjustment().to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _ShiftedPixelCE.apply(logits, batch, shift, batch.per_valid_pixel())
+            loss = AffinePixelCE.apply(logits, batch, batch.per_valid_pixel(), shift, None, "Balanced Softmax (pixels)")
         check_finite_loss(loss, self.name)
         return {"loss_sem_seg": loss}
 

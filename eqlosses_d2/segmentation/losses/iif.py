@@ -39,30 +39,15 @@ logits (:func:`.kernels.pixel_softmax_ce`), holding only the gradient.
 """
 import torch
 
-from ...losses.base import scaled_stashed_grad
 from ...losses.iif import iif_weights
 from ...registry import PIXEL_LOSS_REGISTRY, config_node, register
 from .base import PixelLoss
-from .kernels import PixelBatch, check_finite_loss, pixel_softmax_ce, require_counts
+from .kernels import AffinePixelCE, PixelBatch, check_finite_loss, require_counts
 
 __all__ = ["PixelIIFLoss", "PIXEL_IIF_VARIANTS", "IIF_COUNTS"]
 
 PIXEL_IIF_VARIANTS = ("raw", "smooth", "prob", "normit", "gombit", "base2", "base10")
 IIF_COUNTS = ("image", "pixel")
-
-
-class _WeightedPixelCE(torch.autograd.Function):
-    """``Σ_p f_p CE(w ⊙ z_p, y_p)`` and its gradient ``f ⊙ w ⊙ (softmax(w ⊙ z) − onehot)``."""
-
-    @staticmethod
-    def forward(ctx, logits, batch, weights, factor):
-        out = pixel_softmax_ce(logits, batch, factor, scale=weights)
-        ctx.grad = out["grad"]
-        return out["loss"].to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return scaled_stashed_grad(ctx, grad_loss, "IIF (pixels)"), None, None, None
 
 
 @register(PIXEL_LOSS_REGISTRY)
@@ -104,7 +89,7 @@ class PixelIIFLoss(PixelLoss):
         batch = PixelBatch(logits, targets, self.ignore_value, self.name)
         weights = self.logit_weights().to(logits.device)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _WeightedPixelCE.apply(logits, batch, weights, batch.per_valid_pixel())
+            loss = AffinePixelCE.apply(logits, batch, batch.per_valid_pixel(), None, weights, "IIF (pixels)")
         check_finite_loss(loss, self.name)
         return {"loss_sem_seg": loss}
 

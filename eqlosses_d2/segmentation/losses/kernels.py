@@ -35,10 +35,18 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ...losses import fused
-from ...losses.base import gpu_policy
+from ...losses.base import gpu_policy, scaled_stashed_grad
 
-__all__ = ["LOG2E", "PixelBatch", "check_finite_loss", "exp_shifted", "pixel_chunks", "pixel_softmax_ce",
-           "require_counts"]
+__all__ = [
+    "AffinePixelCE",
+    "LOG2E",
+    "PixelBatch",
+    "check_finite_loss",
+    "exp_shifted",
+    "pixel_chunks",
+    "pixel_softmax_ce",
+    "require_counts",
+]
 
 
 class PixelBatch:
@@ -204,3 +212,19 @@ def require_counts(loss, attribute: str) -> torch.Tensor:
     if torch.is_tensor(is_set):
         object.__setattr__(loss, "_stats_checked", (id(is_set), is_set._version))
     return getattr(stats, attribute)
+
+
+class AffinePixelCE(torch.autograd.Function):
+    """``Σ_p f_p CE(scale ⊙ z_p + shift, y_p)`` and its gradient ``f ⊙ scale ⊙ (softmax(scale ⊙ z +
+    shift) − onehot)`` (:func:`pixel_softmax_ce` without its extras; ``shift`` / ``scale``: (C,) or None):
+    plain CE, Balanced Softmax's prior shift, IIF's logit weights. ``who`` names the loss in errors."""
+
+    @staticmethod
+    def forward(ctx, logits, batch, factor, shift, scale, who):
+        out = pixel_softmax_ce(logits, batch, factor, shift=shift, scale=scale)
+        ctx.grad, ctx.who = out["grad"], who
+        return out["loss"].to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return scaled_stashed_grad(ctx, grad_loss, ctx.who), None, None, None, None, None

@@ -9,26 +9,11 @@ one logit-sized buffer (the gradient) instead of ``F.cross_entropy``'s three (it
 the NLL gradient and the input gradient): ``benchmarks/bench_seg_losses.py``."""
 import torch
 
-from ...losses.base import scaled_stashed_grad
 from ...registry import PIXEL_LOSS_REGISTRY, register
 from .base import PixelLoss
-from .kernels import PixelBatch, check_finite_loss, pixel_softmax_ce
+from .kernels import AffinePixelCE, PixelBatch, check_finite_loss
 
 __all__ = ["PixelSoftmaxCE"]
-
-
-class _PixelCE(torch.autograd.Function):
-    """``Σ_p f_p CE(z_p, y_p)`` and its gradient ``f ⊙ (softmax(z) − onehot)``."""
-
-    @staticmethod
-    def forward(ctx, logits, batch, factor):
-        out = pixel_softmax_ce(logits, batch, factor)
-        ctx.grad = out["grad"]
-        return out["loss"].to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return scaled_stashed_grad(ctx, grad_loss, "softmax CE (pixels)"), None, None
 
 
 @register(PIXEL_LOSS_REGISTRY)
@@ -40,6 +25,6 @@ class PixelSoftmaxCE(PixelLoss):
         logits = logits.float().contiguous()
         batch = PixelBatch(logits, targets, self.ignore_value, self.name)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            loss = _PixelCE.apply(logits, batch, batch.per_valid_pixel())
+            loss = AffinePixelCE.apply(logits, batch, batch.per_valid_pixel(), None, None, "softmax CE (pixels)")
         check_finite_loss(loss, self.name)
         return {"loss_sem_seg": loss}
