@@ -44,7 +44,7 @@ from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
 from .kernels import TINY_PROBABILITY, softmax_ce_rows_and_grad
 
-__all__ = ["ImageSeesawLoss"]
+__all__ = ["ImageSeesawLoss", "SeesawHyperparameters"]
 
 
 class _SeesawCE(torch.autograd.Function):
@@ -143,40 +143,57 @@ def _seesaw_ce_in_probabilities(logits, labels, count_factor, q, eps, scale):
     return loss, grad
 
 
+class SeesawHyperparameters:
+    """What the classification and the per-pixel Seesaw share: p, q, ε and the loss weight (their
+    config keys, defaults and checks) and the float64 buffer ``cumulative_count`` (N, saved in
+    checkpoints). A mixin of an ``nn.Module`` loss: the buffer is the loss's own."""
+
+    @staticmethod
+    def add_seesaw_config(node):
+        """The node's keys and defaults (the authors')."""
+        # p of the mitigation (N_j / N_y)^p for N_j < N_y (N: the loss's cumulative count per class)
+        node.P = 0.8
+        # q of the compensation (σ_j / σ_y)^q for σ_j > σ_y
+        node.Q = 2.0
+        # lower clamp of σ_y in the compensation
+        node.EPS = 0.01
+        # weight of the loss
+        node.LOSS_WEIGHT = 1.0
+
+    def init_seesaw(self, num_classes: int, key: str, p: float, q: float, eps: float, loss_weight: float):
+        """Check and keep the hyper-parameters (``key``: the node's name in errors); N starts at zeros."""
+        if p < 0:
+            raise ValueError(f"{key}.P must be >= 0, got {p}")
+        if q < 0:
+            raise ValueError(f"{key}.Q must be >= 0, got {q}")
+        if not 0 < eps <= 1:
+            raise ValueError(f"{key}.EPS must be in (0, 1], got {eps}")
+        if not loss_weight > 0:
+            raise ValueError(f"{key}.LOSS_WEIGHT must be > 0, got {loss_weight}")
+        self.p = float(p)
+        self.q = float(q)
+        self.eps = float(eps)
+        self.loss_weight = float(loss_weight)
+        self.register_buffer("cumulative_count", torch.zeros(num_classes, dtype=torch.float64))
+
+    def extra_repr(self):
+        return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, loss_weight={self.loss_weight}"
+
+
 @register(IMAGE_CLS_LOSS_REGISTRY)
-class ImageSeesawLoss(ImageClassificationLoss):
+class ImageSeesawLoss(SeesawHyperparameters, ImageClassificationLoss):
     name = "seesaw"
     config_node = "SEESAW"
 
     @classmethod
     def add_config(cls, cfg):
         super().add_config(cfg)
-        _C = config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.SEESAW")
-        # p of the mitigation (N_j / N_y)^p for N_j < N_y (N: cumulative training samples per class)
-        _C.P = 0.8
-        # q of the compensation (σ_j / σ_y)^q for σ_j > σ_y
-        _C.Q = 2.0
-        # lower clamp of σ_y in the compensation
-        _C.EPS = 0.01
-        # weight of the loss
-        _C.LOSS_WEIGHT = 1.0
+        # N: training samples per class since the start of training, over all processes
+        cls.add_seesaw_config(config_node(cfg, "MODEL.EQLOSSES.CLASSIFICATION.SEESAW"))
 
     def __init__(self, num_classes, class_stats=None, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
         super().__init__(num_classes, class_stats)
-        if p < 0:
-            raise ValueError(f"SEESAW.P must be >= 0, got {p}")
-        if q < 0:
-            raise ValueError(f"SEESAW.Q must be >= 0, got {q}")
-        if not 0 < eps <= 1:
-            raise ValueError(f"SEESAW.EPS must be in (0, 1], got {eps}")
-        if not loss_weight > 0:
-            raise ValueError(f"SEESAW.LOSS_WEIGHT must be > 0, got {loss_weight}")
-        self.p = float(p)
-        self.q = float(q)
-        self.eps = float(eps)
-        self.loss_weight = float(loss_weight)
-        # N_j: training samples of class j since the start of training, over all processes
-        self.register_buffer("cumulative_count", torch.zeros(num_classes, dtype=torch.float64))
+        self.init_seesaw(num_classes, "SEESAW", p, q, eps, loss_weight)
 
     @torch.no_grad()
     def accumulate(self, labels: torch.Tensor):
@@ -197,6 +214,3 @@ class ImageSeesawLoss(ImageClassificationLoss):
             loss = _SeesawCE.apply(logits, labels, count, self.p, self.q, self.eps,
                                    self.loss_weight / logits.shape[0])
         return {"loss_cls": loss}
-
-    def extra_repr(self):
-        return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, loss_weight={self.loss_weight}"

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from ...classification.losses.seesaw import SeesawHyperparameters
 from ...losses.base import gpu_policy, scaled_stashed_grad, sync_state
 from ...registry import PIXEL_LOSS_REGISTRY, config_node, register
 from .base import PixelLoss
@@ -159,39 +160,19 @@ def _logit_domain_adjust(scaled_log_count, q, eps):
 
 
 @register(PIXEL_LOSS_REGISTRY)
-class PixelSeesawLoss(PixelLoss):
+class PixelSeesawLoss(SeesawHyperparameters, PixelLoss):
     name = "seesaw"
     config_node = "SEESAW"
 
     @classmethod
     def add_config(cls, cfg):
         super().add_config(cfg)
-        _C = config_node(cfg, "MODEL.EQLOSSES.SEM_SEG.SEESAW")
-        # p of the mitigation (N_j / N_y)^p for N_j < N_y (N: cumulative labelled training pixels per class)
-        _C.P = 0.8
-        # q of the compensation (σ_j / σ_y)^q for σ_j > σ_y (σ: the pixel's softmax)
-        _C.Q = 2.0
-        # lower clamp of σ_y in the compensation
-        _C.EPS = 0.01
-        # weight of the loss
-        _C.LOSS_WEIGHT = 1.0
+        # N: labelled (valid) training pixels per class since the start of training, over all processes
+        cls.add_seesaw_config(config_node(cfg, "MODEL.EQLOSSES.SEM_SEG.SEESAW"))
 
     def __init__(self, num_classes, class_stats=None, ignore_value=255, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
         super().__init__(num_classes, class_stats, ignore_value)
-        if p < 0:
-            raise ValueError(f"SEM_SEG.SEESAW.P must be >= 0, got {p}")
-        if q < 0:
-            raise ValueError(f"SEM_SEG.SEESAW.Q must be >= 0, got {q}")
-        if not 0 < eps <= 1:
-            raise ValueError(f"SEM_SEG.SEESAW.EPS must be in (0, 1], got {eps}")
-        if not loss_weight > 0:
-            raise ValueError(f"SEM_SEG.SEESAW.LOSS_WEIGHT must be > 0, got {loss_weight}")
-        self.p = float(p)
-        self.q = float(q)
-        self.eps = float(eps)
-        self.loss_weight = float(loss_weight)
-        # N_j: labelled (valid) training pixels of class j since the start of training, over all processes
-        self.register_buffer("cumulative_count", torch.zeros(num_classes, dtype=torch.float64))
+        self.init_seesaw(num_classes, "SEM_SEG.SEESAW", p, q, eps, loss_weight)
 
     @torch.no_grad()
     def accumulate(self, batch: PixelBatch):
@@ -215,6 +196,3 @@ class PixelSeesawLoss(PixelLoss):
                                        batch.per_valid_pixel(self.loss_weight))
         check_finite_loss(loss, self.name)
         return {"loss_sem_seg": loss}
-
-    def extra_repr(self):
-        return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}, loss_weight={self.loss_weight}"
