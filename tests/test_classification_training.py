@@ -4,7 +4,6 @@ class statistics in the checkpoint, and an exact --resume (weights, BatchNorm st
 Softmax-EQL's state, the class-aware sampler's position)."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 import train_net
 from eqlosses_d2.classification.data import TINY_CLS_SPEC, register_synthetic_classification
 from eqlosses_d2.classification.data.synthetic import train_counts
+from resume_helpers import resume_and_compare
 
 CONFIG = "configs/quickstart/softmax_R18_synthetic_cls.yaml"
 
@@ -84,23 +84,7 @@ def test_resume_matches_uninterrupted_run(loss, sampler, tiny_cls, tmp_path):
             "SOLVER.CHECKPOINT_PERIOD": "3", "DATASETS.TEST": "()", "MODEL.EQLOSSES.CLASSIFICATION.LOSS": loss,
             "DATALOADER.SAMPLER_TRAIN": sampler})
 
-    full = tmp_path / "full"
-    _run(["--config-file", CONFIG] + opts(full))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copy(full / "model_0000002.pth", resumed / "model_0000002.pth")
-    (resumed / "last_checkpoint").write_text("model_0000002.pth")
-    _run(["--config-file", CONFIG, "--resume"] + opts(resumed))
-
-    def state(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    a, b = state(full / "model_final.pth"), state(resumed / "model_final.pth")
-    assert a["iteration"] == b["iteration"] == 5
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    mid = state(full / "model_0000002.pth")["model"]
+    a, mid = resume_and_compare(_run, lambda out: ["--config-file", CONFIG] + opts(out), tmp_path)
     assert not torch.equal(mid["head.fc.weight"], a["model"]["head.fc.weight"])
     if loss == "softmax_eql":
         assert a["model"]["loss.pos_grad"].gt(mid["loss.pos_grad"]).any()

@@ -19,6 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from eqlosses_d2.config import validate_config
 from eqlosses_d2.segmentation.data import TINY_SEM_SEG_SPEC, register_synthetic_sem_seg
+from resume_helpers import resume_and_compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/quickstart/softmax_sem_seg_synthetic.yaml"
@@ -155,23 +156,7 @@ def test_resume_matches_uninterrupted_run(loss, tiny_seg, tmp_path):
         return _opts(tiny_seg, out, max_iter=6, **{
             "SOLVER.CHECKPOINT_PERIOD": "3", "DATASETS.TEST": "()", "MODEL.EQLOSSES.SEM_SEG.LOSS": loss})
 
-    full = tmp_path / "full"
-    _run(["--config-file", CONFIG] + opts(full))
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copy(full / "model_0000002.pth", resumed / "model_0000002.pth")
-    (resumed / "last_checkpoint").write_text("model_0000002.pth")
-    _run(["--config-file", CONFIG, "--resume"] + opts(resumed))
-
-    def state(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    a, b = state(full / "model_final.pth"), state(resumed / "model_final.pth")
-    assert a["iteration"] == b["iteration"] == 5
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    mid = state(full / "model_0000002.pth")["model"]
+    a, mid = resume_and_compare(_run, lambda out: ["--config-file", CONFIG] + opts(out), tmp_path)
     assert not torch.equal(mid["sem_seg_head.predictor.weight"], a["model"]["sem_seg_head.predictor.weight"])
     assert not torch.equal(mid["backbone.bottom_up.res2.0.conv1.norm.running_mean"],
                            a["model"]["backbone.bottom_up.res2.0.conv1.norm.running_mean"])
