@@ -114,9 +114,11 @@ class ImageEQLv2(ImageClassificationLoss):
         self.mu = float(mu)
         self.alpha = float(alpha)
         self.gradient_stats = GradientStats(num_classes, initial_ratio=self.INITIAL_RATIO)
-        # (2, 3, 1) float64: the offsets and slopes of r, q and q − r as affine functions of r
-        self._weight_rows = torch.tensor([[[0.0], [1.0 + self.alpha], [1.0 + self.alpha]],
-                                          [[1.0], [-self.alpha], [-1.0 - self.alpha]]], dtype=torch.float64)
+        # (2, 3, 1) float64: the offsets and slopes of r, q and q − r as affine functions of r (a constant
+        # buffer, not saved: it moves with the model, so no host-to-device copy per step)
+        self.register_buffer("_weight_rows", torch.tensor([[[0.0], [1.0 + self.alpha], [1.0 + self.alpha]],
+                                                           [[1.0], [-self.alpha], [-1.0 - self.alpha]]],
+                                                          dtype=torch.float64), persistent=False)
 
     def class_weights(self):
         """(C,) float32 negative weights r and positive weights q from the statistics so far."""
@@ -131,7 +133,7 @@ class ImageEQLv2(ImageClassificationLoss):
                             stats.initial_ratio)
         neg_weight = torch.sigmoid(ratio.sub_(self.mu).mul_(self.gamma))
         # [r; q; q − r] = offset + slope · r, q = 1 + α (1 − r), q − r = (1 + α)(1 − r): one operation
-        offset, slope = self._weight_rows.to(ratio.device).unbind(0)
+        offset, slope = self._weight_rows.unbind(0)
         weights = torch.addcmul(offset, slope, neg_weight)
         return weights.float()
 
