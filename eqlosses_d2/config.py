@@ -92,6 +92,13 @@ def add_eqlosses_config(cfg):
     # LOCE's fine-tune protocol trains the classifier, box regressor, RPN and mask head.
     _C.MODEL.EQLOSSES.TRAINABLE_MODULES = []
 
+    # Decoupling (Kang et al. 2020) in the RoI box predictor (eqlosses_d2/modeling/decoupling.py).
+    _C.MODEL.EQLOSSES.DECOUPLING = CN()
+    # "default": the predictor's classifier; "lws": f_k * (w_k x + b_k), W, b frozen, scales f learned.
+    _C.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER = "default"
+    # cRT: a checkpoint without the predictor's "retrained_classifier" buffer (stage 1) does not load cls_score.
+    _C.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER = False
+
     # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()
     # Passes of the box head over the RoI features, each modulated by the previous predictions.

@@ -1,6 +1,8 @@
 from .box_predictor import CosineClassifier, LongTailOutputLayers
 from .class_stats import ClassStatsBuffers, find_class_stats
 from .config_checks import validate_detectron2_names  # registration: a config check
+from .decoupling import validate_box_decoupling  # registration: a config check
+from .lws import LearnableWeightScaling
 from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
 from .memory import FeatureMemory, jitter_boxes
 from .one_stage import LongTailFCOS, LongTailRetinaNet  # registration: one-stage meta-architectures
@@ -23,10 +25,12 @@ __all__ = [
     "LongTailOutputLayers",
     "LongTailRetinaNet",
     "LongTailStandardROIHeads",
+    "LearnableWeightScaling",
     "NormalizedConv2d",
     "find_class_stats",
     "jitter_boxes",
     "normalize_mask_predictor",
     "restrict_trainable",
+    "validate_box_decoupling",
     "validate_detectron2_names",
 ]

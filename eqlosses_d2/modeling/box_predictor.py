@@ -6,7 +6,9 @@ The box predictor: the one place where Detectron2 and the losses meet.
 - a classifier sized for the configured loss (``MODEL.EQLOSSES.LOSS``: C + 1 logits for
   softmax, C for sigmoid-family losses, C + 2 for Seesaw, ...), optionally a cosine
   classifier (``MODEL.EQLOSSES.COSINE_SCALE`` > 0: ``s · x/‖x‖ · W/‖W‖``, as Seesaw's
-  and GOL's LVIS recipes use), its bias initialised as the loss asks;
+  and GOL's LVIS recipes use), its bias initialised as the loss asks; decoupling's stage 2
+  (``MODEL.EQLOSSES.DECOUPLING``, :mod:`.decoupling`): LWS scales on the frozen classifier, or
+  cRT's classifier left out of a stage-1 checkpoint;
 - the classification loss computed by the loss module, the box regression loss by
   Detectron2's own ``box_reg_loss``;
 - ``predict_probs`` from the loss's own activation, so inference (and the cascade head's
@@ -40,6 +42,8 @@ from ..calibration import ScoreCalibration, calibration_from_cfg
 from ..losses import build_loss_from_cfg
 from ..losses.base import ClassificationLoss
 from ..losses.equilibrium import instance_mean_scores
+from .decoupling import RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker, skip_stage1_classifier
+from .lws import LearnableWeightScaling
 
 __all__ = [
     "LOG_PERIOD",
@@ -132,7 +136,7 @@ class CosineClassifier(nn.Module):
 class LongTailOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, max_iter: int = 0,
-                 **kwargs):
+                 classifier: str = "default", retrain_classifier: bool = False, **kwargs):
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
         #: SOLVER.MAX_ITER: the training progress handed to the loss is iteration / max_iter
@@ -152,6 +156,16 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         if bias is not None:
             with torch.no_grad():
                 self.cls_score.bias.copy_(bias)
+        # decoupling (eqlosses_d2/modeling/decoupling.py): LWS scales, cRT's stage-1 classifier left unloaded
+        if classifier == "lws":
+            if cosine_scale > 0:
+                raise ValueError("MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'lws' needs a linear classifier (COSINE_SCALE 0)")
+            self.cls_score = LearnableWeightScaling.from_linear(self.cls_score)
+        elif classifier != "default":
+            raise ValueError(f"MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: unknown '{classifier}' (known: default, lws)")
+        if retrain_classifier:
+            self.register_buffer(RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker())
+            self.register_load_state_dict_pre_hook(skip_stage1_classifier)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -160,6 +174,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret["cosine_scale"] = cfg.MODEL.EQLOSSES.COSINE_SCALE
         ret["calibration"] = calibration_from_cfg(cfg)
         ret["max_iter"] = cfg.SOLVER.MAX_ITER
+        ret["classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER
+        ret["retrain_classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER
         if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
             ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
