@@ -55,7 +55,8 @@ def main():
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=301)
     parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
-    parser.add_argument("--losses", default="", help="comma-separated registry names (default: all)")
+    parser.add_argument("--losses", default="",
+                        help="comma-separated registry names, plain_bce for PyTorch's BCE (default: all and plain_bce)")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     counts = long_tailed(args.classes)
@@ -72,6 +73,8 @@ def main():
     # caches before whichever loss runs after it in a round, and slow that one by ~20%.
     table = []
     for name in (args.losses.split(",") if args.losses else names(IMAGE_CLS_LOSS_REGISTRY)):
+        if name == "plain_bce":
+            continue
         cls = IMAGE_CLS_LOSS_REGISTRY.get(name)
         loss = cls(args.classes, class_stats=stats).train()
 
@@ -81,6 +84,17 @@ def main():
         samples = interleaved_samples([("ce", plain), (name, run)], args.repeats)
         ce, ms = (statistics.median(samples[k]) * 1000 for k in ("ce", name))
         table.append((name, ms, ce))
+    if not args.losses or "plain_bce" in args.losses.split(","):
+        # the reference of the sigmoid losses: PyTorch's own BCE with logits on one-hot targets
+        targets = F.one_hot(labels, args.classes).float()
+
+        def plain_bce():
+            x = logits.clone().requires_grad_()
+            F.binary_cross_entropy_with_logits(x, targets, reduction="sum").div(args.batch).backward()
+
+        samples = interleaved_samples([("ce", plain), ("bce", plain_bce)], args.repeats)
+        ce, ms = (statistics.median(samples[k]) * 1000 for k in ("ce", "bce"))
+        table.append(("(reference) F.binary_cross_entropy_with_logits", ms, ce))
     print(f"\n### Image-classification losses, forward+backward, {args.batch} x {args.classes} "
           f"(CPU, {torch.get_num_threads()} thread(s), median of {args.repeats}, each loss in turns with plain CE)\n")
     print("| loss | ms | plain CE ms (same rounds) | vs plain CE |")

@@ -25,6 +25,7 @@ is what three seeds can say. A difference is "beyond the interval" when its inte
 excludes 0.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -153,16 +154,18 @@ def merge_run(path, head, method, seed, result_json):
         values = record["results"].get(task)
         if values:
             run[task] = {m: round(float(values[m]), 4) for m in METRICS if m in values}
-    data = load(path) if os.path.isfile(path) else {"about": ABOUT, "runs": []}
-    key = (head, method, int(seed))
-    data["runs"] = [r for r in data["runs"] if (r["head"], r["method"], r["seed"]) != key] + [run]
-    data["runs"].sort(key=lambda r: (r["head"], r["method"], r["seed"]))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    with open(path + ".lock", "w") as lock:  # several train_methods.py may merge into one file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load(path) if os.path.isfile(path) else {"about": ABOUT, "runs": []}
+        key = (head, method, int(seed))
+        data["runs"] = [r for r in data["runs"] if (r["head"], r["method"], r["seed"]) != key] + [run]
+        data["runs"].sort(key=lambda r: (r["head"], r["method"], r["seed"]))
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
 
 
 def baseline_of(method):
@@ -237,7 +240,40 @@ def format_head(data, head, methods=None):
                 cell = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
                 cells.append(f"**{cell}**" if low > 0 or high < 0 else cell)
         lines.append(f"| {method} | {base} | {n_seeds} | " + " | ".join(cells) + " |")
+    verdicts = rare_class_verdicts(data, head, others)
+    if verdicts:
+        lines += ["", verdicts]
     return "\n".join(lines)
+
+
+def rare_class_verdicts(data, head, methods):
+    """One generated sentence: which methods' APr differences (box and mask) to their baseline
+    lie beyond the 95% interval, above or below, over the methods with at least two paired seeds."""
+    above, below, within = [], [], []
+    for method in methods:
+        base = baseline_of(method)
+        found = []
+        for task, word in (("bbox", "box"), ("segm", "mask")):
+            mean, low, high, n = paired_interval(values_by_seed(data, head, method, task, "APr"),
+                                                 values_by_seed(data, head, base, task, "APr"))
+            if n >= 2:
+                found.append((word, mean, low, high))
+        if not found:
+            continue
+        up = [f"{w} {m:+.2f}" for w, m, lo, hi in found if lo > 0]
+        down = [f"{w} {m:+.2f}" for w, m, lo, hi in found if hi < 0]
+        if up:
+            above.append(f"{method} ({', '.join(up)})")
+        if down:
+            below.append(f"{method} ({', '.join(down)})")
+        if not up and not down:
+            within.append(method)
+    if not (above or below or within):
+        return ""
+    parts = [f"APr above its baseline beyond the interval: {', '.join(above) or 'none'}",
+             f"below it: {', '.join(below) or 'none'}",
+             f"within the interval on both box and mask APr: {', '.join(within) or 'none'}"]
+    return "Generated from the file: " + "; ".join(parts) + "."
 
 
 # -- README -------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_schedule_is_seed_by_seed_and_skips_what_does_not_apply(tmp_path):
     loce = tasks[1]
     assert loce[3] == os.path.join(out, "standard", "loce", "seed0")
     assert loce[4] == ["MODEL.WEIGHTS", os.path.join(out, "standard", "softmax", "seed0", "model_final.pth")]
-    assert tasks[2][4][-2:] == ["TEST.EQLOSSES.CALIBRATION.METHOD", "norcal"]
+    assert tasks[2][4][-4:] == ["TEST.EQLOSSES.CALIBRATION.METHOD", "norcal", "TEST.EQLOSSES.CALIBRATION.GAMMA", "0.3"]
     # a run with a result.json is done; a dependent run waits for its softmax run's result
     assert not train_methods.ready(loce, out)
     os.makedirs(os.path.join(out, "standard", "softmax", "seed0"))
@@ -236,3 +236,12 @@ def test_time_limit_stops_running_runs_and_leaves_no_result(tmp_path):
 
     time.sleep(2)
     assert log.stat().st_size == size
+
+
+def test_rare_class_verdicts(tmp_path):
+    data = study.load(_study(tmp_path))
+    text = study.rare_class_verdicts(data, "standard", ["eqlv2", "seesaw"])
+    # eqlv2's box and mask APr: +10.00 [+7.52, +12.48]; seesaw has one seed: not judged
+    assert text == ("Generated from the file: APr above its baseline beyond the interval: eqlv2 (box +10.00, "
+                    "mask +10.00); below it: none; within the interval on both box and mask APr: none.")
+    assert study.format_head(data, "standard").endswith(text)
