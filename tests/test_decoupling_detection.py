@@ -158,6 +158,22 @@ def test_lws_predictor_on_a_stage1_checkpoint_computes_the_stage1_logits(loss, t
     assert torch.equal(scores, ref_scores) and torch.equal(deltas, ref_deltas)
 
 
+def test_lws_cascade_stages_on_a_stage1_checkpoint(tmp_path):
+    """Each cascade stage's classifier is an LWS layer with stage 1's W, b and scales 1; every stage's
+    scores equal stage 1's."""
+    opts = ["MODEL.ROI_HEADS.NAME", "LongTailCascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"]
+    stage1 = _model(opts=opts, seed=0)
+    DetectionCheckpointer(stage1, save_dir=str(tmp_path)).save("stage1")
+    lws = _model(opts=opts + ["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws"], seed=1)
+    DetectionCheckpointer(lws).load(str(tmp_path / "stage1.pth"))
+    assert len(_predictors(lws)) == 3
+    for predictor, reference in zip(_predictors(lws), _predictors(stage1)):
+        assert isinstance(predictor.cls_score, LearnableWeightScaling)
+        assert torch.equal(predictor.cls_score.scales, torch.ones(5))
+        features = torch.randn(4, predictor.cls_score.in_features)
+        assert torch.equal(predictor(features)[0], reference(features)[0])
+
+
 def test_lws_scales_checkpoint_round_trip(tmp_path):
     opts = ["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws"]
     model = _model(opts=opts, seed=0)
@@ -213,6 +229,23 @@ def test_crt_leaves_the_stage1_classifier_out_and_loads_a_stage2_one(head, tmp_p
         assert torch.equal(again.state_dict()[name], value), name
 
 
+def test_crt_eval_only_refuses_a_stage1_checkpoint(tmp_path):
+    """``--eval-only`` with a cRT config: a stage-1 checkpoint would leave the classifier random
+    (refused, one line, as any predictor left unloaded); a stage-2 one loads whole."""
+    from eqlosses_d2.checkpoint import AtomicCheckpointer, CheckpointError, check_predictors_loaded
+
+    opts = ["MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER", "True"]
+    DetectionCheckpointer(_model(), save_dir=str(tmp_path)).save("stage1")
+    DetectionCheckpointer(_model(opts=opts), save_dir=str(tmp_path)).save("stage2")
+    model = _model(opts=opts, seed=1)
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path / "eval"))
+    checkpointer.resume_or_load(str(tmp_path / "stage1.pth"), resume=False)
+    with pytest.raises(CheckpointError, match="roi_heads.box_predictor.cls_score"):
+        check_predictors_loaded(model, checkpointer.incompatible, "stage1.pth")
+    checkpointer.resume_or_load(str(tmp_path / "stage2.pth"), resume=False)
+    check_predictors_loaded(model, checkpointer.incompatible, "stage2.pth")
+
+
 def test_crt_classifier_initialisation_is_the_predictors():
     """The fresh cRT classifier is the predictor's own initialisation: N(0, 0.01²) weights, zero bias
     (softmax); the sigmoid loss's prior bias −log((1 − π)/π), π = 0.001."""
@@ -223,6 +256,81 @@ def test_crt_classifier_initialisation_is_the_predictors():
     sigmoid = _model(opts=["MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER", "True", "MODEL.EQLOSSES.LOSS", "sigmoid"])
     prior = -torch.log(torch.tensor((1 - 0.001) / 0.001))
     assert torch.allclose(sigmoid.roi_heads.box_predictor.cls_score.bias, prior.expand(4))
+
+
+# -- two processes (gloo on the CPU) -----------------------------------------------------------------
+
+
+def _ddp_worker(rank, tmp_dir):
+    """Each rank builds the cRT model with its own seed (another fresh classifier, as Detectron2 seeds
+    each rank), wraps it as ``DefaultTrainer`` does (``create_ddp_model``: DDP broadcasts rank 0's
+    parameters), then loads the stage-1 checkpoint (``resume_or_load``, after the wrap). Then one SGD
+    step of an LWS predictor on this rank's own features and labels."""
+    import torch.distributed as dist
+    from detectron2.engine.defaults import create_ddp_model
+    from eqlosses_d2.modeling import restrict_trainable
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/rendezvous", rank=rank, world_size=2)
+    try:
+        crt = _model(opts=["MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER", "True"], seed=10 + rank)
+        fresh = crt.roi_heads.box_predictor.cls_score.weight.detach().clone()
+        ddp = create_ddp_model(crt, broadcast_buffers=False, device_ids=None)  # as the CPU launch does
+        DetectionCheckpointer(ddp).load(os.path.join(tmp_dir, "stage1.pth"))
+        lws = _model(opts=["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws"], seed=20 + rank)
+        DetectionCheckpointer(lws).load(os.path.join(tmp_dir, "stage1.pth"))
+        predictor = lws.roi_heads.box_predictor.train()
+        restrict_trainable(predictor, ["cls_score.scales"])
+        ddp_predictor = create_ddp_model(predictor, broadcast_buffers=False, device_ids=None)
+        features, labels = _rank_features(rank, predictor.cls_score.in_features)
+        optimizer = torch.optim.SGD([predictor.cls_score.scales], lr=0.5)
+        F.cross_entropy(ddp_predictor(features)[0], labels).backward()
+        optimizer.step()
+        torch.save({"fresh": fresh, "state": crt.state_dict(), "scales": predictor.cls_score.scales.detach().clone()},
+                   os.path.join(tmp_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_features(rank, dim):
+    g = torch.Generator().manual_seed(100 + rank)
+    num = 6 if rank == 0 else 3
+    return torch.randn(num, dim, generator=g), torch.randint(0, 5, (num,), generator=g)
+
+
+def test_two_processes_share_the_fresh_classifier_and_average_the_scale_gradients(tmp_path):
+    """cRT: both ranks end with rank 0's fresh classifier and stage 1's other weights. LWS: after one
+    step both ranks have the same scales, 1 − lr · (∇_0 + ∇_1)/2, each ∇_r the gradient of rank r's
+    own mean cross-entropy, computed here in one process."""
+    import torch.multiprocessing as mp
+
+    stage1 = _model(seed=0)
+    with torch.no_grad():
+        stage1.roi_heads.box_predictor.cls_score.bias.uniform_(-1.0, 1.0)
+    DetectionCheckpointer(stage1, save_dir=str(tmp_path)).save("stage1")
+    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert not torch.equal(ranks[0]["fresh"], ranks[1]["fresh"])
+    reference = stage1.state_dict()
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][name], value), name
+        if ".cls_score." not in name and not name.endswith("retrained_classifier"):
+            assert torch.equal(value, reference[name]), name
+    assert torch.equal(ranks[0]["state"]["roi_heads.box_predictor.cls_score.weight"], ranks[0]["fresh"])
+    # LWS: the gradient each rank computes alone, averaged (DDP's all-reduce mean)
+    lws = _model(opts=["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws"], seed=0)
+    DetectionCheckpointer(lws).load(str(tmp_path / "stage1.pth"))
+    layer = lws.roi_heads.box_predictor.cls_score
+    grads = []
+    for rank in range(2):
+        layer.scales.grad = None
+        features, labels = _rank_features(rank, layer.in_features)
+        F.cross_entropy(layer(features), labels).backward()
+        grads.append(layer.scales.grad.clone())
+    expected = 1.0 - 0.5 * (grads[0] + grads[1]) / 2
+    for rank in range(2):
+        assert torch.allclose(ranks[rank]["scales"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(ranks[0]["scales"], ranks[1]["scales"])
 
 
 # -- config ------------------------------------------------------------------------------------------
