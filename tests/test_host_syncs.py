@@ -63,6 +63,7 @@ CPU_POLICY_READS = {
     "bal_bce": {"__bool__": 1, "__float__": 1},
     "ecm": {"__bool__": 1, "__float__": 1},
     "db": {"__bool__": 1, "__float__": 1},
+    "bags": {"__bool__": 1, "__float__": 1},
     "focal": {"__bool__": 2, "__float__": 1, "__int__": 2},
     "efl": {"__bool__": 2, "__float__": 1, "__int__": 2},
 }
