@@ -58,7 +58,8 @@ NumPy's global generator, on the host): the same distribution, not the same stre
 returned as one ``loss_cls`` (theirs as ``loss_cls_bin0`` ... ``loss_cls_bin4``, summed by
 mmdetection the same way; the per-group values are this loss's logged scalars); value and
 gradient come from one fused computation (:class:`_GroupSoftmaxCE`), float32, with the sum
-accumulated in float64. Their cascade head averages the stages' raw logits before the merge;
+accumulated in float64; under the CPU policy a foreground group's softmax runs over the RoIs in its
+loss only (a ``nonzero`` per group; the GPU policy takes every row with zero weights, no host read). Their cascade head averages the stages' raw logits before the merge;
 the cascade head here averages the stages' merged probabilities (every method's).
 """
 import math
@@ -68,7 +69,7 @@ import torch
 from torch.nn import functional as F
 
 from .bal_bce import CachedClassConstants
-from .base import ClassificationLoss, empty_loss, scaled_stashed_grad
+from .base import ClassificationLoss, empty_loss, gpu_policy, scaled_stashed_grad
 from .fused import row_ranges
 from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
 
@@ -152,18 +153,35 @@ class _GroupSoftmaxCE(torch.autograd.Function):
         grad = torch.empty_like(logits)
         per_group = torch.zeros(len(slices), dtype=torch.float64, device=logits.device)
         target_logits = logits.gather(1, target_columns)  # (N, G + 1)
+        # CPU policy: a foreground group's softmax only over the RoIs in its loss (its own and the
+        # sampled others: about (1 + ratio) k_g of N), its other rows' gradient 0; the GPU policy
+        # takes every row (zero weights), which reads no row count back
+        subsets = not gpu_policy(logits.device)
         for index, (first, length) in enumerate(slices):
-            # each group in row chunks of its own width (two chunk-sized buffers: its logits, made
+            rows = None
+            if subsets and index > 0:
+                rows = weights[index].nonzero().squeeze(1)
+                grad[:, first:first + length].zero_()
+            count = num_rows if rows is None else rows.numel()
+            # in row chunks of the group's width (two chunk-sized buffers: its logits, made
             # contiguous for torch's fused softmax kernel, which would copy a strided view itself,
             # and their softmax)
-            for start, stop in row_ranges(num_rows, length, logits.device, buffers=2):
-                group_logits = logits[start:stop, first:first + length].contiguous()
+            for start, stop in row_ranges(count, length, logits.device, buffers=2):
+                if rows is None:
+                    group_logits = logits[start:stop, first:first + length].contiguous()
+                    w, z_t = weights[index, start:stop], target_logits[start:stop, index]
+                else:
+                    chunk_rows = rows[start:stop]
+                    group_logits = logits[chunk_rows, first:first + length]  # a contiguous copy
+                    w, z_t = weights[index, chunk_rows], target_logits[chunk_rows, index]
                 probs = torch.softmax(group_logits, dim=1)
                 # log-sum-exp = max z − log max p (max p >= 1 / length: no underflow)
                 lse = group_logits.amax(dim=1) - probs.amax(dim=1).log()
-                w = weights[index, start:stop]
-                per_group[index] += (w * (lse - target_logits[start:stop, index])).sum(dtype=torch.float64)
-                torch.mul(probs, w[:, None], out=grad[start:stop, first:first + length])
+                per_group[index] += (w * (lse - z_t)).sum(dtype=torch.float64)
+                if rows is None:
+                    torch.mul(probs, w[:, None], out=grad[start:stop, first:first + length])
+                else:
+                    grad[chunk_rows, first:first + length] = probs.mul_(w[:, None])
         grad.scatter_add_(1, target_columns, -weights.t())
         ctx.grad = grad
         ctx.mark_non_differentiable(per_group)
