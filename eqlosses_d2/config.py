@@ -94,10 +94,27 @@ def add_eqlosses_config(cfg):
 
     # Decoupling (Kang et al. 2020) in the RoI box predictor (eqlosses_d2/modeling/decoupling.py).
     _C.MODEL.EQLOSSES.DECOUPLING = CN()
-    # "default": the predictor's classifier; "lws": f_k * (w_k x + b_k), W, b frozen, scales f learned.
+    # "default": the predictor's classifier; "lws": f_k * (w_k x + b_k), W, b frozen, scales f learned;
+    # "tde": TDE's causal-norm classifier with counterfactual inference (MODEL.EQLOSSES.TDE).
     _C.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER = "default"
     # cRT: a checkpoint without the predictor's "retrained_classifier" buffer (stage 1) does not load cls_score.
     _C.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER = False
+
+    # TDE (Tang et al. 2020), the box classifier of DECOUPLING.CLASSIFIER "tde" (eqlosses_d2/modeling/tde.py);
+    # defaults: the authors' LVIS v1 code.
+    _C.MODEL.EQLOSSES.TDE = CN()
+    # K: the box feature and the class weights are split into K heads.
+    _C.MODEL.EQLOSSES.TDE.NUM_HEAD = 2
+    # τ: the logits are (τ/K) * Σ_k <x_k/|x_k|, w_jk/(|w_jk| + γ)>.
+    _C.MODEL.EQLOSSES.TDE.TAU = 16.0
+    # γ of the causal norm w/(|w| + γ).
+    _C.MODEL.EQLOSSES.TDE.GAMMA = 0.03125
+    # μ of the foreground direction c <- μ c + foreground mean feature (their LVIS v1: 1 - 0.1 * 0.002).
+    _C.MODEL.EQLOSSES.TDE.MOMENTUM = 0.9998
+    # α of the counterfactual inference (0: the training logits); inference only, change it with --eval-only.
+    _C.MODEL.EQLOSSES.TDE.ALPHA = 1.5
+    # Background-Exempted Inference: the background keeps its probability; inference only.
+    _C.MODEL.EQLOSSES.TDE.BACKGROUND_EXEMPTED = True
 
     # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()

@@ -6,6 +6,7 @@ from .lws import LearnableWeightScaling
 from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
 from .memory import FeatureMemory, jitter_boxes
 from .one_stage import LongTailFCOS, LongTailRetinaNet  # registration: one-stage meta-architectures
+from .tde import CausalNormClassifier, validate_box_tde  # registration: a config check
 from .roi_heads import (
     LongTailCascadeROIHeads,
     LongTailIterativeROIHeads,
@@ -15,6 +16,7 @@ from .roi_heads import (
 from .trainable import restrict_trainable
 
 __all__ = [
+    "CausalNormClassifier",
     "ClassStatsBuffers",
     "CosineClassifier",
     "FeatureMemory",
@@ -32,5 +34,6 @@ __all__ = [
     "normalize_mask_predictor",
     "restrict_trainable",
     "validate_box_decoupling",
+    "validate_box_tde",
     "validate_detectron2_names",
 ]

@@ -8,7 +8,8 @@ The box predictor: the one place where Detectron2 and the losses meet.
   classifier (``MODEL.EQLOSSES.COSINE_SCALE`` > 0: ``s · x/‖x‖ · W/‖W‖``, as Seesaw's
   and GOL's LVIS recipes use), its bias initialised as the loss asks; decoupling's stage 2
   (``MODEL.EQLOSSES.DECOUPLING``, :mod:`.decoupling`): LWS scales on the frozen classifier, or
-  cRT's classifier left out of a stage-1 checkpoint;
+  cRT's classifier left out of a stage-1 checkpoint; or TDE's causal-norm classifier
+  (``DECOUPLING.CLASSIFIER tde``, :mod:`.tde`), its foreground direction updated in ``losses``;
 - the classification loss computed by the loss module, the box regression loss by
   Detectron2's own ``box_reg_loss``;
 - ``predict_probs`` from the loss's own activation, so inference (and the cascade head's
@@ -44,6 +45,7 @@ from ..losses.base import ClassificationLoss
 from ..losses.equilibrium import instance_mean_scores
 from .decoupling import RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker, skip_stage1_classifier
 from .lws import LearnableWeightScaling
+from .tde import CausalNormClassifier, tde_classifier_from_cfg
 
 __all__ = [
     "LOG_PERIOD",
@@ -136,7 +138,7 @@ class CosineClassifier(nn.Module):
 class LongTailOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, max_iter: int = 0,
-                 classifier: str = "default", retrain_classifier: bool = False, **kwargs):
+                 classifier: str = "default", retrain_classifier: bool = False, tde_classifier=None, **kwargs):
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
         #: SOLVER.MAX_ITER: the training progress handed to the loss is iteration / max_iter
@@ -161,8 +163,12 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             if cosine_scale > 0:
                 raise ValueError("MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'lws' needs a linear classifier (COSINE_SCALE 0)")
             self.cls_score = LearnableWeightScaling.from_linear(self.cls_score)
+        elif classifier == "tde":  # eqlosses_d2/modeling/tde.py: the direction is updated in losses()
+            if cosine_scale > 0 or cls_loss.num_logits != self.num_classes + 1:
+                raise ValueError("MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'tde' needs softmax's C + 1 logits and COSINE_SCALE 0")
+            self.cls_score = tde_classifier or CausalNormClassifier(in_features, cls_loss.num_logits)
         elif classifier != "default":
-            raise ValueError(f"MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: unknown '{classifier}' (known: default, lws)")
+            raise ValueError(f"MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: unknown '{classifier}' (known: default, lws, tde)")
         if retrain_classifier:
             self.register_buffer(RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker())
             self.register_load_state_dict_pre_hook(skip_stage1_classifier)
@@ -176,6 +182,9 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret["max_iter"] = cfg.SOLVER.MAX_ITER
         ret["classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER
         ret["retrain_classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER
+        if ret["classifier"] == "tde":
+            ret["tde_classifier"] = tde_classifier_from_cfg(cfg, input_shape.channels * (input_shape.height or 1) *
+                                                            (input_shape.width or 1), ret["cls_loss"].num_logits)
         if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
             ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
@@ -206,6 +215,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             )
         logging = is_logging_step(self.max_iter)
         self.cls_loss.scalars_wanted = logging  # what the loss keeps only for its scalars
+        if isinstance(self.cls_score, CausalNormClassifier):
+            self.cls_score.update_direction(gt_classes)  # TDE: c <- μ c + the foreground mean feature
         losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
         if logging:
             self._log_scalars(scores, gt_classes)

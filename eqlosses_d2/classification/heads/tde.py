@@ -52,7 +52,29 @@ from ...losses.base import sync_state
 from ...registry import CLASSIFIER_HEAD_REGISTRY, config_node, register
 from .base import ClassifierHead
 
-__all__ = ["TDEHead"]
+__all__ = ["TDEHead", "causal_norm_logits"]
+
+
+def causal_norm_logits(features, weight, num_head: int, tau: float, gamma: float, direction=None,
+                       alpha: float = 0.0):
+    """
+    (N, D) features, (C, D) class weights → (N, C) logits (pure function; shared with the detection
+    box classifier, :mod:`eqlosses_d2.modeling.tde`):
+
+        z_j = (τ/K) · Σ_k <x̂_k − α · cos_k · ĉ_k,  w_jk / (‖w_jk‖ + γ)>,   cos_k = <x̂_k, ĉ_k>
+
+    x̂_k = x_k/‖x_k‖, ĉ_k = c_k/‖c_k‖ (norms clamped at 1e-12), ``direction`` c (D,) the moving
+    feature direction; α = 0 or ``direction`` None: the training (causal-norm) logits.
+    """
+    head_dim = features.shape[1] // num_head  # explicit: a batch of 0 rows has no −1 to infer
+    normed_x = F.normalize(features.reshape(features.shape[0], num_head, head_dim), dim=2)
+    heads_w = weight.reshape(weight.shape[0], num_head, head_dim)
+    normed_w = (heads_w / (heads_w.norm(dim=2, keepdim=True) + gamma)).to(normed_x.dtype)
+    if direction is not None and alpha > 0:
+        unit_c = F.normalize(direction.reshape(1, num_head, head_dim), dim=2).to(normed_x.dtype)
+        cos = (normed_x * unit_c).sum(dim=2, keepdim=True)  # (N, K, 1)
+        normed_x = normed_x - alpha * cos * unit_c
+    return (tau / num_head) * torch.einsum("nkd,ckd->nc", normed_x, normed_w)
 
 
 @register(CLASSIFIER_HEAD_REGISTRY)
@@ -141,15 +163,10 @@ class TDEHead(ClassifierHead):
 
     def forward(self, features, learning_rate=None):
         """Training: the causal-norm logits (and the moving average's update); eval: the TDE logits."""
-        normed_x = self.normalized_features(features)
-        normed_w = self.normalized_weight().to(normed_x.dtype)
         if self.training:
             self.update_moving_average(features, learning_rate)
-        elif self.alpha > 0:
-            direction = F.normalize(self._heads(self.feature_moving_average.view(1, -1)), dim=2).to(normed_x.dtype)
-            cos = (normed_x * direction).sum(dim=2, keepdim=True)  # (N, K, 1)
-            normed_x = normed_x - self.alpha * cos * direction
-        return self.scale * torch.einsum("nkd,ckd->nc", normed_x, normed_w)
+        direction = None if self.training else self.feature_moving_average
+        return causal_norm_logits(features, self.weight, self.num_head, self.tau, self.gamma, direction, self.alpha)
 
     def training_step(self, features, labels, progress=None, learning_rate=None):
         """``(logits, {})``: what the meta-architecture calls in training (no extra loss)."""
