@@ -48,7 +48,7 @@ METRICS = ("AP", "APr", "APc", "APf")
 
 
 #: methods that fine-tune the standard head's softmax run (their quickstart config's protocol)
-FINE_TUNED = {"loce"}
+FINE_TUNED = {"loce", "crt", "lws"}
 #: post-hoc calibrations: the standard head's softmax run of the same seed, evaluated with these opts
 #: (NorCal's γ 0.3: the best of the README's sweep on an earlier softmax run, chosen on the same val
 #: split, so the NorCal row is optimistic; its default γ 0 would return the softmax scores)

@@ -208,7 +208,7 @@ def test_schedule_is_seed_by_seed_and_skips_what_does_not_apply(tmp_path):
 
 def test_every_study_method_has_a_config():
     configs = train_methods.loss_configs()
-    for method in ("softmax", "eqlv2", "seesaw", "gumbel", "federated", "softmax_eql", "loce", "norcal",
+    for method in ("softmax", "eqlv2", "seesaw", "gumbel", "federated", "softmax_eql", "loce", "norcal", "crt", "lws", "bags",
                    "copy_paste", "equilibrium", "pcb", *train_methods.ONE_STAGE):
         assert os.path.isfile(configs[method]), method
     assert configs["norcal"] == configs["softmax"]
@@ -245,3 +245,21 @@ def test_rare_class_verdicts(tmp_path):
     assert text == ("Generated from the file: APr above its baseline beyond the interval: eqlv2 (box +10.00, "
                     "mask +10.00); below it: none; within the interval on both box and mask APr: none.")
     assert study.format_head(data, "standard").endswith(text)
+
+
+def test_study_gpu_script_sets_up_and_refuses_without_cuda(tmp_path):
+    """tools/study_gpu.sh: the shared environment set-up (tools/gpu_env.sh) runs, then, without a
+    GPU, one line and exit 1 before any run starts."""
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "study_gpu.sh")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "study_gpu: needs a CUDA GPU"
+    assert proc.stdout.startswith("torch ")  # gpu_env.sh's import check printed its versions
+    assert not (tmp_path / "gpu_study.json").exists()

@@ -79,13 +79,13 @@ def _roi_problem(num_rois, num_classes, seed=0):
 @contextlib.contextmanager
 def same_draws(seed=1):
     """The losses' random draws (Federated's ``torch.multinomial``, DropLoss's
-    :func:`exceeds_uniform`) made on the CPU from one seeded generator and moved to the
+    :func:`exceeds_uniform`, BAGS's :func:`uniform_keys`) made on the CPU from one seeded generator and moved to the
     device, so that a CUDA step and its CPU reference draw the same numbers and can be
     compared to rounding."""
-    from eqlosses_d2.losses import gumbel
+    from eqlosses_d2.losses import bags, gumbel
 
     generator = torch.Generator().manual_seed(seed)
-    multinomial, exceeds = torch.multinomial, gumbel.exceeds_uniform
+    multinomial, exceeds, keys = torch.multinomial, gumbel.exceeds_uniform, bags.uniform_keys
 
     def cpu_multinomial(input, num_samples, replacement=False, *, generator_=None, **kwargs):
         return multinomial(input.detach().float().cpu(), num_samples, replacement, generator=generator).to(input.device)
@@ -93,11 +93,14 @@ def same_draws(seed=1):
     def cpu_exceeds(rows, cols, threshold, device):
         return (torch.rand(rows, cols, generator=generator) > float(threshold)).to(device)
 
-    torch.multinomial, gumbel.exceeds_uniform = cpu_multinomial, cpu_exceeds
+    def cpu_keys(rows, cols, device):
+        return torch.rand(rows, cols, generator=generator).to(device)
+
+    torch.multinomial, gumbel.exceeds_uniform, bags.uniform_keys = cpu_multinomial, cpu_exceeds, cpu_keys
     try:
         yield
     finally:
-        torch.multinomial, gumbel.exceeds_uniform = multinomial, exceeds
+        torch.multinomial, gumbel.exceeds_uniform, bags.uniform_keys = multinomial, exceeds, keys
 
 
 @contextlib.contextmanager

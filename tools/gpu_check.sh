@@ -14,17 +14,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR=${OUT:-output/gpu_check}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "gpu_check: installing .whl/*.whl failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1 EQLOSSES_D2_CACHE=${EQLOSSES_D2_CACHE:-/tmp/eqlosses_d2_cache}
-export EQLOSSES_D2_DATA=${EQLOSSES_D2_DATA:-/tmp/eqlosses_d2_data}
-"$PY" -c "import torch, detectron2, eqlosses_d2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'detectron2', detectron2.__version__)" \
-  || { echo "gpu_check: the environment does not import (run tools/gpu_wheels.sh here and carry .whl)" >&2; exit 1; }
+WHO=gpu_check
+# shellcheck source=tools/gpu_env.sh
+source tools/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 start=$(date +%s)
 timeout 360 "$PY" tools/gpu_check.py --out "$OUT_DIR" "$@" >"$OUT_DIR/gpu_check.log" 2>&1

@@ -19,17 +19,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR=${OUT:-output/study_gpu}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "study_gpu: installing .whl/*.whl failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1 EQLOSSES_D2_CACHE=${EQLOSSES_D2_CACHE:-/tmp/eqlosses_d2_cache}
-export EQLOSSES_D2_DATA=${EQLOSSES_D2_DATA:-/tmp/eqlosses_d2_data}
-"$PY" -c "import torch, detectron2, eqlosses_d2; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))" \
-  || { echo "study_gpu: needs a CUDA GPU and the environment (run tools/gpu_wheels.sh here and carry .whl)" >&2; exit 1; }
+WHO=study_gpu
+# shellcheck source=tools/gpu_env.sh
+source tools/gpu_env.sh
+"$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0))" \
+  || { echo "study_gpu: needs a CUDA GPU" >&2; exit 1; }
 # the embedded data once, before the parallel runs (each would otherwise generate it)
 "$PY" -c "from eqlosses_d2.data.synthetic import ensure_synthetic_lvis; ensure_synthetic_lvis(progress=False)" \
   || { echo "study_gpu: generating the embedded data failed" >&2; exit 1; }

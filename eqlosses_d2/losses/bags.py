@@ -118,6 +118,12 @@ def group_layout(instance_count, boundaries: Sequence[int]) -> GroupLayout:
                        starts.to(device))
 
 
+def uniform_keys(rows: int, cols: int, device) -> torch.Tensor:
+    """(rows, cols) uniform keys from torch's default generator of ``device`` (one function, so
+    that tools/gpu_check.py can make a CUDA step and its CPU reference draw the same keys)."""
+    return torch.rand(rows, cols, device=device)
+
+
 def sample_group_rois(in_group: torch.Tensor, ratio: float, generator=None) -> torch.Tensor:
     """
     (G, N) bool: the RoIs in the loss of each foreground group (their ``_sample_others``). Row g:
@@ -127,7 +133,10 @@ def sample_group_rois(in_group: torch.Tensor, ratio: float, generator=None) -> t
     whatever the labels; no host read.
     """
     num_groups, num_rois = in_group.shape
-    keys = torch.rand(num_groups, num_rois, generator=generator, device=in_group.device)
+    if generator is None:
+        keys = uniform_keys(num_groups, num_rois, in_group.device)
+    else:
+        keys = torch.rand(num_groups, num_rois, generator=generator, device=in_group.device)
     wanted = torch.floor(in_group.sum(dim=1, dtype=torch.float64) * ratio).long()
     keys = keys.masked_fill(in_group, 2.0)  # the group's own RoIs rank after every "others" RoI
     order = keys.argsort(dim=1, stable=True)
