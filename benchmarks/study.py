@@ -180,9 +180,14 @@ def values_by_seed(data, head, method, task, metric):
             if r["head"] == head and r["method"] == method and metric in r.get(task, {})}
 
 
+def legacy_record(data, head, method):
+    """The earlier single run of (head, method) kept in the file's ``legacy_runs`` (None: none)."""
+    return next((r for r in data.get("legacy_runs", []) if r["head"] == head and r["method"] == method), None)
+
+
 def _methods(data, head, methods=None):
     present = []
-    for r in data["runs"]:
+    for r in data["runs"] + data.get("legacy_runs", []):
         if r["head"] == head and r["method"] not in present:
             present.append(r["method"])
     order = list(methods) if methods else sorted(present, key=lambda m: (baseline_of(m) is not None, m))
@@ -191,7 +196,7 @@ def _methods(data, head, methods=None):
 
 def format_tables(data, heads=None, methods=None):
     """Markdown: per head, the mean ± sd table and the paired-difference table."""
-    heads = heads or sorted({r["head"] for r in data["runs"]})
+    heads = heads or sorted({r["head"] for r in data["runs"] + data.get("legacy_runs", [])})
     out = []
     for head in heads:
         block = format_head(data, head, methods)
@@ -206,8 +211,16 @@ def format_head(data, head, methods=None):
         return ""
     lines = ["| method | seeds | box AP | APr | APc | APf | mask AP | APr | APc | APf |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    earlier = False
     for method in names:
         seeds = sorted({r["seed"] for r in data["runs"] if r["head"] == head and r["method"] == method})
+        legacy = None if seeds else legacy_record(data, head, method)
+        if legacy is not None:
+            earlier = True
+            cells = [f"{legacy[task][metric]:.2f}" if metric in legacy.get(task, {}) else "-"
+                     for task, metric in DIFF_METRICS]
+            lines.append(f"| {method} | 0* | " + " | ".join(cells) + " |")
+            continue
         cells = []
         for task, metric in DIFF_METRICS:
             values = list(values_by_seed(data, head, method, task, metric).values())
@@ -217,7 +230,11 @@ def format_head(data, head, methods=None):
             mean, sd = mean_sd(values)
             cells.append(f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} ± {sd:.2f}")
         lines.append(f"| {method} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
-    others = [m for m in names if baseline_of(m) in names]
+    if earlier:
+        lines += ["", "\\* an earlier single run (SEED 0, with the code of its day), kept in the file's "
+                  "`legacy_runs` until the study runs the method; not paired with the study's runs."]
+    studied = {r["method"] for r in data["runs"] if r["head"] == head}
+    others = [m for m in names if m in studied and baseline_of(m) in studied]
     if not others:
         return "\n".join(lines)
     bases = sorted({baseline_of(m) for m in others})
@@ -280,7 +297,8 @@ def rare_class_verdicts(data, head, methods):
 
 def readme_blocks(data):
     """{head: the Markdown between its README markers}."""
-    return {head: format_head(data, head) for head in sorted({r["head"] for r in data["runs"]})}
+    return {head: format_head(data, head)
+            for head in sorted({r["head"] for r in data["runs"] + data.get("legacy_runs", [])})}
 
 
 def render_readme(text, data, readme_path="README.md"):

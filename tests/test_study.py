@@ -263,3 +263,27 @@ def test_study_gpu_script_sets_up_and_refuses_without_cuda(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "study_gpu: needs a CUDA GPU"
     assert proc.stdout.startswith("torch ")  # gpu_env.sh's import check printed its versions
     assert not (tmp_path / "gpu_study.json").exists()
+
+
+def test_legacy_runs_show_until_the_study_runs_the_method(tmp_path):
+    path = _study(tmp_path)
+    data = study.load(path)
+    data["legacy_runs"] = [
+        {"head": "standard", "method": "pcb", "seed": 0, "legacy": True, "bbox": {"AP": 45.16, "APr": 29.85, "APc": 42.35, "APf": 60.78},
+         "segm": {"AP": 50.36, "APr": 38.86, "APc": 45.27, "APf": 65.68}},
+        {"head": "standard", "method": "eqlv2", "seed": 0, "legacy": True, "bbox": {"AP": 1.0, "APr": 1.0, "APc": 1.0, "APf": 1.0}},
+        {"head": "cascade", "method": "softmax", "seed": 0, "legacy": True, "bbox": {"AP": 55.93, "APr": 23.25, "APc": 60.35, "APf": 76.76}},
+    ]
+    text = study.format_head(data, "standard")
+    assert "| pcb | 0* | 45.16 | 29.85 | 42.35 | 60.78 | 50.36 | 38.86 | 45.27 | 65.68 |" in text
+    assert "| eqlv2 | 0,1,2 | 42.00 ± 1.00 |" in text and "| eqlv2 | 0* |" not in text  # the study's runs win
+    assert "| pcb | softmax |" not in text  # never paired
+    assert "earlier single run" in text
+    cascade = study.format_head(data, "cascade")
+    assert "| softmax | 0* | 55.93 | 23.25 | 60.35 | 76.76 | - | - | - | - |" in cascade and "Paired" not in cascade
+    assert set(study.readme_blocks(data)) == {"standard", "cascade"}
+    # merging keeps the legacy records
+    with open(path, "w") as f:
+        json.dump(data, f)
+    study.merge_run(path, "standard", "seesaw", 1, _result_json(tmp_path, "s1", (41.0, 25.0, 40.0, 60.0)))
+    assert len(study.load(path)["legacy_runs"]) == 3
