@@ -64,6 +64,7 @@ CPU_POLICY_READS = {
     "ecm": {"__bool__": 1, "__float__": 1},
     "db": {"__bool__": 1, "__float__": 1},
     "bags": {"__bool__": 1, "__float__": 1},
+    "cdb_w": {"__bool__": 1},
     "focal": {"__bool__": 2, "__float__": 1, "__int__": 2},
     "efl": {"__bool__": 2, "__float__": 1, "__int__": 2},
 }
@@ -287,6 +288,7 @@ STATE_COLLECTIVES = {
     "seesaw": [(torch.float64, C)],
     "equilibrium": [(torch.float64, 2 * C)],
     "pcb": [(torch.float64, C), (torch.float32, 3 * C)],  # classes 0, 1 and 4 present
+    "cdb_w": [(torch.float64, 2 * C)],
 }
 
 

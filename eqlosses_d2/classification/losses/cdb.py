@@ -43,34 +43,14 @@ Where ours differs from their code:
   (1 − max d + 0.01)) (no −1, no factor 2) and the loss is the plain mean over the batch
   ``mean_i w_{y_i} CE_i``; we follow the ImageNet-LT code.
 """
-import math
-
 import torch
 from torch.nn import functional as F
 
+from ...losses.class_difficulty import cdb_weights, dynamic_tau, tau_from_difficulty  # noqa: F401 (shared)
 from ...registry import IMAGE_CLS_LOSS_REGISTRY, config_node, register
 from .base import ImageClassificationLoss
 
-__all__ = ["ClassDifficultyBalancedCE", "cdb_weights", "tau_from_difficulty"]
-
-#: the ε of their dynamic τ, ``1 − max d + ε``
-DYNAMIC_TAU_EPS = 0.01
-
-
-def tau_from_difficulty(difficulty: torch.Tensor) -> float:
-    """Their dynamic τ = 2 · sigmoid((1 − min d) / (1 − max d + 0.01) − 1), in float64."""
-    d = difficulty.double()
-    bias = (1.0 - float(d.min())) / (1.0 - float(d.max()) + DYNAMIC_TAU_EPS) - 1.0
-    return 2.0 / (1.0 + math.exp(-bias))
-
-
-def cdb_weights(difficulty: torch.Tensor, tau: float) -> torch.Tensor:
-    """(C,) float64 ``C · d^τ / Σ d^τ`` (uniform when every ``d^τ`` is 0)."""
-    powered = difficulty.double().pow(tau)
-    total = powered.sum()
-    if not total > 0:
-        return torch.ones_like(powered)
-    return powered * (powered.numel() / total)
+__all__ = ["ClassDifficultyBalancedCE", "cdb_weights", "dynamic_tau", "tau_from_difficulty"]
 
 
 @register(IMAGE_CLS_LOSS_REGISTRY)
