@@ -95,7 +95,8 @@ def add_eqlosses_config(cfg):
     # Decoupling (Kang et al. 2020) in the RoI box predictor (eqlosses_d2/modeling/decoupling.py).
     _C.MODEL.EQLOSSES.DECOUPLING = CN()
     # "default": the predictor's classifier; "lws": f_k * (w_k x + b_k), W, b frozen, scales f learned;
-    # "tde": TDE's causal-norm classifier with counterfactual inference (MODEL.EQLOSSES.TDE).
+    # "tde": TDE's causal-norm classifier with counterfactual inference (MODEL.EQLOSSES.TDE);
+    # "vmf": vMF-OP's von Mises-Fisher classifier (MODEL.EQLOSSES.VMF).
     _C.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER = "default"
     # cRT: a checkpoint without the predictor's "retrained_classifier" buffer (stage 1) does not load cls_score.
     _C.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER = False
@@ -115,6 +116,17 @@ def add_eqlosses_config(cfg):
     _C.MODEL.EQLOSSES.TDE.ALPHA = 1.5
     # Background-Exempted Inference: the background keeps its probability; inference only.
     _C.MODEL.EQLOSSES.TDE.BACKGROUND_EXEMPTED = True
+
+    # vMF-OP (Wang et al. 2022), the box classifier of DECOUPLING.CLASSIFIER "vmf" (eqlosses_d2/modeling/vmf.py).
+    _C.MODEL.EQLOSSES.VMF = CN()
+    # Initial concentration κ of every class, the background included (κ is clamped at >= 1).
+    _C.MODEL.EQLOSSES.VMF.K_INIT = 16.0
+    # Weight of the inter-class overlap loss loss_icd (0: off; the authors' vmf_icd.yaml 0.2).
+    _C.MODEL.EQLOSSES.VMF.ICD_WEIGHT = 0.2
+    # The ICD weight decays as w * (1 - iteration / SOLVER.MAX_ITER)^power.
+    _C.MODEL.EQLOSSES.VMF.AUX_DECAY_POWER = 0.9
+    # α of the overlap calibration κ* = κ^α r^(1-α) (1: none; the authors test 0.5); inference only.
+    _C.MODEL.EQLOSSES.VMF.TEST_ALPHA = 0.5
 
     # PCB's iterative box head (MODEL.ROI_HEADS.NAME "LongTailIterativeROIHeads").
     _C.MODEL.EQLOSSES.ITERATIVE_HEAD = CN()

@@ -345,7 +345,7 @@ def _validate(opts, config=QUICKSTART):
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "tau"], "MODEL.EQLOSSES.DECOUPLING.CLASSIFIER must be one of default, lws, tde; got 'tau'"),
+        (["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "tau"], "MODEL.EQLOSSES.DECOUPLING.CLASSIFIER must be one of default, lws, tde, vmf; got 'tau'"),
         (["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws", "MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER", "True"],
          "MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER re-initialises the classifier"),
         (["MODEL.EQLOSSES.DECOUPLING.CLASSIFIER", "lws", "MODEL.EQLOSSES.COSINE_SCALE", "20.0"],

@@ -7,6 +7,7 @@ from .mask_predictor import NormalizedConv2d, normalize_mask_predictor
 from .memory import FeatureMemory, jitter_boxes
 from .one_stage import LongTailFCOS, LongTailRetinaNet  # registration: one-stage meta-architectures
 from .tde import CausalNormClassifier, validate_box_tde  # registration: a config check
+from .vmf import validate_box_vmf  # registration: a config check
 from .roi_heads import (
     LongTailCascadeROIHeads,
     LongTailIterativeROIHeads,
@@ -35,5 +36,6 @@ __all__ = [
     "restrict_trainable",
     "validate_box_decoupling",
     "validate_box_tde",
+    "validate_box_vmf",
     "validate_detectron2_names",
 ]

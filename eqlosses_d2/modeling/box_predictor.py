@@ -9,7 +9,8 @@ The box predictor: the one place where Detectron2 and the losses meet.
   and GOL's LVIS recipes use), its bias initialised as the loss asks; decoupling's stage 2
   (``MODEL.EQLOSSES.DECOUPLING``, :mod:`.decoupling`): LWS scales on the frozen classifier, or
   cRT's classifier left out of a stage-1 checkpoint; or TDE's causal-norm classifier
-  (``DECOUPLING.CLASSIFIER tde``, :mod:`.tde`), its foreground direction updated in ``losses``;
+  (``DECOUPLING.CLASSIFIER tde``, :mod:`.tde`), its foreground direction updated in ``losses``; or
+  vMF-OP's classifier (``DECOUPLING.CLASSIFIER vmf``, :mod:`.vmf`), its ``loss_icd`` added in ``losses``;
 - the classification loss computed by the loss module, the box regression loss by
   Detectron2's own ``box_reg_loss``;
 - ``predict_probs`` from the loss's own activation, so inference (and the cascade head's
@@ -46,6 +47,7 @@ from ..losses.equilibrium import instance_mean_scores
 from .decoupling import RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker, skip_stage1_classifier
 from .lws import LearnableWeightScaling
 from .tde import CausalNormClassifier, tde_classifier_from_cfg
+from .vmf import VMFHead, vmf_classifier_from_cfg
 
 __all__ = [
     "LOG_PERIOD",
@@ -138,7 +140,8 @@ class CosineClassifier(nn.Module):
 class LongTailOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape, *, cls_loss, cosine_scale: float = 0.0, calibration=None, max_iter: int = 0,
-                 classifier: str = "default", retrain_classifier: bool = False, tde_classifier=None, **kwargs):
+                 classifier: str = "default", retrain_classifier: bool = False, tde_classifier=None, vmf_classifier=None,
+                 **kwargs):
         super().__init__(input_shape, **kwargs)
         self.cls_loss = cls_loss
         #: SOLVER.MAX_ITER: the training progress handed to the loss is iteration / max_iter
@@ -167,8 +170,12 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
             if cosine_scale > 0 or cls_loss.num_logits != self.num_classes + 1:
                 raise ValueError("MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'tde' needs softmax's C + 1 logits and COSINE_SCALE 0")
             self.cls_score = tde_classifier or CausalNormClassifier(in_features, cls_loss.num_logits)
+        elif classifier == "vmf":  # eqlosses_d2/modeling/vmf.py: loss_icd added in losses()
+            if cosine_scale > 0 or cls_loss.num_logits != self.num_classes + 1:
+                raise ValueError("MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'vmf' needs softmax's C + 1 logits and COSINE_SCALE 0")
+            self.cls_score = vmf_classifier or VMFHead(in_features, cls_loss.num_logits, cfc_weight=0.0)
         elif classifier != "default":
-            raise ValueError(f"MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: unknown '{classifier}' (known: default, lws, tde)")
+            raise ValueError(f"MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: unknown '{classifier}' (known: default, lws, tde, vmf)")
         if retrain_classifier:
             self.register_buffer(RETRAINED_CLASSIFIER_BUFFER, retrained_classifier_marker())
             self.register_load_state_dict_pre_hook(skip_stage1_classifier)
@@ -182,9 +189,11 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         ret["max_iter"] = cfg.SOLVER.MAX_ITER
         ret["classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.CLASSIFIER
         ret["retrain_classifier"] = cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER
+        in_features = input_shape.channels * (input_shape.height or 1) * (input_shape.width or 1)
         if ret["classifier"] == "tde":
-            ret["tde_classifier"] = tde_classifier_from_cfg(cfg, input_shape.channels * (input_shape.height or 1) *
-                                                            (input_shape.width or 1), ret["cls_loss"].num_logits)
+            ret["tde_classifier"] = tde_classifier_from_cfg(cfg, in_features, ret["cls_loss"].num_logits)
+        elif ret["classifier"] == "vmf":
+            ret["vmf_classifier"] = vmf_classifier_from_cfg(cfg, in_features, ret["cls_loss"].num_logits)
         if cfg.TEST.EQLOSSES.PROTOCOL == "fixed":
             ret["test_topk_per_image"] = -1  # Fixed AP: no per-image cap
         return ret
@@ -218,6 +227,8 @@ class LongTailOutputLayers(FastRCNNOutputLayers):
         if isinstance(self.cls_score, CausalNormClassifier):
             self.cls_score.update_direction(gt_classes)  # TDE: c <- μ c + the foreground mean feature
         losses = dict(self.cls_loss(scores, gt_classes, progress=self._training_progress(), **context))
+        if isinstance(self.cls_score, VMFHead):  # vMF-OP: loss_icd (a function of the classifier's parameters)
+            losses.update(self.cls_score.auxiliary_losses(None, gt_classes, self._training_progress()))
         if logging:
             self._log_scalars(scores, gt_classes)
         losses["loss_box_reg"] = self.box_reg_loss(proposal_boxes, gt_boxes, proposal_deltas, gt_classes)

@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 
 #: MODEL.EQLOSSES.DECOUPLING.CLASSIFIER: "default" (the predictor's own: linear, or cosine with
 #: COSINE_SCALE > 0), "lws" (learnable weight scaling of the frozen stage-1 classifier) or "tde"
-#: (TDE's causal-norm classifier, eqlosses_d2/modeling/tde.py, checked by its validate_box_tde)
-DECOUPLING_CLASSIFIERS = ("default", "lws", "tde")
+#: (TDE's causal-norm classifier, eqlosses_d2/modeling/tde.py, checked by its validate_box_tde) or "vmf"
+#: (vMF-OP's classifier, eqlosses_d2/modeling/vmf.py, checked by its validate_box_vmf)
+DECOUPLING_CLASSIFIERS = ("default", "lws", "tde", "vmf")
 
 #: the buffer of a cRT box predictor that marks its classifier as re-trained (absent from stage-1 checkpoints)
 RETRAINED_CLASSIFIER_BUFFER = "retrained_classifier"

@@ -200,7 +200,11 @@ class VMFHead(ClassifierHead):
 
     def training_step(self, features, labels, progress=None, learning_rate=None):
         """``(logits, aux losses)`` of a training step; refreshes ``overlap``."""
-        logits = self(features)
+        return self(features), self.auxiliary_losses(features, labels, progress)
+
+    def auxiliary_losses(self, features, labels, progress=None):
+        """``{"loss_icd", "loss_cfc"}`` (those with weight > 0) of a training step; refreshes ``overlap``.
+        ``features`` and ``labels`` are read by CFC only (ICD is a function of the parameters)."""
         kappa = self.concentration()
         bias = self.log_normalizer(kappa)
         losses = {}
@@ -217,7 +221,7 @@ class VMFHead(ClassifierHead):
         if self.cfc_weight > 0:
             losses["loss_cfc"] = self.aux_weight(self.cfc_weight, progress) * \
                 self.consistency_loss(features, labels, kappa, resultant).float()
-        return logits, losses
+        return losses
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, icd_weight={self.icd_weight}, "
