@@ -394,3 +394,15 @@ def test_quickstart_trains_and_evaluates_and_eval_only_takes_another_alpha(tiny_
     again = _run(["--config-file", TDE, "--eval-only"] + _opts(tiny_dataset, tmp_path / "eval", max_iter=5) + [
         "MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.EQLOSSES.TDE.ALPHA", "0.5"])
     assert set(again) >= {"bbox", "segm"}
+
+
+def test_cascade_quickstart_trains_and_evaluates(tiny_dataset, tmp_path):
+    """Detectron2's cascade training runs every stage's forward, then every stage's losses: each
+    stage's direction is updated from its own features and saved."""
+    out = tmp_path / "cascade"
+    results = _run(["--config-file", TDE] + _opts(tiny_dataset, out, max_iter=3) + CASCADE)
+    assert set(results) >= {"bbox", "segm"}
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    directions = [state[f"roi_heads.box_predictor.{k}.cls_score.feature_moving_average"] for k in range(3)]
+    assert all(d.abs().sum() > 0 for d in directions)
+    assert not torch.equal(directions[0], directions[1]) and not torch.equal(directions[1], directions[2])
