@@ -251,6 +251,15 @@ def test_predictor_builds_the_classifier_and_updates_the_direction():
     assert not torch.allclose(probs, train_probs)
 
 
+def test_inference_keys_reach_the_classifier():
+    (predictor,) = _predictors(_model(["MODEL.EQLOSSES.TDE.ALPHA", "0.7", "MODEL.EQLOSSES.TDE.BACKGROUND_EXEMPTED", "False",
+                                       "MODEL.EQLOSSES.TDE.NUM_HEAD", "4", "MODEL.EQLOSSES.TDE.TAU", "10.0",
+                                       "MODEL.EQLOSSES.TDE.GAMMA", "0.5", "MODEL.EQLOSSES.TDE.MOMENTUM", "0.5"]))
+    layer = predictor.cls_score
+    assert (layer.alpha, layer.background_exempted, layer.num_head, layer.tau, layer.gamma, layer.momentum) == (
+        0.7, False, 4, 10.0, 0.5, 0.5)
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = _model()
     _predictor_step(model.roi_heads.box_predictor, 2, [1, 4, 0])
