@@ -24,6 +24,7 @@ from eqlosses_d2 import add_eqlosses_config
 from eqlosses_d2.config import merge_config_file
 from eqlosses_d2.losses import LOSS_REGISTRY, base as loss_base, build_loss, build_loss_from_cfg
 from eqlosses_d2.losses.bags import group_layout, sample_group_rois
+from loss_helpers import fd_grad, count_host_reads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 7
@@ -45,16 +46,6 @@ def _logits(num_logits, rows=len(LABELS), seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, num_logits, generator=g, dtype=torch.float64).mul(scale).float()
 
-
-def _fd_grad(f, z, h=1e-6):
-    z = np.array(z, dtype=np.float64)
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        plus, minus = z.copy(), z.copy()
-        plus[index] += h
-        minus[index] -= h
-        grad[index] = (f(plus) - f(minus)) / (2 * h)
-    return grad
 
 
 # -- hand references -------------------------------------------------------------------------------
@@ -207,7 +198,7 @@ def test_value_and_gradient_against_hand_reference(case, policy, monkeypatch):
     expected = ref_bags(z.detach().double().tolist(), LABELS, selected, loss_weight=loss_weight)
     assert out["loss_cls"].item() == pytest.approx(expected, rel=2e-6, abs=1e-6)
     out["loss_cls"].backward()
-    fd = _fd_grad(lambda a: ref_bags(a.tolist(), LABELS, selected, loss_weight=loss_weight),
+    fd = fd_grad(lambda a: ref_bags(a.tolist(), LABELS, selected, loss_weight=loss_weight),
                   z.detach().double().numpy())
     np.testing.assert_allclose(z.grad.double().numpy(), fd, rtol=1e-4, atol=1e-6)
     # the groups' own losses are the scalars it logs
@@ -282,7 +273,7 @@ def test_one_kind_of_roi_and_large_logits(labels):
     expected = ref_bags(z.detach().double().tolist(), labels, selected)
     assert out.item() == pytest.approx(expected, rel=2e-6, abs=1e-6)
     out.backward()
-    fd = _fd_grad(lambda a: ref_bags(a.tolist(), labels, selected), z.detach().double().numpy())
+    fd = fd_grad(lambda a: ref_bags(a.tolist(), labels, selected), z.detach().double().numpy())
     np.testing.assert_allclose(z.grad.double().numpy(), fd, rtol=1e-4, atol=1e-5)
 
 
@@ -399,22 +390,12 @@ def test_host_reads_and_collectives_of_a_training_step(policy, monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: calls.append(tensor.numel()))
     loss = build_loss("bags", C, class_stats=_stats())
     loss.scalars_wanted = False
-    counts = {}
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            if counts.get("on"):
-                counts[_name] = counts.get(_name, 0) + 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = count_host_reads(monkeypatch)
     for step in range(2):
         z = _logits(loss.num_logits, seed=step).requires_grad_()
-        counts["on"] = step == 1
+        counts.on = step == 1
         loss(z, torch.tensor(LABELS))["loss_cls"].backward()
-        counts["on"] = False
-    counts.pop("on")
+        counts.on = False
     assert counts == ({} if policy == "gpu" else {"__bool__": 1, "__float__": 1})
     assert calls == [] and loss.scalars() == {}
 
@@ -439,7 +420,7 @@ def test_cuda_matches_cpu():
     expected = ref_bags(z.double().tolist(), LABELS, selected)
     assert out.item() == pytest.approx(expected, rel=2e-6, abs=1e-6)
     out.backward()
-    fd = _fd_grad(lambda a: ref_bags(a.tolist(), LABELS, selected), z.double().numpy())
+    fd = fd_grad(lambda a: ref_bags(a.tolist(), LABELS, selected), z.double().numpy())
     np.testing.assert_allclose(zc.grad.double().cpu().numpy(), fd, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cuda_loss.predict_probs(z.cuda()).cpu(), loss.predict_probs(z), rtol=1e-6, atol=1e-7)
 

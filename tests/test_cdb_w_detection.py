@@ -21,6 +21,7 @@ from detectron2.config import get_cfg
 from eqlosses_d2 import add_eqlosses_config
 from eqlosses_d2.config import merge_config_file
 from eqlosses_d2.losses import LOSS_REGISTRY, base as loss_base, build_loss, build_loss_from_cfg
+from loss_helpers import fd_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 4
@@ -69,16 +70,6 @@ def hand_counts(z, y, num_classes=C):
         correct[t] += 1.0 if best == t else 0.0
     return correct, count
 
-
-def _fd_grad(f, z, h=1e-6):
-    z = np.array(z, dtype=np.float64)
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        plus, minus = z.copy(), z.copy()
-        plus[index] += h
-        minus[index] -= h
-        grad[index] = (f(plus) - f(minus)) / (2 * h)
-    return grad
 
 
 def _logits(rows, seed, scale=2.0):
@@ -142,7 +133,7 @@ def test_value_and_gradient_against_hand_reference(tau, policy, monkeypatch):
     assert out.item() == pytest.approx(value, rel=1e-6)
     out.backward()
     np.testing.assert_allclose(z.grad.double().numpy(), grad, rtol=1e-5, atol=1e-7)
-    fd = _fd_grad(lambda a: ref_loss(a.tolist(), y, w)[0], z.detach().double().numpy())
+    fd = fd_grad(lambda a: ref_loss(a.tolist(), y, w)[0], z.detach().double().numpy())
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)  # the hand gradient is the formula's
     torch.testing.assert_close(loss.predict_probs(z.detach()), F.softmax(z.detach(), dim=1))
 

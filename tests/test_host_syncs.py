@@ -32,10 +32,11 @@ from eqlosses_d2.losses.dense import build_dense_loss
 from eqlosses_d2.modeling.box_predictor import LOG_PERIOD, LongTailOutputLayers
 from eqlosses_d2.modeling.class_stats import ClassStatsBuffers
 from eqlosses_d2.modeling.one_stage import _OneStageMixin
+from loss_helpers import HOST_READS, count_host_reads
 
 C = 6
 MAX_ITER = 100
-READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+READS = HOST_READS
 
 #: Detectron2's own read in the RoI step (``get_deltas``'s assert), whatever the loss
 DETECTRON2_READS = {"item": 1}
@@ -73,18 +74,7 @@ CPU_POLICY_READS = {
 @pytest.fixture
 def count_reads(monkeypatch):
     """A Counter of host reads, counting while ``counter.on`` is true."""
-    counts = collections.Counter()
-    counts.on = False
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            if counts.on:
-                counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
+    return count_host_reads(monkeypatch)
 
 
 def _class_stats():

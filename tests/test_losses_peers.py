@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from eqlosses_d2.losses import federated, fused, gumbel, iif, seesaw
 from eqlosses_d2.losses import LOSS_REGISTRY, loss_hparams_from_cfg
+from loss_helpers import fd_grad
 
 C = 4
 # fg RoIs at rows 0, 1, 3, 5 (classes 0, 2, 3, 2), background (label C) at rows 2 and 4
@@ -50,17 +51,6 @@ def _logits(num_logits, seed=0, rows=len(LABELS), scale=2.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, num_logits, generator=g, dtype=torch.float64).mul(scale).float()
 
-
-def _fd_grad(f, z, h=1e-6):
-    """Central finite differences of a float64 numpy function."""
-    z = np.array(z, dtype=np.float64)
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        plus, minus = z.copy(), z.copy()
-        plus[index] += h
-        minus[index] -= h
-        grad[index] = (f(plus) - f(minus)) / (2 * h)
-    return grad
 
 
 def _grad(loss_fn, logits):
@@ -145,7 +135,7 @@ def test_seesaw_loss_gradient_and_factors():
     def f(zz):
         return sum(_seesaw_reference_loss(zz, LABELS, mitigation, compensation))
 
-    _close(grad, _fd_grad(f, z), rtol=1e-4, atol=1e-6)
+    _close(grad, fd_grad(f, z), rtol=1e-4, atol=1e-6)
     assert torch.all(grad[[2, 4], :C] == 0)  # background RoIs: objectness only
 
     # scalars: mean factor over j != y, overall and per group of the RoI's class (r: 0, 2; f: 3)
@@ -310,7 +300,7 @@ def test_federated_class_set_and_loss():
     columns = [0, 1, 3]
     z = logits.double().numpy()
     _close(values["loss_cls"], _bce_loss_on_set(z, labels, columns))
-    _close(grad, _fd_grad(lambda zz: _bce_loss_on_set(zz, labels, columns), z), rtol=1e-4, atol=1e-6)
+    _close(grad, fd_grad(lambda zz: _bce_loss_on_set(zz, labels, columns), z), rtol=1e-4, atol=1e-6)
     assert torch.all(grad[:, 2] == 0)
     assert loss.scalars() == {"num_classes_in_loss": 3.0}
 
@@ -442,7 +432,7 @@ def test_gumbel_loss_gradient_and_training_clamp():
     expected = _gumbel_terms(z, LABELS, C + 1) / n  # background RoIs: target 1 on channel C
     assert 0 < expected < 20
     _close(values["loss_cls"], expected)
-    _close(grad, _fd_grad(lambda zz: _gumbel_terms(zz, LABELS, C + 1) / n, z), rtol=1e-4, atol=1e-7)
+    _close(grad, fd_grad(lambda zz: _gumbel_terms(zz, LABELS, C + 1) / n, z), rtol=1e-4, atol=1e-7)
     assert grad[0, 1] == 0 and grad[1, 3] == 0 and grad[3, 3] == 0
     # inference: unclamped activation, background column = the background channel
     probs = loss.predict_probs(logits)
@@ -583,7 +573,7 @@ def test_droploss_weights_loss_and_gradient():
     z = logits.double().numpy()
     n = len(labels)
     _close(values["loss_cls"], _gumbel_terms(z, labels, C, w) / n)
-    _close(grad, _fd_grad(lambda zz: _gumbel_terms(zz, labels, C, w) / n, z), rtol=1e-4, atol=1e-7)
+    _close(grad, fd_grad(lambda zz: _gumbel_terms(zz, labels, C, w) / n, z), rtol=1e-4, atol=1e-7)
     assert torch.all(grad[torch.from_numpy(w == 0)] == 0)
     assert loss.scalars() == {"tail_fraction": 0.75}
 
@@ -683,7 +673,7 @@ def test_iif_loss_gradient_and_inference(variant):
     values, grad = _grad(lambda t: loss(t, torch.tensor(LABELS)), logits)
     z = logits.double().numpy()
     _close(values["loss_cls"], _iif_reference(z, LABELS, w))
-    _close(grad, _fd_grad(lambda zz: _iif_reference(zz, LABELS, w), z), rtol=1e-4, atol=1e-6)
+    _close(grad, fd_grad(lambda zz: _iif_reference(zz, LABELS, w), z), rtol=1e-4, atol=1e-6)
     probs = loss.predict_probs(logits)
     for i in range(len(LABELS)):
         _close(probs[i], _softmax([s * v for s, v in zip(w + [1.0], z[i])]))

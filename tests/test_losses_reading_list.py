@@ -29,6 +29,7 @@ from detectron2.modeling import build_model
 from eqlosses_d2 import add_eqlosses_config
 from eqlosses_d2.config import merge_config_file
 from eqlosses_d2.losses import LOSS_REGISTRY, base as loss_base, build_loss, build_loss_from_cfg
+from loss_helpers import fd_grad, count_host_reads
 
 C = 4
 # fg RoIs at rows 0, 1, 3, 5 (classes 0, 2, 3, 2), background (label C) at rows 2 and 4
@@ -56,16 +57,6 @@ def _logits(num_logits, seed=0, rows=len(LABELS), scale=2.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, num_logits, generator=g, dtype=torch.float64).mul(scale).float()
 
-
-def _fd_grad(f, z, h=1e-6):
-    z = np.array(z, dtype=np.float64)
-    grad = np.zeros_like(z)
-    for index in np.ndindex(*z.shape):
-        plus, minus = z.copy(), z.copy()
-        plus[index] += h
-        minus[index] -= h
-        grad[index] = (f(plus) - f(minus)) / (2 * h)
-    return grad
 
 
 def _softplus(x):
@@ -195,7 +186,7 @@ def test_value_and_gradient_against_hand_reference(case, policy, monkeypatch):
     expected = reference(z.detach().double().tolist(), LABELS)
     assert out["loss_cls"].item() == pytest.approx(expected, rel=2e-6, abs=1e-6)
     out["loss_cls"].backward()
-    fd = _fd_grad(lambda a: reference(a.tolist(), LABELS), z.detach().double().numpy())
+    fd = fd_grad(lambda a: reference(a.tolist(), LABELS), z.detach().double().numpy())
     np.testing.assert_allclose(z.grad.double().numpy(), fd, rtol=1e-4, atol=1e-6)
 
 
@@ -210,7 +201,7 @@ def test_one_kind_of_roi_and_large_logits(case, labels):
     expected = CASES[case][1](z.detach().double().tolist(), labels)
     assert out.item() == pytest.approx(expected, rel=2e-6, abs=1e-6)
     out.backward()
-    fd = _fd_grad(lambda a: CASES[case][1](a.tolist(), labels), z.detach().double().numpy())
+    fd = fd_grad(lambda a: CASES[case][1](a.tolist(), labels), z.detach().double().numpy())
     np.testing.assert_allclose(z.grad.double().numpy(), fd, rtol=1e-4, atol=1e-6)
 
 
@@ -430,20 +421,10 @@ def test_host_reads_of_a_training_step(case, policy, monkeypatch):
     A warm-up step first (the class statistics' first check is cached)."""
     monkeypatch.setattr(loss_base, "DEVICE_POLICY", policy)
     loss = _build(case)
-    counts = {}
-    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            if counts.get("on"):
-                counts[_name] = counts.get(_name, 0) + 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = count_host_reads(monkeypatch)
     for step in range(2):
         z = _logits(loss.num_logits, seed=step).requires_grad_()
-        counts["on"] = step == 1
+        counts.on = step == 1
         loss(z, torch.tensor(LABELS))["loss_cls"].backward()
-        counts["on"] = False
-    counts.pop("on")
+        counts.on = False
     assert counts == ({} if policy == "gpu" else {"__bool__": 1, "__float__": 1})

@@ -24,6 +24,7 @@ from eqlosses_d2.losses import fused
 from eqlosses_d2.registry import names
 from eqlosses_d2.segmentation.losses import PIXEL_LOSS_REGISTRY, build_pixel_loss
 from eqlosses_d2.segmentation.losses import kernels
+from loss_helpers import count_host_reads
 
 C = 5
 IGNORE = 255
@@ -612,9 +613,6 @@ def test_chunks_cover_each_image(monkeypatch):
     assert kernels.pixel_chunks(torch.empty(2, C, 3, 4), buffers=2) == [(0, 0, 6), (0, 6, 12), (1, 0, 6), (1, 6, 12)]
 
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_no_host_read_under_the_gpu_policy(name, monkeypatch):
     """A training step (forward and backward, after a warm-up step that checks the class statistics
@@ -623,21 +621,14 @@ def test_no_host_read_under_the_gpu_policy(name, monkeypatch):
     monkeypatch.setattr(losses_base, "DEVICE_POLICY", "gpu")
     loss = _loss(name)
     _run(loss, *_batch(95))
-    reads = []
-    for read in HOST_READS:
-        original = getattr(torch.Tensor, read)
-
-        def counted(self, *args, _read=read, _original=original, **kwargs):
-            reads.append(_read)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, read, counted)
+    reads = count_host_reads(monkeypatch)
+    reads.on = True
     logits, targets = _batch(96)
     x = logits.clone().requires_grad_()
     value = loss(x, targets)["loss_sem_seg"]
     value.backward()
     monkeypatch.undo()
-    assert reads == [], reads
+    assert dict(reads) == {}, reads
     assert x.grad is not None and torch.isfinite(value)
 
 
