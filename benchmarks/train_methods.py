@@ -53,8 +53,10 @@ FINE_TUNED = {"loce", "crt", "lws"}
 #: (NorCal's γ 0.3: the best of the README's sweep on an earlier softmax run, chosen on the same val
 #: split, so the NorCal row is optimistic; its default γ 0 would return the softmax scores)
 EVAL_ONLY = {"norcal": ["TEST.EQLOSSES.CALIBRATION.METHOD", "norcal", "TEST.EQLOSSES.CALIBRATION.GAMMA", "0.3"]}
-#: training-data methods with their own quickstart config (softmax loss)
+#: training-data methods with their own quickstart config (softmax loss; standard head)
 DATA_METHODS = {"copy_paste"}
+#: box classifiers (MODEL.EQLOSSES.DECOUPLING.CLASSIFIER) with their own quickstart config (both heads)
+CLASSIFIERS = {"tde", "vmf"}
 #: the one-stage methods: quickstart config name (configs/quickstart/<name>_R18_FPN_synthetic.yaml)
 ONE_STAGE = ("focal_retinanet", "efl_retinanet", "focal_fcos", "efl_fcos")
 
@@ -71,7 +73,8 @@ def loss_configs():
     suffix = "_mask_rcnn_R18_FPN_synthetic.yaml"
     for name in sorted(os.listdir(QUICKSTART)):
         method = name[: -len(suffix)]
-        if name.endswith(suffix) and (method in LOSS_REGISTRY or method in FINE_TUNED or method in DATA_METHODS):
+        if name.endswith(suffix) and (method in LOSS_REGISTRY or method in FINE_TUNED or method in DATA_METHODS
+                                       or method in CLASSIFIERS):
             configs[method] = os.path.join(QUICKSTART, name)
     for method in EVAL_ONLY:
         configs[method] = configs["softmax"]

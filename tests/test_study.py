@@ -209,7 +209,7 @@ def test_schedule_is_seed_by_seed_and_skips_what_does_not_apply(tmp_path):
 def test_every_study_method_has_a_config():
     configs = train_methods.loss_configs()
     for method in ("softmax", "eqlv2", "seesaw", "gumbel", "federated", "softmax_eql", "loce", "norcal", "crt", "lws", "bags",
-                   "copy_paste", "equilibrium", "pcb", *train_methods.ONE_STAGE):
+                   "copy_paste", "equilibrium", "pcb", "tde", "vmf", "cdb_w", *train_methods.ONE_STAGE):
         assert os.path.isfile(configs[method]), method
     assert configs["norcal"] == configs["softmax"]
 
@@ -287,3 +287,9 @@ def test_legacy_runs_show_until_the_study_runs_the_method(tmp_path):
         json.dump(data, f)
     study.merge_run(path, "standard", "seesaw", 1, _result_json(tmp_path, "s1", (41.0, 25.0, 40.0, 60.0)))
     assert len(study.load(path)["legacy_runs"]) == 3
+
+
+def test_box_classifiers_run_in_both_heads_and_data_methods_in_the_standard_one():
+    assert train_methods.applies("tde", "cascade") and train_methods.applies("vmf", "standard")
+    assert train_methods.applies("copy_paste", "standard") and not train_methods.applies("copy_paste", "cascade")
+    assert not train_methods.applies("tde", "one_stage") and not train_methods.applies("efl_fcos", "standard")
