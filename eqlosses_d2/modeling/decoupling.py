@@ -88,6 +88,19 @@ _LONG_TAIL_ROI_HEADS = ("LongTailStandardROIHeads", "LongTailCascadeROIHeads", "
                         "LongTailLOCEROIHeads")
 
 
+def check_own_box_classifier(cfg, what: str, adjustment: str):
+    """The checks a box classifier with its own normalization and test-time adjustment (TDE, vMF)
+    shares: no cosine classifier, no cRT re-initialisation, no post-hoc calibration (``adjustment``:
+    what its own test-time adjustment is, for the error)."""
+    if cfg.MODEL.EQLOSSES.COSINE_SCALE > 0:
+        raise ConfigError(f"{what} is its own normalized classifier: MODEL.EQLOSSES.COSINE_SCALE must be 0")
+    if cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER:
+        raise ConfigError(f"MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER is not supported with {what}")
+    if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
+        raise ConfigError(f"TEST.EQLOSSES.CALIBRATION.METHOD must be none with {what} ({adjustment} is the "
+                          f"test-time adjustment); got '{cfg.TEST.EQLOSSES.CALIBRATION.METHOD}'")
+
+
 @CONFIG_CHECK_REGISTRY.register()
 def validate_box_decoupling(cfg):
     """One-line errors for MODEL.EQLOSSES.DECOUPLING (values, and what they cannot combine with)."""

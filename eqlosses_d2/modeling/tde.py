@@ -74,6 +74,7 @@ from torch import nn
 
 from ..classification.heads.tde import causal_norm_logits
 from ..config import ConfigError
+from .decoupling import check_own_box_classifier
 from ..losses.base import sync_state
 from ..registry import CONFIG_CHECK_REGISTRY
 
@@ -192,10 +193,4 @@ def validate_box_tde(cfg):
     if cfg.MODEL.EQLOSSES.LOSS != "softmax":
         raise ConfigError(f"{what} is trained with softmax CE on C + 1 logits (the authors'): MODEL.EQLOSSES.LOSS must "
                           f"be softmax, got '{cfg.MODEL.EQLOSSES.LOSS}'")
-    if cfg.MODEL.EQLOSSES.COSINE_SCALE > 0:
-        raise ConfigError(f"{what} is its own normalized classifier: MODEL.EQLOSSES.COSINE_SCALE must be 0")
-    if cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER:
-        raise ConfigError(f"MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER is not supported with {what}")
-    if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
-        raise ConfigError(f"TEST.EQLOSSES.CALIBRATION.METHOD must be none with {what} (its counterfactual inference "
-                          f"is the test-time adjustment); got '{cfg.TEST.EQLOSSES.CALIBRATION.METHOD}'")
+    check_own_box_classifier(cfg, what, "its counterfactual inference")

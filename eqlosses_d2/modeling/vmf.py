@@ -30,6 +30,7 @@ What applies from the classification head, and what does not:
 """
 from ..classification.heads.vmf import VMFHead
 from ..config import ConfigError
+from .decoupling import check_own_box_classifier
 from ..registry import CONFIG_CHECK_REGISTRY
 
 __all__ = ["VMF_ROI_HEADS", "validate_box_vmf", "vmf_classifier_from_cfg"]
@@ -70,11 +71,4 @@ def validate_box_vmf(cfg):
     if not softmax_form:
         raise ConfigError(f"{what} models the C + 1 classes of a softmax: MODEL.EQLOSSES.LOSS must be softmax or "
                           f"balanced_softmax with MODEL.EQLOSSES.BALANCED_SOFTMAX.FORM softmax, got '{loss}'")
-    if cfg.MODEL.EQLOSSES.COSINE_SCALE > 0:
-        raise ConfigError(f"{what} is its own normalized classifier: MODEL.EQLOSSES.COSINE_SCALE must be 0")
-    if cfg.MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER:
-        raise ConfigError(f"MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER is not supported with {what}")
-    if cfg.TEST.EQLOSSES.CALIBRATION.METHOD != "none":
-        raise ConfigError(f"TEST.EQLOSSES.CALIBRATION.METHOD must be none with {what} (its overlap calibration, "
-                          f"MODEL.EQLOSSES.VMF.TEST_ALPHA, is the test-time adjustment); got "
-                          f"'{cfg.TEST.EQLOSSES.CALIBRATION.METHOD}'")
+    check_own_box_classifier(cfg, what, "its overlap calibration, MODEL.EQLOSSES.VMF.TEST_ALPHA,")
