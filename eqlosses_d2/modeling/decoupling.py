@@ -88,6 +88,19 @@ _LONG_TAIL_ROI_HEADS = ("LongTailStandardROIHeads", "LongTailCascadeROIHeads", "
                         "LongTailLOCEROIHeads")
 
 
+#: RoI heads whose box predictor can hold a classifier of its own (TDE, vMF)
+OWN_CLASSIFIER_ROI_HEADS = ("LongTailStandardROIHeads", "LongTailCascadeROIHeads")
+
+
+def check_own_classifier_roi_heads(cfg, what: str):
+    """A box classifier of its own (TDE, vMF) needs a GeneralizedRCNN with a standard or cascade
+    long-tail RoI head."""
+    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.ROI_HEADS.NAME not in OWN_CLASSIFIER_ROI_HEADS:
+        raise ConfigError(f"{what} applies to the box predictor of a GeneralizedRCNN with MODEL.ROI_HEADS.NAME one of "
+                          f"{', '.join(OWN_CLASSIFIER_ROI_HEADS)}, not {cfg.MODEL.META_ARCHITECTURE} / "
+                          f"{cfg.MODEL.ROI_HEADS.NAME}")
+
+
 def check_own_box_classifier(cfg, what: str, adjustment: str):
     """The checks a box classifier with its own normalization and test-time adjustment (TDE, vMF)
     shares: no cosine classifier, no cRT re-initialisation, no post-hoc calibration (``adjustment``:

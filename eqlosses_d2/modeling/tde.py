@@ -74,15 +74,11 @@ from torch import nn
 
 from ..classification.heads.tde import causal_norm_logits
 from ..config import ConfigError
-from .decoupling import check_own_box_classifier
+from .decoupling import check_own_box_classifier, check_own_classifier_roi_heads
 from ..losses.base import sync_state
 from ..registry import CONFIG_CHECK_REGISTRY
 
 __all__ = ["CausalNormClassifier", "background_exempted_log_probs", "tde_classifier_from_cfg", "validate_box_tde"]
-
-#: RoI heads whose box predictors can hold TDE's classifier (one box-head forward and one
-#: ``losses`` call per predictor and step: the direction update takes that forward's features)
-TDE_ROI_HEADS = ("LongTailStandardROIHeads", "LongTailCascadeROIHeads")
 
 
 def background_exempted_log_probs(logits, tde_logits):
@@ -187,9 +183,7 @@ def validate_box_tde(cfg):
     if not 0 <= node.MOMENTUM <= 1:
         raise ConfigError(f"{key}.MOMENTUM must be in [0, 1]; got {node.MOMENTUM}")
     what = "MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'tde'"
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.ROI_HEADS.NAME not in TDE_ROI_HEADS:
-        raise ConfigError(f"{what} applies to the box predictor of a GeneralizedRCNN with MODEL.ROI_HEADS.NAME one of "
-                          f"{', '.join(TDE_ROI_HEADS)}, not {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.ROI_HEADS.NAME}")
+    check_own_classifier_roi_heads(cfg, what)
     if cfg.MODEL.EQLOSSES.LOSS != "softmax":
         raise ConfigError(f"{what} is trained with softmax CE on C + 1 logits (the authors'): MODEL.EQLOSSES.LOSS must "
                           f"be softmax, got '{cfg.MODEL.EQLOSSES.LOSS}'")

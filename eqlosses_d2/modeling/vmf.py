@@ -30,13 +30,10 @@ What applies from the classification head, and what does not:
 """
 from ..classification.heads.vmf import VMFHead
 from ..config import ConfigError
-from .decoupling import check_own_box_classifier
+from .decoupling import check_own_box_classifier, check_own_classifier_roi_heads
 from ..registry import CONFIG_CHECK_REGISTRY
 
-__all__ = ["VMF_ROI_HEADS", "validate_box_vmf", "vmf_classifier_from_cfg"]
-
-#: RoI heads whose box predictors can hold the vMF classifier
-VMF_ROI_HEADS = ("LongTailStandardROIHeads", "LongTailCascadeROIHeads")
+__all__ = ["validate_box_vmf", "vmf_classifier_from_cfg"]
 
 
 def vmf_classifier_from_cfg(cfg, in_features: int, out_features: int) -> VMFHead:
@@ -63,9 +60,7 @@ def validate_box_vmf(cfg):
     if not 0 <= node.TEST_ALPHA <= 1:
         raise ConfigError(f"{key}.TEST_ALPHA must be in [0, 1]; got {node.TEST_ALPHA}")
     what = "MODEL.EQLOSSES.DECOUPLING.CLASSIFIER 'vmf'"
-    if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN" or cfg.MODEL.ROI_HEADS.NAME not in VMF_ROI_HEADS:
-        raise ConfigError(f"{what} applies to the box predictor of a GeneralizedRCNN with MODEL.ROI_HEADS.NAME one of "
-                          f"{', '.join(VMF_ROI_HEADS)}, not {cfg.MODEL.META_ARCHITECTURE} / {cfg.MODEL.ROI_HEADS.NAME}")
+    check_own_classifier_roi_heads(cfg, what)
     loss = cfg.MODEL.EQLOSSES.LOSS
     softmax_form = loss == "softmax" or (loss == "balanced_softmax" and cfg.MODEL.EQLOSSES.BALANCED_SOFTMAX.FORM == "softmax")
     if not softmax_form:
