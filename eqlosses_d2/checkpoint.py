@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "check_checkpoint_file",
     "check_predictors_loaded",
+    "drop_unmarked_entries",
     "load_pickled_checkpoint",
     "tagged_checkpoint",
 ]
@@ -52,6 +53,19 @@ __all__ = [
 #: base names of the files a training run's checkpointer writes in OUTPUT_DIR (checkpoints,
 #: their per-rank states, the tag)
 CHECKPOINTER_FILES = ("*.pth", "*.pth.rank*", "last_checkpoint")
+
+
+def drop_unmarked_entries(state_dict, prefix: str, marker: str, submodule: str):
+    """For a ``load_state_dict`` pre-hook of a re-trained (cRT) module: unless ``state_dict`` holds
+    ``<prefix><marker>`` (a checkpoint of the re-training run itself), remove its
+    ``<prefix><submodule>.*`` entries, so that submodule keeps its fresh initialisation. Returns the
+    keys removed (for the caller's log line)."""
+    if prefix + marker in state_dict:
+        return []
+    skipped = [key for key in state_dict if key.startswith(prefix + submodule + ".")]
+    for key in skipped:
+        del state_dict[key]
+    return skipped
 
 
 class CheckpointError(ValueError):

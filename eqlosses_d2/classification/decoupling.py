@@ -42,6 +42,7 @@ import logging
 
 import torch
 
+from ..checkpoint import drop_unmarked_entries
 from ..config import ConfigError
 from ..registry import CONFIG_CHECK_REGISTRY, config_node
 from .config import is_classification
@@ -71,11 +72,7 @@ def add_decoupling_config(cfg):
 def skip_stage1_head(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of a cRT model: a checkpoint without ``retrained_head`` (stage 1)
     loses its ``head.*`` entries before they are loaded; one with it (stage 2) loads whole."""
-    if prefix + RETRAINED_HEAD_BUFFER in state_dict:
-        return
-    skipped = [key for key in state_dict if key.startswith(prefix + "head.")]
-    for key in skipped:
-        del state_dict[key]
+    skipped = drop_unmarked_entries(state_dict, prefix, RETRAINED_HEAD_BUFFER, "head")
     if skipped:
         logger.info("cRT (DECOUPLING.RETRAIN_HEAD): stage-1 checkpoint: its classifier head (%s) is not loaded; "
                     "the head keeps its fresh initialisation", ", ".join(skipped))

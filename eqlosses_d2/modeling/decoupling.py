@@ -42,6 +42,7 @@ import logging
 
 import torch
 
+from ..checkpoint import drop_unmarked_entries
 from ..config import ConfigError
 from ..registry import CONFIG_CHECK_REGISTRY
 
@@ -73,11 +74,7 @@ def skip_stage1_classifier(module, state_dict, prefix, *args):
     """``load_state_dict`` pre-hook of a cRT box predictor: a checkpoint without
     ``<prefix>retrained_classifier`` (stage 1) loses its ``<prefix>cls_score.*`` entries before they
     are loaded, so the classifier keeps its fresh initialisation; one with it (stage 2) loads whole."""
-    if prefix + RETRAINED_CLASSIFIER_BUFFER in state_dict:
-        return
-    skipped = [key for key in state_dict if key.startswith(prefix + "cls_score.")]
-    for key in skipped:
-        del state_dict[key]
+    skipped = drop_unmarked_entries(state_dict, prefix, RETRAINED_CLASSIFIER_BUFFER, "cls_score")
     if skipped:
         logger.info("cRT (MODEL.EQLOSSES.DECOUPLING.RETRAIN_CLASSIFIER): stage-1 checkpoint: its box classifier "
                     "(%s) is not loaded; it keeps its fresh initialisation", ", ".join(skipped))
