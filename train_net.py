@@ -50,6 +50,7 @@ from eqlosses_d2.config import (
     validate_num_classes,
 )
 from eqlosses_d2.data import DatasetError
+from eqlosses_d2.data.cdb_sampler import ClassDifficultySamplingHook, start_class_difficulty_sampling
 from eqlosses_d2.evaluation import LVISEvaluator
 from eqlosses_d2.evaluation.table import format_ap_table
 from eqlosses_d2.modeling.trainable import restrict_trainable
@@ -186,6 +187,8 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         # what the classification loss needs (CDB-W: class accuracies every CDB.UPDATE_PERIOD), after the
         # iteration timer and before the checkpointer, which then saves the new state
         hooks[1:1] = build_classification_hooks(self.cfg)
+        # CDB-S: each closed difficulty window's class weights to the sampler in the loader's workers
+        hooks[1:1] = ClassDifficultySamplingHook.build(self.model, self._trainer.data_loader)
         return hooks
 
     def _complete_final_checkpoint(self):
@@ -222,6 +225,8 @@ class Trainer(TrainerStateMixin, DefaultTrainer):
         if resume and self.start_iter >= self.max_iter:
             self._complete_final_checkpoint()
             return
+        # CDB-S: the loaded class weights to its sampler, before the loader draws from them
+        start_class_difficulty_sampling(self.model, self._trainer.data_loader, self.start_iter)
         if self.start_iter > 0:
             # continue this rank's sample stream where the interrupted run stopped (after a
             # world-size change, at the same global position)

@@ -76,6 +76,9 @@ class SkipSampler(Sampler):
         self.skip = int(skip)
 
     def __iter__(self):
+        start = getattr(self.sampler, "iter_from", None)  # a sampler that can start anywhere (CDB-S)
+        if start is not None:
+            return start(self.skip)
         return itertools.islice(iter(self.sampler), self.skip, None)
 
 
@@ -84,17 +87,26 @@ def build_resumable_train_loader(cfg, mapper=None):
     (kept as the loader's ``resume_sampler`` attribute). Without a ``mapper``, and with
     ``INPUT.EQLOSSES.LSJ.ENABLED``, the mapper is a :class:`CopyPasteDatasetMapper` over the
     same dataset, whose serialized copy the loader then reads too (one copy in memory)."""
+    from .data.cdb_sampler import SAMPLER_NAME, ClassDifficultyTrainingSampler, uses_class_difficulty_sampler
     from .data.copy_paste import CopyPasteDatasetMapper, uses_copy_paste_mapper
 
     copy_paste = mapper is None and uses_copy_paste_mapper(cfg)
-    # with a stand-in mapper, Detectron2 builds (and logs) no DatasetMapper we would not use
-    kwargs = _train_loader_from_config(cfg, (lambda dataset_dict: dataset_dict) if copy_paste else mapper)
+    by_difficulty = uses_class_difficulty_sampler(cfg)
+    # with a stand-in mapper, Detectron2 builds (and logs) no DatasetMapper we would not use; with a
+    # stand-in sampler, it does not refuse a sampler name it does not know
+    kwargs = _train_loader_from_config(
+        cfg, (lambda dataset_dict: dataset_dict) if copy_paste else mapper, sampler=() if by_difficulty else None
+    )
+    if by_difficulty:
+        logger.info("Using training sampler %s", SAMPLER_NAME)
+        kwargs["sampler"] = ClassDifficultyTrainingSampler.from_config(cfg, kwargs["dataset"])
     if copy_paste:
         kwargs["mapper"] = CopyPasteDatasetMapper(cfg, dataset=kwargs["dataset"])
         kwargs["dataset"] = kwargs["mapper"].dataset
     kwargs["sampler"] = SkipSampler(kwargs["sampler"])
     loader = build_detection_train_loader(**kwargs)
     loader.resume_sampler = kwargs["sampler"]
+    loader.class_difficulty_sampler = kwargs["sampler"].sampler if by_difficulty else None
     return loader
 
 

@@ -228,8 +228,8 @@ def test_config_errors_are_one_line():
                       MODEL__EQLOSSES__LOSS="seesaw")):
         with pytest.raises(ConfigError) as info:
             validate_eval_protocol(cfg_with(**keys))
-        assert "(cdb_w, equilibrium, iif, softmax, softmax_eql, pcb with PCB.BASE softmax)" in str(info.value)
-    for name in ("softmax", "softmax_eql", "equilibrium", "pcb"):  # ... and each of them is accepted
+        assert "(cdb_s, cdb_w, equilibrium, iif, softmax, softmax_eql, pcb with PCB.BASE softmax)" in str(info.value)
+    for name in ("softmax", "softmax_eql", "equilibrium", "pcb", "cdb_s"):  # ... and each of them is accepted
         validate_eval_protocol(cfg_with(TEST__EQLOSSES__CALIBRATION__METHOD="iif", MODEL__EQLOSSES__LOSS=name))
 
 

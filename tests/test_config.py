@@ -82,7 +82,8 @@ def test_config_merges_and_builds(config_file):
         assert cfg.TEST.DETECTIONS_PER_IMAGE == 300
         assert heads.SCORE_THRESH_TEST == pytest.approx(1e-4)
         # the papers' random-sampler recipes say so; everything else keeps the base's RFS 0.001
-        assert cfg.DATALOADER.SAMPLER_TRAIN in ("RepeatFactorTrainingSampler", "TrainingSampler")
+        assert cfg.DATALOADER.SAMPLER_TRAIN in ("RepeatFactorTrainingSampler", "TrainingSampler",
+                                                "ClassDifficultyTrainingSampler")  # CDB-S: its own sampler
         assert cfg.DATALOADER.REPEAT_THRESHOLD == pytest.approx(1e-3)
         if os.path.basename(config_file).startswith("mask_rcnn_R_50"):
             assert cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler"

@@ -214,7 +214,8 @@ def _derived_setting(cfg):
     its, batch = cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH
     schedule = f"{its // 90000}x" if batch == 16 and its % 90000 == 0 else f"{its} it × {batch} img"
     sampler = {"TrainingSampler": "random", "ClassBalancedTrainingSampler": "class-balanced",
-               "SquareRootTrainingSampler": "square-root"}.get(cfg.DATALOADER.SAMPLER_TRAIN)
+               "SquareRootTrainingSampler": "square-root",
+               "ClassDifficultyTrainingSampler": "class difficulty (CDB-S)"}.get(cfg.DATALOADER.SAMPLER_TRAIN)
     if cfg.DATALOADER.SAMPLER_TRAIN == "RepeatFactorTrainingSampler":
         sampler = f"RFS {cfg.DATALOADER.REPEAT_THRESHOLD:g}"
     return {"backbone": backbone, "schedule": schedule, "sampler": sampler}

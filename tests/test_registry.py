@@ -86,7 +86,7 @@ def test_registries_are_detectron2s():
     assert names(ROI_CLS_LOSS_REGISTRY) == sorted([
         "softmax", "sigmoid", "eql", "eqlv2", "softmax_eql", "seesaw", "federated", "gumbel",
         "gumbel_droploss", "iif", "pcb", "equilibrium", "balanced_softmax", "bal_bce", "ecm", "db", "bags",
-        "cdb_w",
+        "cdb_w", "cdb_s",
     ])
     assert names(DENSE_CLS_LOSS_REGISTRY) == ["efl", "focal"]
     assert names(CALIBRATION_REGISTRY) == ["iif", "none", "norcal", "tau_norm"]
@@ -234,7 +234,7 @@ def test_outside_loss_trains(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, names_listed", [
-    ("MODEL.EQLOSSES.LOSS", "nope", "bags, bal_bce, balanced_softmax, cdb_w, db, ecm, eql, eqlv2, equilibrium, "
+    ("MODEL.EQLOSSES.LOSS", "nope", "bags, bal_bce, balanced_softmax, cdb_s, cdb_w, db, ecm, eql, eqlv2, equilibrium, "
                                     "federated, gumbel, gumbel_droploss, iif, pcb, seesaw, sigmoid, softmax, softmax_eql"),
     ("MODEL.EQLOSSES.ONE_STAGE.LOSS", "nope", "efl, focal"),
     ("TEST.EQLOSSES.CALIBRATION.METHOD", "nope", "iif, none, norcal, tau_norm"),

@@ -1,3 +1,4 @@
+from . import cdb_sampler as _cdb_sampler  # noqa: F401  # its config check
 from .class_stats import ClassStatistics, compute_class_statistics, load_class_statistics
 from .copy_paste import CopyPasteDatasetMapper, merge_lvis_id_lists, paste_source_weights
 from .datasets import DatasetError, get_class_statistics, prepare_dataset, register_synthetic_lvis

@@ -37,6 +37,7 @@ from . import ecm as _ecm  # noqa: F401,E402
 from . import db as _db  # noqa: F401,E402
 from . import bags as _bags  # noqa: F401,E402
 from . import cdb_w as _cdb_w  # noqa: F401,E402
+from . import cdb_s as _cdb_s  # noqa: F401,E402
 from . import focal as _focal  # noqa: F401,E402  # dense
 from . import efl as _efl  # noqa: F401,E402  # dense
 
