@@ -66,6 +66,7 @@ CPU_POLICY_READS = {
     "db": {"__bool__": 1, "__float__": 1},
     "bags": {"__bool__": 1, "__float__": 1},
     "cdb_w": {"__bool__": 1},
+    "cdb_s": {"__bool__": 1},  # its sampler's one read per window is the hook's, not the step's
     "focal": {"__bool__": 2, "__float__": 1, "__int__": 2},
     "efl": {"__bool__": 2, "__float__": 1, "__int__": 2},
 }
@@ -279,6 +280,7 @@ STATE_COLLECTIVES = {
     "equilibrium": [(torch.float64, 2 * C)],
     "pcb": [(torch.float64, C), (torch.float32, 3 * C)],  # classes 0, 1 and 4 present
     "cdb_w": [(torch.float64, 2 * C)],
+    "cdb_s": [(torch.float64, 2 * C)],
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 
 from eqlosses_d2 import add_eqlosses_config
-from eqlosses_d2.losses import LOSS_REGISTRY, build_loss, loss_hparams_from_cfg
+from eqlosses_d2.losses import LOSS_REGISTRY, build_loss, loss_hparams_from_cfg, required_opts
 from eqlosses_d2.registry import names
 
 from test_training import QUICKSTART, _opts, _run
@@ -51,7 +51,7 @@ def test_trains_and_evaluates(name, head, tiny_dataset, tmp_path):
         "MODEL.ROI_HEADS.NAME", head,
         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", str(head == "LongTailCascadeROIHeads"),
         "TEST.DETECTIONS_PER_IMAGE", "50",
-    ]
+    ] + required_opts(name)  # CDB-S: its sampler
     results = _run(["--config-file", QUICKSTART] + opts)
     for task in ("bbox", "segm"):
         assert set(results[task]) >= {"AP", "APr", "APc", "APf"}

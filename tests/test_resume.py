@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_net
-from eqlosses_d2.losses import LOSS_REGISTRY
+from eqlosses_d2.losses import LOSS_REGISTRY, required_opts
 
 from test_training import QUICKSTART, _opts, _run
 
@@ -25,7 +25,7 @@ def test_resume_matches_uninterrupted_run(loss, tiny_dataset, tmp_path):
     def opts(out):
         return _opts(tiny_dataset, out, max_iter=6) + [
             "SOLVER.CHECKPOINT_PERIOD", "3", "DATASETS.TEST", "()", "MODEL.EQLOSSES.LOSS", loss,
-        ]
+        ] + required_opts(loss)  # CDB-S: its sampler
 
     full = tmp_path / "full"
     _run(["--config-file", QUICKSTART] + opts(full))

@@ -213,7 +213,8 @@ def _train_cases(smoke):
     mask_rcnn = os.path.join(q, "mask_rcnn_R18_FPN_synthetic.yaml")
     from eqlosses_d2 import losses as L
 
-    cases = [(name, mask_rcnn, ["MODEL.EQLOSSES.LOSS", name]) for name in _registry_names(L.LOSS_REGISTRY)]
+    cases = [(name, mask_rcnn, ["MODEL.EQLOSSES.LOSS", name] + L.required_opts(name))  # CDB-S: its sampler
+             for name in _registry_names(L.LOSS_REGISTRY)]
     cases += [
         ("loce (head + MFS)", os.path.join(q, "loce_mask_rcnn_R18_FPN_synthetic.yaml"), []),
         ("pcb + iterative head", mask_rcnn, ["MODEL.EQLOSSES.LOSS", "pcb",

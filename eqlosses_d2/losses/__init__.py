@@ -16,6 +16,7 @@ from .base import (
     build_loss_from_cfg,
     check_finite_logits,
     loss_hparams_from_cfg,
+    required_opts,
 )
 from .dense import DenseClassificationLoss, build_dense_loss, build_dense_loss_from_cfg
 
@@ -48,6 +49,7 @@ DENSE_LOSS_REGISTRY = DENSE_CLS_LOSS_REGISTRY
 
 __all__ = [
     "ClassificationLoss",
+    "required_opts",
     "DENSE_CLS_LOSS_REGISTRY",
     "DENSE_LOSS_REGISTRY",
     "DenseClassificationLoss",

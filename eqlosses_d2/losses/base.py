@@ -58,6 +58,7 @@ __all__ = [
     "sync_state",
     "build_loss",
     "build_loss_from_cfg",
+    "required_opts",
     "loss_hparams_from_cfg",
     "gpu_policy",
     "nan_unless",
@@ -255,6 +256,13 @@ class ConfiguredMethod:
         return loss_hparams_from_cfg(cls, eqlosses_cfg)
 
 
+def required_opts(name: str) -> list:
+    """``[KEY, VALUE, ...]``: the command-line opts a training with RoI loss ``name`` needs besides
+    ``MODEL.EQLOSSES.LOSS`` (its ``required_config``; [] for most)."""
+    cls = lookup(ROI_CLS_LOSS_REGISTRY, name)
+    return [str(item) for pair in getattr(cls, "required_config", ()) for item in pair]
+
+
 def build_loss(name: str, num_classes: int, class_stats=None, **hparams):
     """The RoI classification loss registered as ``name`` (``ROI_CLS_LOSS_REGISTRY``)."""
     return lookup(ROI_CLS_LOSS_REGISTRY, name)(num_classes, class_stats=class_stats, **hparams)
@@ -282,6 +290,9 @@ class ClassificationLoss(ConfiguredMethod, nn.Module):
     #: whether this step's ``scalars()`` will be read: a loss keeps what it needs only for
     #: them when true (the box predictor sets it on every training step: its logging steps)
     scalars_wanted = True
+    #: (config key, value) pairs a training with this loss needs besides ``MODEL.EQLOSSES.LOSS``
+    #: (CDB-S: its sampler); a config check refuses a config without them
+    required_config = ()
 
     def __init__(self, num_classes: int, class_stats=None):
         super().__init__()

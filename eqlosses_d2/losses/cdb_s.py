@@ -60,6 +60,8 @@ class ClassDifficultySampledCE(ClassDifficultyWeightedCE):
     config_node = "CDB_S"
     #: the data sampler reads :meth:`sampling_weights` (``eqlosses_d2.data.cdb_sampler``)
     drives_class_difficulty_sampler = True
+    #: the sampler that draws by this loss's weights (``eqlosses_d2.data.cdb_sampler.SAMPLER_NAME``)
+    required_config = (("DATALOADER.SAMPLER_TRAIN", "ClassDifficultyTrainingSampler"),)
 
     @classmethod
     def add_config(cls, cfg):
