@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import eqlosses_d2  # noqa: E402,F401
 from eqlosses_d2.data.class_stats import ClassStatistics  # noqa: E402
 from eqlosses_d2.losses.equilibrium import instance_mean_scores  # noqa: E402
-from eqlosses_d2.losses import LOSS_REGISTRY, build_loss  # noqa: E402
+from eqlosses_d2.losses import LOSS_REGISTRY, build_loss, required_opts  # noqa: E402
 from eqlosses_d2.modeling.class_stats import ClassStatsBuffers  # noqa: E402
 
 
@@ -185,6 +185,19 @@ def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
               f"{spread[baseline]:.2f} | {med[name] / med[baseline]:.2f}x |")
 
 
+#: iteration-only rows named in ``--losses``: a method with its own quickstart config
+#: (``configs/quickstart/<name>_mask_rcnn_R18_FPN_synthetic.yaml``, MODEL.WEIGHTS cleared: the
+#: time of an iteration does not depend on the weights) and its row label. cRT and LWS train
+#: only the classifier (their fine-tune); they are compared, as every row, with the softmax
+#: iteration on the same batches: the full training they replace for their stage 2.
+METHOD_ROWS = {
+    "tde": "tde classifier (softmax)",
+    "vmf": "vmf classifier (balanced softmax)",
+    "crt": "crt fine-tune (cls_score only)",
+    "lws": "lws fine-tune (scales only)",
+}
+
+
 def bench_iterations(iters, repeats, losses):
     import train_net  # noqa: F401  (registration, Trainer)
     from detectron2.config import get_cfg
@@ -195,22 +208,28 @@ def bench_iterations(iters, repeats, losses):
     from eqlosses_d2.data import prepare_dataset
 
     prepare_dataset("synthetic_lvis_v1_train")
-    # (row, loss, RoI head): every loss in the standard head, plus the methods with a head of their own
-    rows = [("softmax", "softmax", None)] + [(n, n, None) for n in losses if n != "softmax"]
-    rows += [row for row in [("pcb + iterative head", "pcb", "LongTailIterativeROIHeads"),
-                             ("loce (equilibrium + MFS)", "equilibrium", "LongTailLOCEROIHeads")] if row[1] in losses]
+    quickstart = os.path.join(os.path.dirname(train_net.__file__), "configs", "quickstart")
+    baseline = os.path.join(quickstart, "mask_rcnn_R18_FPN_synthetic.yaml")
+    # (row, config, opts): every loss in the standard head (with what it needs, e.g. CDB-S's sampler
+    # name: the batches are the baseline's either way), plus the methods with a head of their own
+    rows = [("softmax", baseline, [])] + [(n, baseline, ["MODEL.EQLOSSES.LOSS", n] + required_opts(n))
+                                          for n in losses if n != "softmax" and n in LOSS_REGISTRY]
+    rows += [row for name, row in [
+        ("pcb", ("pcb + iterative head", baseline,
+                 ["MODEL.EQLOSSES.LOSS", "pcb", "MODEL.ROI_HEADS.NAME", "LongTailIterativeROIHeads"])),
+        ("equilibrium", ("loce (equilibrium + MFS)", baseline,
+                         ["MODEL.EQLOSSES.LOSS", "equilibrium", "MODEL.ROI_HEADS.NAME", "LongTailLOCEROIHeads"])),
+    ] + [(name, (label, os.path.join(quickstart, f"{name}_mask_rcnn_R18_FPN_synthetic.yaml"), ["MODEL.WEIGHTS", ""]))
+         for name, label in METHOD_ROWS.items()] if name in losses]
     names = [row[0] for row in rows]
     trainers = {}
     batches = None
-    for name, loss_name, head in rows:
+    for name, config_file, opts in rows:
         cfg = get_cfg()
         add_eqlosses_config(cfg)
-        cfg.merge_from_file(os.path.join(os.path.dirname(train_net.__file__), "configs", "quickstart",
-                                         "mask_rcnn_R18_FPN_synthetic.yaml"))
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(opts)
         cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.EQLOSSES.LOSS = loss_name
-        if head:
-            cfg.MODEL.ROI_HEADS.NAME = head
         cfg.DATALOADER.NUM_WORKERS = 0
         torch.manual_seed(0)
         model = train_net.Trainer.build_model(cfg)
@@ -314,9 +333,10 @@ def main():
     losses = sorted(dict(LOSS_REGISTRY))
     if args.losses:
         losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-        unknown = [name for name in losses if name not in LOSS_REGISTRY]
+        known = sorted(dict(LOSS_REGISTRY)) + list(METHOD_ROWS)
+        unknown = [name for name in losses if name not in known]
         if unknown:
-            parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(sorted(dict(LOSS_REGISTRY)))})")
+            parser.error(f"--losses: unknown loss {', '.join(unknown)} (known: {', '.join(known)})")
     if args.child is None:
         run_settings(args)
         print_memory_table()
@@ -324,6 +344,7 @@ def main():
     if args.child == "iterations":
         bench_iterations(args.iters, args.repeats, losses)
         return
+    losses = [name for name in losses if name in LOSS_REGISTRY]  # the classifiers and fine-tunes: iterations only
     for label_kind in ("images", "uniform") if args.labels == "both" else (args.labels,):
         bench_losses(args.rois, args.classes, args.repeats, label_kind, losses)
 
