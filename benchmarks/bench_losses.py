@@ -46,7 +46,7 @@ import sys
 import time
 
 from reuse_memory import REUSE_MEMORY  # noqa: E402  # (this script's directory)
-from timing import interleaved_samples  # noqa: E402
+from timing import CLOCKS, add_clock_argument, interleaved_samples  # noqa: E402
 
 import torch
 from torch.nn import functional as F
@@ -123,7 +123,7 @@ def uniform_labels(num_rois, num_classes, generator, rois_per_instance=8):
 VARIANTS = {"balanced_softmax (FORM softmax)": ("balanced_softmax", {"form": "softmax"})}
 
 
-def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
+def bench_losses(num_rois, num_classes, repeats, label_kind, losses, clock="wall"):
     g = torch.Generator().manual_seed(0)
     stats = lvis_like_stats(num_classes, g)
     if label_kind == "images":
@@ -166,7 +166,7 @@ def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
         baseline = "softmax CE" if loss.family == "softmax" else "sigmoid BCE"
         rows.append((name, baseline, run))
     timed = list(plain.items()) + [(r[0], r[2]) for r in rows]
-    samples = interleaved_samples(timed, repeats)
+    samples = interleaved_samples(timed, repeats, clock)
     med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     spread = {k: max(v) / min(v) for k, v in samples.items()}
     memory = "freed memory reused" if os.environ.get("MALLOC_MMAP_THRESHOLD_") == REUSE_MEMORY[
@@ -177,7 +177,8 @@ def bench_losses(num_rois, num_classes, repeats, label_kind, losses):
     print(f"\n### Loss forward+backward, N={num_rois} RoIs x C={num_classes} classes, {batch} "
           f"({int(fg.sum())} foreground RoIs of {torch.unique(labels[fg]).numel()} classes; "
           f"CPU, {torch.get_num_threads()} threads, {memory}"
-          f"{f', {load} busy processes beside' if load != '0' else ''})\n")
+          f"{f', {load} busy processes beside' if load != '0' else ''}"
+          f"{', thread CPU time' if clock == 'thread' else ''})\n")
     print("| loss | ms | spread | plain counterpart | ms | spread | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, baseline, _ in rows:
@@ -198,7 +199,7 @@ METHOD_ROWS = {
 }
 
 
-def bench_iterations(iters, repeats, losses):
+def bench_iterations(iters, repeats, losses, clock="wall"):
     import train_net  # noqa: F401  (registration, Trainer)
     from detectron2.config import get_cfg
     from detectron2.engine import SimpleTrainer
@@ -253,14 +254,15 @@ def bench_iterations(iters, repeats, losses):
                 trainer.optimizer.load_state_dict(optimizer_state)
                 trainer.iter = 0
                 torch.manual_seed(repeat)
-                start = time.perf_counter()
+                start = CLOCKS[clock]()
                 for _ in range(iters):
                     trainer.run_step()
                 if repeat:
-                    samples[name].append((time.perf_counter() - start) / iters)
+                    samples[name].append((CLOCKS[clock]() - start) / iters)
     results = {name: statistics.median(times) for name, times in samples.items()}
     base = results["softmax"]
-    print(f"\n### One training iteration, quickstart Mask R-CNN R-18-FPN, batch {cfg.SOLVER.IMS_PER_BATCH}, 128 px (CPU)\n")
+    print(f"\n### One training iteration, quickstart Mask R-CNN R-18-FPN, batch {cfg.SOLVER.IMS_PER_BATCH}, 128 px (CPU"
+          f"{', thread CPU time' if clock == 'thread' else ''})\n")
     print("| loss | s / iteration | vs softmax |")
     print("|---|---|---|")
     for name, t in results.items():
@@ -326,8 +328,11 @@ def main():
                         help="glibc's defaults, glibc reusing freed memory, or both (one process each)")
     parser.add_argument("--load", type=int, default=0, help="busy processes running beside the measurement")
     parser.add_argument("--system-malloc", action="store_true", help="the same as --allocators default")
+    add_clock_argument(parser)
     parser.add_argument("--child", choices=("losses", "iterations"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "thread" and set(args.threads.split(",")) != {"1"}:
+        parser.error(f"--clock thread: --threads must be 1 (got {args.threads}): other threads' work is not counted")
     if args.system_malloc:
         args.allocators = "default"
     losses = sorted(dict(LOSS_REGISTRY))
@@ -342,11 +347,11 @@ def main():
         print_memory_table()
         return
     if args.child == "iterations":
-        bench_iterations(args.iters, args.repeats, losses)
+        bench_iterations(args.iters, args.repeats, losses, args.clock)
         return
     losses = [name for name in losses if name in LOSS_REGISTRY]  # the classifiers and fine-tunes: iterations only
     for label_kind in ("images", "uniform") if args.labels == "both" else (args.labels,):
-        bench_losses(args.rois, args.classes, args.repeats, label_kind, losses)
+        bench_losses(args.rois, args.classes, args.repeats, label_kind, losses, args.clock)
 
 
 if __name__ == "__main__":

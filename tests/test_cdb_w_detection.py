@@ -445,3 +445,30 @@ def test_resume_across_a_window_matches_the_uninterrupted_run(tiny_dataset, tmp_
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_count_of_right_rois_follows_argmax_ties_included(monkeypatch):
+    """The CPU path (label logit against the row's amax, argmax only on those rows) counts what
+    argmax over every row counts (the GPU policy's way), first index winning a tie."""
+    loss = build_loss("cdb_w", C)  # C = 4 foreground classes, column 4 the background
+    z = torch.tensor([
+        [3.0, 1.0, 0.0, 0.0, 0.0],  # label 0: right
+        [2.0, 2.0, 0.0, 0.0, 0.0],  # label 1: tie with the earlier column 0 -> wrong
+        [0.0, 2.0, 2.0, 0.0, 0.0],  # label 1: tie with the later column 2 -> right
+        [0.0, 0.0, 1.0, 5.0, 0.0],  # label 2: wrong
+        [0.0, 0.0, 0.0, 0.0, 9.0],  # label 3: taken for background -> wrong
+        [0.0, 0.0, 0.0, 0.0, 9.0],  # background: not counted
+        [1.0, 0.0, 0.0, 0.0, 0.5],  # label 0: right
+    ])
+    y = torch.tensor([0, 1, 1, 2, 3, C, 0])
+    correct, count = loss.count(z, y)
+    assert correct.tolist() == [2.0, 1.0, 0.0, 0.0] and count.tolist() == [2.0, 2.0, 1.0, 1.0]
+    assert correct.dtype == count.dtype == F64
+    monkeypatch.setattr(loss_base, "DEVICE_POLICY", "gpu")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(-2, 3, (300, C + 1), generator=g).float()  # many ties
+    y = torch.randint(0, C + 1, (300,), generator=g)
+    by_argmax = loss.count(z, y)
+    monkeypatch.setattr(loss_base, "DEVICE_POLICY", "auto")
+    assert [t.tolist() for t in loss.count(z, y)] == [t.tolist() for t in by_argmax]
+    assert [t.tolist() for t in loss.count(z[:0], y[:0])] == [[0.0] * C, [0.0] * C]

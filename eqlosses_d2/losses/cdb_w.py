@@ -66,7 +66,7 @@ import torch
 from torch.nn import functional as F
 
 from ..registry import ROI_CLS_LOSS_REGISTRY, config_node, register
-from .base import ClassificationLoss, empty_loss, sync_state
+from .base import ClassificationLoss, empty_loss, gpu_policy, sync_state
 from .class_difficulty import cdb_weights, dynamic_tau
 
 __all__ = ["ClassDifficultyWeightedCE"]
@@ -129,12 +129,26 @@ class ClassDifficultyWeightedCE(ClassificationLoss):
 
     @torch.no_grad()
     def count(self, logits, labels):
-        """(correct, count), (C,) float64 each: this batch's right and all foreground RoIs per class."""
+        """(correct, count), (C,) float64 each: this batch's right and all foreground RoIs per class.
+
+        Right: ``argmax`` (first index on ties) equals the label. On the CPU, where ``argmax`` over
+        every row is a slow pass (~10 ms at 8192 × 1204, five times ``amax``), the rows whose
+        label logit reaches the row's ``amax`` are found first and only those go through ``argmax``
+        (the same answer, ties included); the GPU policy takes ``argmax`` over every row (no host
+        read)."""
         num_classes = self.num_classes
         stats = torch.zeros(num_classes + 1, 2, dtype=torch.float64, device=labels.device)
-        if labels.numel():
+        if not labels.numel():
+            return stats[:num_classes, 0], stats[:num_classes, 1]
+        if gpu_policy(logits.device):
             correct = (logits.argmax(dim=1) == labels).to(torch.float64)
             stats.index_add_(0, labels, torch.stack([correct, torch.ones_like(correct)], dim=1))
+        else:
+            label_logit = logits.gather(1, labels[:, None]).view(-1)
+            candidates = ((label_logit >= logits.amax(dim=1)) & (labels < num_classes)).nonzero().view(-1)
+            right = candidates[logits.index_select(0, candidates).argmax(dim=1) == labels[candidates]]
+            stats[:, 0].index_add_(0, labels[right], stats.new_ones(right.numel()))
+            stats[:, 1].index_add_(0, labels, stats.new_ones(labels.numel()))
         return stats[:num_classes, 0], stats[:num_classes, 1]  # the background row left out
 
     @torch.no_grad()
