@@ -21,7 +21,7 @@ import statistics
 import sys
 
 from reuse_memory import reexec_reusing_freed_memory  # noqa: E402  # (this script's directory)
-from timing import interleaved_samples  # noqa: E402
+from timing import add_clock_argument, interleaved_samples  # noqa: E402
 
 if __name__ == "__main__":
     reexec_reusing_freed_memory()  # before torch allocates anything (as bench_losses.py)
@@ -57,7 +57,11 @@ def main():
     parser.add_argument("--system-malloc", action="store_true", help="glibc's default memory handling")
     parser.add_argument("--losses", default="",
                         help="comma-separated registry names, plain_bce for PyTorch's BCE (default: all and plain_bce)")
+    add_clock_argument(parser)
     args = parser.parse_args()
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        parser.error(f"--clock thread needs one intra-op thread (OMP_NUM_THREADS=1); this process has "
+                     f"{torch.get_num_threads()}")
     g = torch.Generator().manual_seed(0)
     counts = long_tailed(args.classes)
     labels = torch.multinomial(counts.float(), args.batch, replacement=True, generator=g)
@@ -81,7 +85,7 @@ def main():
         def run(loss=loss):
             x = logits.clone().requires_grad_()
             sum(loss(x, labels).values()).backward()
-        samples = interleaved_samples([("ce", plain), (name, run)], args.repeats)
+        samples = interleaved_samples([("ce", plain), (name, run)], args.repeats, args.clock)
         ce, ms = (statistics.median(samples[k]) * 1000 for k in ("ce", name))
         table.append((name, ms, ce))
     if not args.losses or "plain_bce" in args.losses.split(","):
@@ -92,11 +96,12 @@ def main():
             x = logits.clone().requires_grad_()
             F.binary_cross_entropy_with_logits(x, targets, reduction="sum").div(args.batch).backward()
 
-        samples = interleaved_samples([("ce", plain), ("bce", plain_bce)], args.repeats)
+        samples = interleaved_samples([("ce", plain), ("bce", plain_bce)], args.repeats, args.clock)
         ce, ms = (statistics.median(samples[k]) * 1000 for k in ("ce", "bce"))
         table.append(("(reference) F.binary_cross_entropy_with_logits", ms, ce))
     print(f"\n### Image-classification losses, forward+backward, {args.batch} x {args.classes} "
-          f"(CPU, {torch.get_num_threads()} thread(s), median of {args.repeats}, each loss in turns with plain CE)\n")
+          f"(CPU, {torch.get_num_threads()} thread(s), median of {args.repeats}, each loss in turns with plain CE"
+          f"{', thread CPU time' if args.clock == 'thread' else ''})\n")
     print("| loss | ms | plain CE ms (same rounds) | vs plain CE |")
     print("|---|---|---|---|")
     for name, ms, ce in table:
