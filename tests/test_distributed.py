@@ -9,6 +9,7 @@ import torch
 
 import train_net
 from eqlosses_d2.compat import launch
+from eqlosses_d2.losses import required_opts
 
 from test_training import QUICKSTART, _opts
 
@@ -47,10 +48,12 @@ def _train_and_dump(argv, prefix, data_root, dump_dir):
     )
 
 
-@pytest.mark.parametrize("name, evaluate", [("seesaw", True), ("eqlv2", False)])
+@pytest.mark.parametrize("name, evaluate", [("seesaw", True), ("eqlv2", False), ("cdb_s", False)])
 def test_two_cpu_processes_share_method_state(name, evaluate, tiny_dataset, tmp_path):
     prefix = tiny_dataset["train"][: -len("_train")]
-    opts = _opts(tiny_dataset, tmp_path, max_iter=4) + ["MODEL.EQLOSSES.LOSS", name]
+    opts = _opts(tiny_dataset, tmp_path, max_iter=4) + ["MODEL.EQLOSSES.LOSS", name] + required_opts(name)
+    if name == "cdb_s":  # windows of 2 steps: the ranks draw window 1 by the weights both measured
+        opts += ["MODEL.EQLOSSES.CDB_S.UPDATE_PERIOD", "2", "MODEL.EQLOSSES.CDB_S.SAMPLER_LAG", "1"]
     if not evaluate:
         opts += ["DATASETS.TEST", "()"]
     argv = ["--config-file", QUICKSTART, "--num-gpus", str(WORLD_SIZE)] + opts
@@ -74,7 +77,11 @@ def test_two_cpu_processes_share_method_state(name, evaluate, tiny_dataset, tmp_
     seen = ranks[0]["seen"] + ranks[1]["seen"]
     num_classes = seen.numel() - 1
     predictor = "roi_heads.box_predictor.cls_loss."
-    if name == "seesaw":
+    if name == "cdb_s":
+        # one closed window (steps 1-2) and the second (steps 3-4) closed too: counts reset
+        assert int(state0[predictor + "num_steps"]) == 4 and float(state0[predictor + "window_count"].sum()) == 0
+        assert not torch.equal(state0[predictor + "previous_class_weights"], state0[predictor + "class_weights"])
+    elif name == "seesaw":
         # the global count of sampled positives of each class: both ranks' labels
         counts = state0[predictor + "cumulative_count"]
         assert torch.equal(counts, seen[:num_classes])
