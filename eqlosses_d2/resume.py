@@ -84,22 +84,29 @@ class SkipSampler(Sampler):
 
 def build_resumable_train_loader(cfg, mapper=None):
     """Detectron2's train loader for ``cfg``, its sampler wrapped in a :class:`SkipSampler`
-    (kept as the loader's ``resume_sampler`` attribute). Without a ``mapper``, and with
+    (kept as the loader's ``resume_sampler`` attribute). ``DATALOADER.SAMPLER_TRAIN`` may also
+    name one of ours: ``ClassDifficultyTrainingSampler`` (CDB-S, :mod:`.data.cdb_sampler`; also
+    kept as ``class_difficulty_sampler``), ``ClassBalancedTrainingSampler`` or
+    ``SquareRootTrainingSampler`` (:mod:`.data.class_sampling`). Without a ``mapper``, and with
     ``INPUT.EQLOSSES.LSJ.ENABLED``, the mapper is a :class:`CopyPasteDatasetMapper` over the
     same dataset, whose serialized copy the loader then reads too (one copy in memory)."""
-    from .data.cdb_sampler import SAMPLER_NAME, ClassDifficultyTrainingSampler, uses_class_difficulty_sampler
+    from .data.cdb_sampler import ClassDifficultyTrainingSampler, uses_class_difficulty_sampler
+    from .data.class_sampling import SAMPLER_POWERS, ClassAwareDetectionSampler
     from .data.copy_paste import CopyPasteDatasetMapper, uses_copy_paste_mapper
 
     copy_paste = mapper is None and uses_copy_paste_mapper(cfg)
     by_difficulty = uses_class_difficulty_sampler(cfg)
+    ours = {ClassDifficultyTrainingSampler: by_difficulty,
+            ClassAwareDetectionSampler: cfg.DATALOADER.SAMPLER_TRAIN in SAMPLER_POWERS}
+    ours = next((sampler for sampler, chosen in ours.items() if chosen), None)
     # with a stand-in mapper, Detectron2 builds (and logs) no DatasetMapper we would not use; with a
-    # stand-in sampler, it does not refuse a sampler name it does not know
+    # stand-in sampler, it does not refuse a sampler name it does not know (ours)
     kwargs = _train_loader_from_config(
-        cfg, (lambda dataset_dict: dataset_dict) if copy_paste else mapper, sampler=() if by_difficulty else None
+        cfg, (lambda dataset_dict: dataset_dict) if copy_paste else mapper, sampler=() if ours else None
     )
-    if by_difficulty:
-        logger.info("Using training sampler %s", SAMPLER_NAME)
-        kwargs["sampler"] = ClassDifficultyTrainingSampler.from_config(cfg, kwargs["dataset"])
+    if ours is not None:
+        logger.info("Using training sampler %s", cfg.DATALOADER.SAMPLER_TRAIN)
+        kwargs["sampler"] = ours.from_config(cfg, kwargs["dataset"])
     if copy_paste:
         kwargs["mapper"] = CopyPasteDatasetMapper(cfg, dataset=kwargs["dataset"])
         kwargs["dataset"] = kwargs["mapper"].dataset

@@ -5,7 +5,8 @@ chi-square bound), the windows and the versions they draw with, a stream started
 the tail of the full one (one and two processes), the weights published in the training process
 reaching a data-loader worker, the loss (plain CE in float64 by hand, the previous window's weights
 kept, reset), the config errors, and trainings: the hook publishes each window, and a run resumed
-across a window boundary ends bit for bit where the uninterrupted one does."""
+across a window boundary ends bit for bit where the uninterrupted one does. Also the fixed-rule
+class-aware samplers of detection that share its draw (class-balanced, square-root)."""
 import itertools
 import math
 import os
@@ -288,3 +289,39 @@ def test_quickstart_trains_with_a_loader_worker_and_evaluates(tiny_dataset, tmp_
         assert set(results[task]) >= {"AP", "APr", "APc", "APf"}
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     assert int(state["roi_heads.box_predictor.cls_loss.num_steps"]) == 8
+
+
+# -- the class-aware samplers of detection (the same draw with fixed class probabilities) ------------
+
+
+@pytest.mark.parametrize("name, power", [("ClassBalancedTrainingSampler", 0.0), ("SquareRootTrainingSampler", 0.5)])
+def test_class_aware_detection_samplers(name, power):
+    from eqlosses_d2.data.class_sampling import SAMPLER_POWERS, ClassAwareDetectionSampler
+
+    assert SAMPLER_POWERS[name] == power
+    records, labels = _one_class_dataset(per_class=(1, 4, 16))
+    sampler = ClassAwareDetectionSampler(records, 3, power, seed=3, chunk=1000)
+    expected = [n ** power / sum(m ** power for m in (1, 4, 16)) for n in (1, 4, 16)]  # by hand
+    assert sampler.probabilities.tolist() == pytest.approx(expected, rel=1e-15)
+    stream = list(itertools.islice(iter(sampler), 30000))
+    observed = torch.bincount(labels[stream], minlength=3).double()
+    expected_counts = 30000 * torch.tensor(expected, dtype=F64)
+    assert float(((observed - expected_counts) ** 2 / expected_counts).sum()) < 13.8  # χ²(2 df) 0.999
+    # two processes: the shards interleave into the one-process stream
+    halves = []
+    for rank in range(2):
+        shard = ClassAwareDetectionSampler(records, 3, power, seed=3, chunk=1000)
+        shard.rank, shard.world_size = rank, 2
+        halves.append(list(itertools.islice(iter(shard), 1500)))
+    assert [i for pair in zip(*halves) for i in pair] == stream[:3000]
+
+
+def test_class_balanced_training_resumes_exactly(tiny_dataset, tmp_path):
+    """Detectron2's loader with our class-balanced sampler: --resume continues the same stream."""
+    from resume_helpers import resume_and_compare
+    from test_training import QUICKSTART, _opts, _run
+
+    resume_and_compare(
+        _run, lambda out: ["--config-file", QUICKSTART] + _opts(tiny_dataset, out, max_iter=6) + [
+            "DATALOADER.SAMPLER_TRAIN", "ClassBalancedTrainingSampler", "SOLVER.CHECKPOINT_PERIOD", "3",
+            "DATASETS.TEST", "()"], tmp_path)

@@ -40,13 +40,14 @@ import detectron2.utils.comm as comm
 from detectron2.engine import HookBase
 
 from ..config import CONFIG_CHECK_REGISTRY, ConfigError
+from .class_sampling import ClassImageIndex, class_image_index
 
 __all__ = [
     "SAMPLER_NAME",
     "ClassDifficultySamplingHook",
     "ClassDifficultyTrainingSampler",
     "SharedClassWeights",
-    "class_image_index",
+    "class_image_index",  # (from .class_sampling)
     "driving_loss",
     "start_class_difficulty_sampling",
     "uses_class_difficulty_sampler",
@@ -82,26 +83,6 @@ def validate_class_difficulty_sampler(cfg):
             f"MODEL.EQLOSSES.LOSS {LOSS_NAME} needs DATALOADER.SAMPLER_TRAIN {SAMPLER_NAME} (without it the "
             f"loss is plain softmax CE); got {cfg.DATALOADER.SAMPLER_TRAIN!r}"
         )
-
-
-def class_image_index(dataset_dicts, num_classes: int):
-    """``(offsets, images)``: int64 tensors in CSR form, ``images[offsets[j]:offsets[j + 1]]`` the
-    indices (ascending) of the images with a non-crowd instance of contiguous class ``j``."""
-    members = [[] for _ in range(num_classes)]
-    for index, record in enumerate(dataset_dicts):
-        classes = {a["category_id"] for a in record.get("annotations", ()) if not a.get("iscrowd", 0)}
-        for category in classes:
-            if not 0 <= category < num_classes:
-                raise ValueError(
-                    f"image {record.get('file_name', index)}: category_id {category} is outside the "
-                    f"{num_classes} classes of MODEL.ROI_HEADS.NUM_CLASSES"
-                )
-            members[category].append(index)
-    counts = torch.tensor([len(m) for m in members], dtype=torch.int64)
-    offsets = torch.zeros(num_classes + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
-    images = torch.tensor([i for m in members for i in m], dtype=torch.int64)
-    return offsets, images
 
 
 class SharedClassWeights:
@@ -152,11 +133,7 @@ class ClassDifficultyTrainingSampler(Sampler):
                 f"{SAMPLER_NAME}: images per batch, UPDATE_PERIOD and SAMPLER_LAG must be >= 1, got "
                 f"{images_per_batch}, {update_period}, {lag}"
             )
-        self.offsets, self.images = class_image_index(dataset_dicts, self.num_classes)
-        self.counts = self.offsets[1:] - self.offsets[:-1]
-        self.has_images = self.counts > 0
-        if not bool(self.has_images.any()):
-            raise ValueError(f"{SAMPLER_NAME}: no training image has an annotated instance to sample by")
+        self.index = ClassImageIndex(dataset_dicts, self.num_classes, who=SAMPLER_NAME)
         self.seed = int(comm.shared_random_seed() if seed is None else seed)
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.table = SharedClassWeights(self.num_classes)
@@ -170,25 +147,15 @@ class ClassDifficultyTrainingSampler(Sampler):
         return max(0, (position // self.images_per_batch - self.lag) // self.update_period)
 
     def class_probabilities(self, weights: torch.Tensor) -> torch.Tensor:
-        """(C,) float64: ``w_j / Σ w`` over the classes with an image (0 for the others; uniform over
-        them when their weights sum to 0)."""
-        weights = torch.where(self.has_images, weights.double().clamp(min=0), torch.zeros((), dtype=torch.float64))
-        total = weights.sum()
-        if not total > 0:
-            weights = self.has_images.double()
-            total = weights.sum()
-        return weights / total
+        """(C,) float64: ``w_j / Σ w`` over the classes with an image (see :class:`ClassImageIndex`)."""
+        return self.index.class_probabilities(weights)
 
     def draw_window(self, window: int, weights: torch.Tensor) -> torch.Tensor:
         """The global image indices of ``window`` (every position of it), drawn with ``weights``."""
         size = self.window_start(window + 1) - self.window_start(window)
         generator = torch.Generator()
         generator.manual_seed(int(np.random.SeedSequence([self.seed, int(window)]).generate_state(1)[0]))
-        classes = torch.multinomial(self.class_probabilities(weights), size, replacement=True, generator=generator)
-        uniform = torch.rand(size, dtype=torch.float64, generator=generator)
-        counts = self.counts[classes]
-        within = torch.minimum((uniform * counts).long(), counts - 1)
-        return self.images[self.offsets[classes] + within]
+        return self.index.draw(self.class_probabilities(weights), size, generator)
 
     def weights_of(self, version: int) -> torch.Tensor:
         """The published weights of ``version``, waiting for them inside a data-loader worker."""
