@@ -66,12 +66,7 @@ class ClassDifficultySampledCE(ClassDifficultyWeightedCE):
     @classmethod
     def add_config(cls, cfg):
         _C = config_node(cfg, "MODEL.EQLOSSES.CDB_S")
-        # τ from the spread of the class difficulties (2·sigmoid((1 − min d)/(1 − max d + 0.01) − 1)), else TAU
-        _C.DYNAMIC_TAU = True
-        # fixed τ of the class weights d_j^τ (used when DYNAMIC_TAU is False)
-        _C.TAU = 1.0
-        # training steps per difficulty window (accuracy of the training foreground RoIs; the authors: an epoch)
-        _C.UPDATE_PERIOD = 6260
+        cls.add_difficulty_keys(_C)  # DYNAMIC_TAU, TAU, UPDATE_PERIOD: CDB-W's
         # iterations after a window closes before the sampler draws with its weights (the loader reads ahead)
         _C.SAMPLER_LAG = 50
 

@@ -86,7 +86,11 @@ class ClassDifficultyWeightedCE(ClassificationLoss):
 
     @classmethod
     def add_config(cls, cfg):
-        _C = config_node(cfg, "MODEL.EQLOSSES.CDB_W")
+        cls.add_difficulty_keys(config_node(cfg, f"MODEL.EQLOSSES.{cls.config_node}"))
+
+    @staticmethod
+    def add_difficulty_keys(_C):
+        """The keys of the difficulty measure and weights (CDB-W's node; CDB-S's adds its lag)."""
         # τ from the spread of the class difficulties (2·sigmoid((1 − min d)/(1 − max d + 0.01) − 1)), else TAU
         _C.DYNAMIC_TAU = True
         # fixed τ of the weights d_j^τ (used when DYNAMIC_TAU is False; the authors' ImageNet-LT config: 1)
