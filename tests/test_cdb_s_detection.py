@@ -176,6 +176,20 @@ def test_weights_published_later_reach_a_loader_worker():
     del iterator
 
 
+def test_a_worker_that_waits_too_long_stops_with_one_line(monkeypatch):
+    """A version that never comes (the loader reads further ahead than SAMPLER_LAG): the worker
+    gives up after WAIT_SECONDS with the error naming the key, which reaches the training process."""
+    from eqlosses_d2.data import cdb_sampler
+
+    monkeypatch.setattr(cdb_sampler, "WAIT_SECONDS", 0.3)  # inherited by the forked worker
+    records, _ = _one_class_dataset(per_class=(2, 3, 4))
+    sampler = _sampler(records, 3, batch=2, period=3, lag=1)
+    loader = DataLoader(ToIterableDataset(list(range(len(records))), sampler), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError, match=r"window 1 are not published.*SAMPLER_LAG \(1\) iterations ahead"):
+        for _ in itertools.islice(loader, 9):  # position 8 is window 1's first
+            pass
+
+
 # -- the loss ----------------------------------------------------------------------------------------
 
 
