@@ -267,6 +267,7 @@ def rare_class_verdicts(data, head, methods):
     """One generated sentence: which methods' APr differences (box and mask) to their baseline
     lie beyond the 95% interval, above or below, over the methods with at least two paired seeds."""
     above, below, within = [], [], []
+    measured = set()  # "box", "mask": what the within-list covers (one-stage detectors have no masks)
     for method in methods:
         base = baseline_of(method)
         found = []
@@ -277,6 +278,7 @@ def rare_class_verdicts(data, head, methods):
                 found.append((word, mean, low, high))
         if not found:
             continue
+        measured.update(w for w, _, _, _ in found)
         up = [f"{w} {m:+.2f}" for w, m, lo, hi in found if lo > 0]
         down = [f"{w} {m:+.2f}" for w, m, lo, hi in found if hi < 0]
         if up:
@@ -289,7 +291,8 @@ def rare_class_verdicts(data, head, methods):
         return ""
     parts = [f"APr above its baseline beyond the interval: {', '.join(above) or 'none'}",
              f"below it: {', '.join(below) or 'none'}",
-             f"within the interval on both box and mask APr: {', '.join(within) or 'none'}"]
+             f"within the interval on {'both box and mask' if len(measured) == 2 else ''.join(measured)} APr: "
+             f"{', '.join(within) or 'none'}"]
     return "Generated from the file: " + "; ".join(parts) + "."
 
 
