@@ -215,13 +215,15 @@ def bench_iterations(iters, repeats, losses, clock="wall"):
     # name: the batches are the baseline's either way), plus the methods with a head of their own
     rows = [("softmax", baseline, [])] + [(n, baseline, ["MODEL.EQLOSSES.LOSS", n] + required_opts(n))
                                           for n in losses if n != "softmax" and n in LOSS_REGISTRY]
-    rows += [row for name, row in [
-        ("pcb", ("pcb + iterative head", baseline,
-                 ["MODEL.EQLOSSES.LOSS", "pcb", "MODEL.ROI_HEADS.NAME", "LongTailIterativeROIHeads"])),
-        ("equilibrium", ("loce (equilibrium + MFS)", baseline,
-                         ["MODEL.EQLOSSES.LOSS", "equilibrium", "MODEL.ROI_HEADS.NAME", "LongTailLOCEROIHeads"])),
-    ] + [(name, (label, os.path.join(quickstart, f"{name}_mask_rcnn_R18_FPN_synthetic.yaml"), ["MODEL.WEIGHTS", ""]))
-         for name, label in METHOD_ROWS.items()] if name in losses]
+    own_heads = {"pcb": ("pcb + iterative head", "LongTailIterativeROIHeads"),
+                 "equilibrium": ("loce (equilibrium + MFS)", "LongTailLOCEROIHeads")}
+    for name, (label, head) in own_heads.items():
+        if name in losses:
+            rows.append((label, baseline, ["MODEL.EQLOSSES.LOSS", name, "MODEL.ROI_HEADS.NAME", head]))
+    for name, label in METHOD_ROWS.items():
+        if name in losses:
+            rows.append((label, os.path.join(quickstart, f"{name}_mask_rcnn_R18_FPN_synthetic.yaml"),
+                         ["MODEL.WEIGHTS", ""]))
     names = [row[0] for row in rows]
     trainers = {}
     batches = None

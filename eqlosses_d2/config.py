@@ -242,7 +242,8 @@ def validate_registry_names(cfg):
 
 @CONFIG_CHECK_REGISTRY.register()
 def validate_losses(cfg):
-    """The RoI loss's hyper-parameters (its constructor's checks, on an instance of one class)."""
+    """The RoI loss's hyper-parameters (its constructor's checks, on an instance of one class), and
+    the config it requires besides its name (its ``required_config``)."""
     name = cfg.MODEL.EQLOSSES.LOSS
     try:
         build_loss_from_cfg(cfg.MODEL.EQLOSSES, 1)
@@ -253,6 +254,13 @@ def validate_losses(cfg):
         if node and str(e).startswith(f"{node}."):
             raise ConfigError(f"MODEL.EQLOSSES.{e}") from None
         raise ConfigError(f"MODEL.EQLOSSES.LOSS {name}: {e}") from None
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":  # the RoI heads train with this loss
+        for key, value in lookup(ROI_CLS_LOSS_REGISTRY, name).required_config:  # e.g. CDB-S: its sampler
+            found = cfg
+            for part in key.split("."):
+                found = found[part]
+            if found != value:
+                raise ConfigError(f"MODEL.EQLOSSES.LOSS {name} needs {key} {value}; got {found!r}")
 
 
 @CONFIG_CHECK_REGISTRY.register()

@@ -96,9 +96,12 @@ def build_resumable_train_loader(cfg, mapper=None):
 
     copy_paste = mapper is None and uses_copy_paste_mapper(cfg)
     by_difficulty = uses_class_difficulty_sampler(cfg)
-    ours = {ClassDifficultyTrainingSampler: by_difficulty,
-            ClassAwareDetectionSampler: cfg.DATALOADER.SAMPLER_TRAIN in SAMPLER_POWERS}
-    ours = next((sampler for sampler, chosen in ours.items() if chosen), None)
+    if by_difficulty:
+        ours = ClassDifficultyTrainingSampler
+    elif cfg.DATALOADER.SAMPLER_TRAIN in SAMPLER_POWERS:
+        ours = ClassAwareDetectionSampler
+    else:
+        ours = None
     # with a stand-in mapper, Detectron2 builds (and logs) no DatasetMapper we would not use; with a
     # stand-in sampler, it does not refuse a sampler name it does not know (ours)
     kwargs = _train_loader_from_config(

@@ -70,18 +70,14 @@ def uses_class_difficulty_sampler(cfg) -> bool:
 
 @CONFIG_CHECK_REGISTRY.register()
 def validate_class_difficulty_sampler(cfg):
-    """One-line errors: the sampler and the ``cdb_s`` loss need each other (a registered config check)."""
+    """One-line error: the sampler needs the ``cdb_s`` loss (a registered config check; that the loss
+    needs the sampler is its ``required_config``, checked with the loss)."""
     node = cfg.MODEL.get("EQLOSSES")
     loss = node.get("LOSS") if node is not None else None
     if uses_class_difficulty_sampler(cfg) and loss != LOSS_NAME:
         raise ConfigError(
             f"DATALOADER.SAMPLER_TRAIN {SAMPLER_NAME} needs MODEL.EQLOSSES.LOSS {LOSS_NAME} (the loss that "
             f"measures the class difficulties it samples by); got {loss!r}"
-        )
-    if loss == LOSS_NAME and not uses_class_difficulty_sampler(cfg) and cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
-        raise ConfigError(
-            f"MODEL.EQLOSSES.LOSS {LOSS_NAME} needs DATALOADER.SAMPLER_TRAIN {SAMPLER_NAME} (without it the "
-            f"loss is plain softmax CE); got {cfg.DATALOADER.SAMPLER_TRAIN!r}"
         )
 
 
@@ -197,14 +193,16 @@ class ClassDifficultyTrainingSampler(Sampler):
                    node.UPDATE_PERIOD, node.SAMPLER_LAG)
 
 
+def _sampling_losses(model):
+    """The model's ``cdb_s`` losses, in module order (the cascade head: one per stage)."""
+    return [m for m in getattr(model, "module", model).modules() if getattr(m, "drives_class_difficulty_sampler", False)]
+
+
 def driving_loss(model):
     """The loss whose weights the sampler draws by: the last ``cdb_s`` loss of the model (the
     standard head's; in the cascade head the last stage's), or None."""
-    found = None
-    for module in getattr(model, "module", model).modules():
-        if getattr(module, "drives_class_difficulty_sampler", False):
-            found = module
-    return found
+    losses = _sampling_losses(model)
+    return losses[-1] if losses else None
 
 
 def _publish(sampler, loss):
@@ -232,9 +230,8 @@ def start_class_difficulty_sampling(model, data_loader, start_iter: int) -> bool
                 f"{start_iter}; its windows and the sample stream would disagree"
             )
         logger.warning("CDB-S: MODEL.WEIGHTS carries %s state of %d steps; this run measures from step 0", LOSS_NAME, steps)
-        for module in getattr(model, "module", model).modules():
-            if getattr(module, "drives_class_difficulty_sampler", False):
-                module.reset_state()
+        for module in _sampling_losses(model):
+            module.reset_state()
     _publish(sampler, loss)
     return True
 
