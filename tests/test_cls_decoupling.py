@@ -6,6 +6,7 @@ the scales (LWS), only ω, β (MARC) changed), cRT's head left out of a stage-1 
 from a stage-2 one, the missing stage-1 error, the configs' stage-1 paths, and the τ sweep."""
 import math
 import os
+import shutil
 import shlex
 
 import numpy as np
@@ -159,7 +160,8 @@ def stage1(tmp_path_factory):
     data = {"train": train, "test": test, "val": test[: -len("_test")] + "_val"}
     out = root / "stage1"
     _run(["--config-file", QUICKSTART.format("softmax")] + _opts(data, out, 4))
-    return data, out / "model_final.pth"
+    yield data, out / "model_final.pth"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _opts(data, out, max_iter, **extra):

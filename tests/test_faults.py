@@ -37,7 +37,8 @@ def full_run(tiny_dataset, tmp_path_factory):
     """An uninterrupted run: MAX_ITER 4, a checkpoint every 2 iterations."""
     out = tmp_path_factory.mktemp("full")
     _run(["--config-file", QUICKSTART] + _train_opts(tiny_dataset, out))
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # ~300 MB of checkpoints
 
 
 def _cli(argv, capsys):
@@ -162,7 +163,8 @@ def bad_checkpoints(full_run, tmp_path_factory):
     data = (full_run / "model_final.pth").read_bytes()
     (directory / "truncated.pth").write_bytes(data[: len(data) // 2])
     torch.save([torch.zeros(2), torch.ones(2)], directory / "list.pth")
-    return directory
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("eval_only", [False, True], ids=["train", "eval_only"])

@@ -2,6 +2,7 @@
 reload with --eval-only and get the same numbers; bad input fails in one line."""
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -60,7 +61,8 @@ def _run(argv):
 def trained(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     results = _run(["--config-file", QUICKSTART] + _opts(tiny_dataset, out))
-    return out, results
+    yield out, results
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints of ~100 MB each
 
 
 def _assert_lvis_results(results):

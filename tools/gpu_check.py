@@ -402,7 +402,8 @@ def main(argv=None):
         if section == "losses":
             lines = check_losses(device, args.smoke)
         elif section == "train":
-            lines = check_training(device, args.smoke, args.iters, tempfile.mkdtemp(prefix="gpu_check_"))
+            with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:  # ~100 MB of checkpoints
+                lines = check_training(device, args.smoke, args.iters, workdir)
         elif section == "dense":
             lines = check_dense_memory(device, args.smoke, args.dense_images)
         else:
