@@ -6,8 +6,8 @@ the scales (LWS), only ω, β (MARC) changed), cRT's head left out of a stage-1 
 from a stage-2 one, the missing stage-1 error, the configs' stage-1 paths, and the τ sweep."""
 import math
 import os
-import shutil
 import shlex
+import shutil
 
 import numpy as np
 import pytest

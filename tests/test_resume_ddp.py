@@ -147,7 +147,7 @@ def study(tiny_dataset, tmp_path_factory):
     info = (tiny_dataset["spec"].num_categories, opts)
     launch(_study, WORLD_SIZE, dist_url="auto", args=(list(CASES), info, prefix, tiny_dataset["root"], str(out)))
     yield out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
-    shutil.rmtree(out, ignore_errors=True)  # ~5 GB: 2 ranks x 4 cases x 2 runs of 100 MB checkpoints
+    shutil.rmtree(out, ignore_errors=True)  # the first case's checkpoints and the ranks' results, ~3 GB
 
 
 @pytest.mark.parametrize("case", list(CASES))
